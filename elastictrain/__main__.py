@@ -1,0 +1,5 @@
+"""`python -m elastictrain` is the `elastictrain` command."""
+
+from elastictrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""Pydantic configs, one per component; every field has a description and a default.
+
+Errors raised by validation say what to change. Environment variables are read
+in one place only (`elastictrain.ops.env`), never in these constructors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScalingConfig(_Config):
+    """How many workers to run and where."""
+
+    min_workers: int = Field(1, ge=1, description="Training waits (does not fail) while fewer are alive.")
+    max_workers: int = Field(1, ge=1, description="Never more workers than this; new capacity joins up to it.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1.0}, description="Ray resources each worker actor reserves."
+    )
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; gloo on CPU otherwise.")
+    label_selector: Optional[dict[str, str]] = Field(
+        None, description="Ray node labels a worker's node must carry, e.g. {'provider': 'aws'}."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScalingConfig":
+        if self.min_workers > self.max_workers:
+            raise ValueError(
+                f"min_workers={self.min_workers} exceeds max_workers={self.max_workers}: "
+                "raise max_workers or lower min_workers"
+            )
+        for name, amount in self.resources_per_worker.items():
+            if amount < 0:
+                raise ValueError(f"resources_per_worker[{name!r}]={amount} is negative: use 0 or more")
+        return self
+
+
+class FailureConfig(_Config):
+    """How failures are detected and how many are tolerated."""
+
+    max_failures: int = Field(100, ge=-1, description="Lost workers tolerated before the run fails; -1: no limit.")
+    collective_timeout_s: float = Field(
+        10.0, gt=0, description="A collective that takes longer fails, so a hung peer is detected (seconds)."
+    )
+    heartbeat_interval_s: float = Field(0.25, gt=0, description="How often a worker says it is alive (seconds).")
+    heartbeat_timeout_s: float = Field(
+        3.0, gt=0, description="A worker silent for this long is taken for lost (seconds)."
+    )
+    rendezvous_timeout_s: float = Field(
+        60.0, gt=0, description="How long a leader waits for live members to join a new world (seconds)."
+    )
+    below_min_timeout_s: float = Field(
+        600.0, gt=0, description="How long the run waits while fewer than min_workers are alive (seconds)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "FailureConfig":
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"heartbeat_timeout_s={self.heartbeat_timeout_s} must exceed heartbeat_interval_s="
+                f"{self.heartbeat_interval_s}: a worker would be taken for lost between two beats"
+            )
+        return self
+
+
+class BatchConfig(_Config):
+    """The global batch, kept the same at every world size."""
+
+    global_batch_size: int = Field(32, ge=1, description="Samples per optimizer step, summed over all workers.")
+    micro_batch_size: int = Field(8, ge=1, description="Samples per forward/backward on one worker.")
+    seed: int = Field(0, description="Seed of the per-epoch sample permutation.")
+    shuffle: bool = Field(True, description="Permute samples each epoch; False keeps dataset order.")
+    drop_last: bool = Field(
+        True, description="Epochs hold whole global batches; the remainder of each permutation is skipped."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "BatchConfig":
+        if self.micro_batch_size > self.global_batch_size:
+            raise ValueError(
+                f"micro_batch_size={self.micro_batch_size} exceeds global_batch_size={self.global_batch_size}: "
+                "lower micro_batch_size"
+            )
+        return self
+
+
+class EncryptionConfig(_Config):
+    """Envelope encryption of checkpoints: `key` wraps a per-run data key."""
+
+    key: str = Field(..., description="Key spec: 'env:VAR', 'file:PATH' (32 bytes, base64) or 'kms:KEY_ID'.")
+    old_keys: list[str] = Field(
+        default_factory=list, description="Key specs of earlier rotations, to read older checkpoints."
+    )
+    signing_key: Optional[str] = Field(
+        None, description="Key spec of the manifest signing seed; derived from `key` when unset."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "EncryptionConfig":
+        for spec in [self.key, *self.old_keys, *([self.signing_key] if self.signing_key else [])]:
+            scheme = spec.split(":", 1)[0]
+            if ":" not in spec or scheme not in ("env", "file", "kms"):
+                raise ValueError(f"key spec {spec!r} is not 'env:VAR', 'file:PATH' or 'kms:KEY_ID'")
+        return self
+
+
+class CheckpointConfig(_Config):
+    """Where and how often checkpoints are written."""
+
+    uri: Optional[str] = Field(None, description="fsspec URI: file:///path, s3://bucket/prefix, memory://x.")
+    every_steps: Optional[int] = Field(None, ge=1, description="Save after every N committed steps.")
+    every_seconds: Optional[float] = Field(None, gt=0, description="Save when this long passed since the last.")
+    keep_last: int = Field(3, ge=1, description="Manifests kept; older ones and their unshared chunks go.")
+    encryption: Optional[EncryptionConfig] = Field(None, description="None stores plaintext (still hashed).")
+    async_save: bool = Field(True, description="Only the snapshot stalls training; the rest runs behind it.")
+    chunk_size_mb: int = Field(64, ge=1, description="Large tensors are stored in pieces of this size (MiB).")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec.filesystem().")
+
+
+class RunConfig(_Config):
+    """Run-wide settings that are not about one component."""
+
+    name: Optional[str] = Field(None, description="Run name; derived from the checkpoint URI or generated.")
+    seed: int = Field(0, description="Seed for torch's RNG on every worker at first entry.")
+    progress: bool = Field(False, description="Print a progress line on the driver while training.")

@@ -1,0 +1,80 @@
+"""Every exception elastictrain raises, named for what happened and carrying the facts."""
+
+from __future__ import annotations
+
+
+class ElasticTrainError(Exception):
+    """Base class of elastictrain's errors."""
+
+
+# --- runtime ---------------------------------------------------------------
+
+
+class WorldChanged(ElasticTrainError):
+    """The world this worker belonged to is gone; the runtime rebuilds and re-enters train_fn.
+
+    Raised inside the user's loop at a collective or a step boundary. Users do not catch it.
+    """
+
+    def __init__(self, term: int, reason: str):
+        super().__init__(f"world of term {term} changed: {reason}")
+        self.term = term
+        self.reason = reason
+
+
+class LeaveWorld(ElasticTrainError):
+    """This worker was told to leave (preemption notice, node draining) and does so at a step boundary."""
+
+
+class StaleTerm(ElasticTrainError):
+    """A write fenced by a term was refused because a newer term exists."""
+
+    def __init__(self, term: int, newest: int, what: str):
+        super().__init__(f"refused {what} of term {term}: term {newest} is newer")
+        self.term = term
+        self.newest = newest
+        self.what = what
+
+
+class TrainingFailed(ElasticTrainError):
+    """The run cannot go on: the user's code raised, or too many failures happened."""
+
+    def __init__(self, message: str, *, cause: str | None = None):
+        super().__init__(message if cause is None else f"{message}\n{cause}")
+        self.reason = message
+        self.cause = cause
+
+
+class TooFewWorkers(TrainingFailed):
+    """Fewer than min_workers were alive for longer than the configured wait."""
+
+
+class NotInWorker(ElasticTrainError):
+    """A worker-only call (get_context) was made outside a worker."""
+
+
+# --- checkpoints -----------------------------------------------------------
+
+
+class CheckpointError(ElasticTrainError):
+    """Base class for checkpoint problems."""
+
+
+class CheckpointNotFound(CheckpointError):
+    """No (valid) checkpoint exists where one was asked for."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """Stored bytes do not verify: tampered, truncated or missing."""
+
+
+class WrongKey(CheckpointError):
+    """The key given cannot open this checkpoint."""
+
+
+class UnsupportedFormat(CheckpointError):
+    """The manifest is of a format version this release cannot read."""
+
+
+class KeySpecError(CheckpointError):
+    """A key spec cannot be resolved (unset variable, unreadable file, bad length)."""
