@@ -1,0 +1,223 @@
+"""GradAccumulator in one process: exact normalisation, AMP on CPU, clipping, fp32 accumulation, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from elastictrain.accumulate import GradAccumulator
+
+
+def _net(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
+
+
+def _data(n=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.randn(n, 3, generator=g)
+    # Very uneven item counts per micro-batch, so a mean of means is visibly wrong.
+    mask = (torch.rand(n, 3, generator=g) < torch.linspace(0.1, 1.0, n)[:, None]).float()
+    mask[0] = 1.0
+    return x, y, mask
+
+
+def _loss_sum(model, x, y, mask):
+    return (((model(x) - y) ** 2) * mask).sum(), mask.sum()
+
+
+def _micro(step, model, x, y, mask):
+    loss, n = _loss_sum(model, x, y, mask)
+    step.backward(loss, num_items=n)
+
+
+def _reference_grads(model, x, y, mask):
+    model.zero_grad()
+    loss, n = _loss_sum(model, x, y, mask)
+    (loss / n).backward()
+    return [p.grad.clone() for p in model.parameters()], float(loss.detach() / n)
+
+
+def _accumulate(model, opt, x, y, mask, sizes, k="auto", **kw):
+    acc = GradAccumulator(model, opt, **kw)
+    with acc.step(len(sizes) if k == "auto" else k) as s:
+        for xb, yb, mb in zip(x.split(sizes), y.split(sizes), mask.split(sizes)):
+            loss, n = _loss_sum(model, xb, yb, mb)
+            s.backward(loss, num_items=n)
+    return s
+
+
+@pytest.mark.parametrize("sizes", [[12], [4, 4, 4], [5, 5, 2], [1] * 12])
+@pytest.mark.parametrize("k", ["auto", None])
+def test_gradient_equals_whole_batch_gradient(sizes, k):
+    x, y, mask = _data()
+    ref_model = _net()
+    ref, ref_loss = _reference_grads(ref_model, x, y, mask)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    s = _accumulate(model, opt, x, y, mask, sizes, k=k)
+    for g, r in zip((p.grad for p in model.parameters()), ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+    assert s.loss == pytest.approx(ref_loss, rel=1e-6)
+    assert s.num_items == int(mask.sum()) and isinstance(s.num_items, int)
+    assert not s.skipped and s.micro_steps_done == len(sizes)
+
+
+def test_mean_of_means_would_differ():
+    # Guards the test above: with these masks the per-micro-batch mean really is different.
+    x, y, mask = _data()
+    model = _net()
+    model.zero_grad()
+    for xb, yb, mb in zip(x.split(4), y.split(4), mask.split(4)):
+        loss, n = _loss_sum(model, xb, yb, mb)
+        (loss / n / 3).backward()
+    ref, _ = _reference_grads(_net(), x, y, mask)
+    assert max((p.grad - r).abs().max().item() for p, r in zip(model.parameters(), ref)) > 1e-3
+
+
+def test_optimizer_steps_once_and_grads_reset_each_step():
+    x, y, mask = _data()
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    _accumulate(model, opt, x, y, mask, [6, 6])
+    ref, _ = _reference_grads(_net(), x, y, mask)
+    for p, b, r in zip(model.parameters(), before, ref):
+        torch.testing.assert_close(p.detach(), b - 0.1 * r, rtol=1e-5, atol=1e-6)
+    acc = GradAccumulator(model, opt)
+    with acc.step(1) as s:
+        assert all(p.grad is None for p in model.parameters())  # zeroed with set_to_none
+        _micro(s, model, x, y, mask)
+
+
+def test_exception_in_block_propagates_and_skips_optimizer_step():
+    x, y, mask = _data()
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    acc = GradAccumulator(model, opt)
+    boom = RuntimeError("Connection reset by peer")
+    with pytest.raises(RuntimeError) as info:
+        with acc.step(2) as s:
+            _micro(s, model, x, y, mask)
+            raise boom
+    assert info.value is boom
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert s.loss is None
+    with acc.step(1) as s2:  # the accumulator is usable again
+        _micro(s2, model, x, y, mask)
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_wrong_number_of_micro_steps_is_an_error():
+    x, y, mask = _data()
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = GradAccumulator(model, opt)
+    with pytest.raises(RuntimeError, match="more than num_micro_batches=1"):
+        with acc.step(1) as s:
+            _micro(s, model, x, y, mask)
+            _micro(s, model, x, y, mask)
+    with pytest.raises(RuntimeError, match="ran 1 backward"):
+        with acc.step(2) as s:
+            _micro(s, model, x, y, mask)
+    with pytest.raises(RuntimeError, match="inside"):
+        _micro(s, model, x, y, mask)
+
+
+def test_zero_items_skips_the_step():
+    x, y, mask = _data()
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    s = _accumulate(model, opt, x, y, torch.zeros_like(mask), [6, 6])
+    assert s.skipped and math.isnan(s.loss) and s.num_items == 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_clipping_applies_to_the_normalised_gradient():
+    x, y, mask = _data()
+    ref, _ = _reference_grads(_net(), x, y, mask)
+    ref_norm = torch.linalg.vector_norm(torch.cat([r.flatten() for r in ref])).item()
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    s = _accumulate(model, opt, x, y, mask, [4, 8], max_grad_norm=ref_norm / 4)
+    assert s.grad_norm == pytest.approx(ref_norm, rel=1e-5)
+    for p, r in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.grad, r / 4, rtol=1e-4, atol=1e-6)
+    s = _accumulate(_net(), opt, x, y, mask, [4, 8], max_grad_norm=ref_norm * 2)
+    assert s.grad_norm == pytest.approx(ref_norm, rel=1e-5)
+
+
+def test_bf16_autocast_on_cpu():
+    x, y, mask = _data()
+    ref, ref_loss = _reference_grads(_net(), x, y, mask)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    acc = GradAccumulator(model, opt, autocast_dtype=torch.bfloat16)
+    dtypes = []
+    with acc.step(2) as s:
+        for xb, yb, mb in zip(x.split(6), y.split(6), mask.split(6)):
+            out = model(xb)
+            dtypes.append(out.dtype)
+            s.backward((((out.float() - yb) ** 2) * mb).sum(), num_items=mb.sum())
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    assert not torch.is_autocast_enabled("cpu")
+    for p, r in zip(model.parameters(), ref):
+        assert p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, r, rtol=5e-2, atol=2e-2)
+    assert s.loss == pytest.approx(ref_loss, rel=5e-2)
+
+
+def test_fp16_scaler_on_cpu_skips_inf_step_and_backs_off():
+    x, y, mask = _data()
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    acc = GradAccumulator(model, opt, scaler=scaler, autocast_dtype=torch.float16)
+    before = [p.detach().clone() for p in model.parameters()]
+    with acc.step(2) as s:
+        for i, (xb, yb, mb) in enumerate(zip(x.split(6), y.split(6), mask.split(6))):
+            loss = (((model(xb).float() - yb) ** 2) * mb).sum()
+            s.backward(loss * (math.inf if i == 1 else 1.0), num_items=mb.sum())
+    assert s.skipped and scaler.get_scale() == 512.0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    ref, _ = _reference_grads(_net(), x, y, mask)
+    with acc.step(2) as s:
+        for xb, yb, mb in zip(x.split(6), y.split(6), mask.split(6)):
+            s.backward((((model(xb).float() - yb) ** 2) * mb).sum(), num_items=mb.sum())
+    assert not s.skipped
+    for p, r in zip(model.parameters(), ref):  # unscaled and normalised before the step
+        torch.testing.assert_close(p.grad, r, rtol=2e-2, atol=5e-3)
+
+
+def test_fp32_grad_accum_for_bf16_params():
+    x, y, mask = _data(n=64, seed=3)
+    ref, _ = _reference_grads(_net(torch.float32), x, y, mask)
+    model = _net(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    acc = GradAccumulator(model, opt, fp32_grad_accum=True)
+    with acc.step(16) as s:
+        for xb, yb, mb in zip(x.split(4), y.split(4), mask.split(4)):
+            out = model(xb.bfloat16()).float()
+            s.backward((((out - yb) ** 2) * mb).sum(), num_items=mb.sum())
+    assert all(b.dtype == torch.float32 for b in acc._fp32_bufs)
+    for p, r in zip(model.parameters(), ref):
+        assert p.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(p.grad.float(), r, rtol=5e-2, atol=1e-2)
+
+
+def test_constructor_rejects_bad_settings():
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        GradAccumulator(model, opt, max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        GradAccumulator(model, opt, autocast_dtype=torch.float64)
+    with pytest.raises(ValueError, match="drop the scaler"):
+        GradAccumulator(model, opt, scaler=torch.amp.GradScaler("cpu"), fp32_grad_accum=True)
+    with pytest.raises(ValueError, match="num_micro_batches=0"):
+        GradAccumulator(model, opt).step(0)
