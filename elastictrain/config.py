@@ -121,6 +121,9 @@ class CheckpointConfig(_Config):
     async_save: bool = Field(True, description="Only the snapshot stalls training; the rest runs behind it.")
     chunk_size_mb: int = Field(64, ge=1, description="Large tensors are stored in pieces of this size (MiB).")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec.filesystem().")
+    io_threads: int = Field(
+        2, ge=1, le=64, description="Threads that hash, seal and upload chunks in parallel (raise for S3)."
+    )
 
 
 class RunConfig(_Config):

@@ -1,0 +1,179 @@
+"""Key specs ('env:VAR', 'file:PATH', 'kms:KEY_ID') resolved into key sources, and the keyring.
+
+This is the one place that reads environment variables for keys. A key never
+leaves this module except to wrap or unwrap a data key: storage and logs only
+ever see a key id (a fingerprint, or the KMS key id) and the wrapped data key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Protocol
+
+from elastictrain.checkpoint import crypto
+from elastictrain.errors import KeySpecError, WrongKey
+
+
+class KeySource(Protocol):
+    """Something that wraps and unwraps a run's data key."""
+
+    key_id: str
+
+    def wrap(self, data_key: bytes, context: bytes) -> bytes: ...
+
+    def unwrap(self, wrapped: bytes, context: bytes) -> bytes: ...
+
+    def signing_seed(self) -> Optional[bytes]:
+        """Seed of the manifest signing key, or None to derive it from the data key."""
+        ...
+
+
+def generate_key() -> str:
+    """A new random 32-byte key, base64 (what `elastictrain ckpt keygen` prints)."""
+    return base64.b64encode(secrets.token_bytes(crypto.KEY_BYTES)).decode()
+
+
+def decode_key(text: str, where: str) -> bytes:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise KeySpecError(f"{where} is not base64: generate one with `elastictrain ckpt keygen`") from None
+    if len(raw) != crypto.KEY_BYTES:
+        raise KeySpecError(f"{where} decodes to {len(raw)} bytes; a key is {crypto.KEY_BYTES} bytes (base64)")
+    return raw
+
+
+class LocalKey:
+    """A 32-byte key held in memory (from an environment variable or a file)."""
+
+    def __init__(self, secret: bytes, nonce_source: Callable[[int], bytes] = secrets.token_bytes):
+        self._secret = secret
+        self._nonce = nonce_source
+        self.key_id = "local:" + crypto.key_fingerprint(secret)
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"LocalKey({self.key_id})"
+
+    def wrap(self, data_key: bytes, context: bytes) -> bytes:
+        return crypto.wrap_key(self._secret, data_key, context + self.key_id.encode(), self._nonce(12))
+
+    def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
+        return crypto.unwrap_key(self._secret, wrapped, context + self.key_id.encode())
+
+    def signing_seed(self) -> Optional[bytes]:
+        return crypto.derive(self._secret, "manifest-signing")
+
+
+class KmsKey:
+    """An AWS KMS key: the data key is wrapped by KMS Encrypt and opened by KMS Decrypt.
+
+    The endpoint, region and credentials come from the usual AWS settings (boto3).
+    """
+
+    def __init__(self, kms_key_id: str, client: object | None = None):
+        self.kms_key_id = kms_key_id
+        self.key_id = "kms:" + kms_key_id
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"KmsKey({self.kms_key_id})"
+
+    def _kms(self):
+        if self._client is None:
+            import boto3
+
+            self._client = boto3.client("kms")
+        return self._client
+
+    def wrap(self, data_key: bytes, context: bytes) -> bytes:
+        try:
+            reply = self._kms().encrypt(
+                KeyId=self.kms_key_id, Plaintext=data_key, EncryptionContext={"elastictrain": context.hex()}
+            )
+        except Exception as exc:  # botocore's errors share no base we can import lazily
+            raise KeySpecError(f"KMS key {self.kms_key_id!r} cannot encrypt: {type(exc).__name__}: {exc}") from None
+        return reply["CiphertextBlob"]
+
+    def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
+        try:
+            reply = self._kms().decrypt(
+                CiphertextBlob=wrapped, KeyId=self.kms_key_id, EncryptionContext={"elastictrain": context.hex()}
+            )
+        except Exception as exc:
+            raise WrongKey(f"KMS key {self.kms_key_id!r} cannot open the data key: {type(exc).__name__}") from None
+        return reply["Plaintext"]
+
+    def signing_seed(self) -> Optional[bytes]:
+        return None
+
+
+def resolve_secret(spec: str, environ: Mapping[str, str] | None = None) -> bytes:
+    """The 32 bytes named by an 'env:VAR' or 'file:PATH' spec.
+
+    Raises:
+        KeySpecError: unknown scheme, unset variable, unreadable file, not base64 or not 32 bytes.
+    """
+    environ = os.environ if environ is None else environ
+    scheme, _, ref = spec.partition(":")
+    if scheme == "env":
+        if ref not in environ:
+            raise KeySpecError(f"environment variable {ref} (key spec env:{ref}) is unset: export it")
+        return decode_key(environ[ref], f"environment variable {ref}")
+    if scheme == "file":
+        try:
+            with open(os.path.expanduser(ref), encoding="ascii") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KeySpecError(f"key file {ref} cannot be read: {type(exc).__name__}") from None
+        return decode_key(text, f"key file {ref}")
+    raise KeySpecError(f"key spec {spec.split(':', 1)[0]!r}: only 'env:VAR' and 'file:PATH' hold raw keys")
+
+
+def resolve_key(spec: str, environ: Mapping[str, str] | None = None, kms_client: object | None = None) -> KeySource:
+    """The key source a spec names ('env:VAR', 'file:PATH' or 'kms:KEY_ID')."""
+    scheme, _, ref = spec.partition(":")
+    if scheme == "kms":
+        if not ref:
+            raise KeySpecError("key spec 'kms:' needs a key id, e.g. kms:alias/training")
+        return KmsKey(ref, kms_client)
+    if scheme in ("env", "file"):
+        return LocalKey(resolve_secret(spec, environ))
+    raise KeySpecError(f"key spec {spec!r} is not 'env:VAR', 'file:PATH' or 'kms:KEY_ID'")
+
+
+@dataclass
+class Keyring:
+    """The current key (writes) and older ones (reads of checkpoints from before a rotation)."""
+
+    current: KeySource
+    old: list[KeySource] = field(default_factory=list)
+    signer: Optional[crypto.Signer] = None  # set when a signing key is given on its own
+
+    def find(self, key_id: str) -> KeySource:
+        for source in [self.current, *self.old]:
+            if source.key_id == key_id:
+                return source
+        known = ", ".join(s.key_id for s in [self.current, *self.old])
+        raise WrongKey(
+            f"checkpoint was written under key id {key_id}; the configured keys are {known}: "
+            "pass that key (or add it to old_keys)"
+        )
+
+    def signer_for(self, source: KeySource, data_key: bytes) -> crypto.Signer:
+        """The manifest signer: given on its own, else derived from the key, else from the data key."""
+        if self.signer is not None:
+            return self.signer
+        seed = source.signing_seed()
+        return crypto.Signer(seed if seed is not None else crypto.DataKeys(data_key).signing_seed)
+
+
+def keyring_from_specs(
+    key: str, old_keys: list[str] = (), signing_key: str | None = None, environ: Mapping[str, str] | None = None
+) -> Keyring:
+    """Resolve every spec of an EncryptionConfig into a Keyring."""
+    signer = crypto.Signer(resolve_secret(signing_key, environ)) if signing_key else None
+    return Keyring(resolve_key(key, environ), [resolve_key(s, environ) for s in old_keys], signer)

@@ -1,0 +1,336 @@
+"""CheckpointManager: the runtime's one handle on checkpoints (policy, async saves, restore, retention).
+
+>>> mgr = CheckpointManager(CheckpointConfig(uri="memory://doc-run", async_save=False))
+>>> mgr.save({"w": torch.ones(2)}, {"__tensor__": "w"}, step=1, term=0)
+>>> mgr.latest().step
+1
+>>> mgr.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from elastictrain.checkpoint import crypto
+from elastictrain.checkpoint.keys import Keyring, keyring_from_specs
+from elastictrain.checkpoint.manifest import (
+    MANIFEST_DIR, RUN_FILE, decode_manifest, decode_run, encode_run, parse_manifest_name, wrap_context,
+)
+from elastictrain.checkpoint.reader import Loaded, open_manifest, read_tensors
+from elastictrain.checkpoint.retention import plan_retention
+from elastictrain.checkpoint.snapshot import Snapshotter
+from elastictrain.checkpoint.storage import FsspecStorage, Storage
+from elastictrain.checkpoint.writer import ChunkWriter, RunKeys, SaveReport
+from elastictrain.config import CheckpointConfig
+from elastictrain.errors import CheckpointError, CheckpointNotFound
+from elastictrain.statetree import skeleton_to_json
+
+log = logging.getLogger("elastictrain.checkpoint")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One stored checkpoint as `list()` and `elastictrain ckpt ls` show it (no key needed)."""
+
+    name: str
+    step: int
+    term: int
+    time_ns: int
+    size: int  # bytes of the safetensors content
+    stored_bytes: int  # bytes of its chunks in storage (shared chunks counted in each)
+    encrypted: bool
+    key_id: Optional[str]
+    run: Optional[str]
+    error: Optional[str] = None  # set when the manifest does not even parse
+
+
+class CheckpointManager:
+    """Saves and restores one run's checkpoints under `config.uri`.
+
+    Args:
+        config: where, how often, how many to keep, encryption.
+        fence: called with a save's term right before its manifest is written; False abandons the save.
+        provenance: labels stored in each manifest (node, host, provider, region).
+        storage, environ, clock, nonce: for tests (a storage double, key variables, time, nonce bytes).
+    """
+
+    def __init__(
+        self,
+        config: CheckpointConfig,
+        *,
+        fence: Optional[Callable[[int], bool]] = None,
+        provenance: Optional[dict] = None,
+        storage: Optional[Storage] = None,
+        environ: Optional[dict] = None,
+        clock: Callable[[], float] = time.time,
+        nonce: Callable[[int], bytes] = secrets.token_bytes,
+    ):
+        if config.uri is None and storage is None:
+            raise ValueError("CheckpointConfig.uri is unset: give a URI such as file:///tmp/run1 or s3://bucket/run1")
+        self.config = config
+        self.storage: Storage = storage or FsspecStorage(config.uri, config.storage_options)
+        enc = config.encryption
+        self.keyring: Optional[Keyring] = (
+            keyring_from_specs(enc.key, enc.old_keys, enc.signing_key, environ) if enc else None
+        )
+        self.fence = fence
+        self.provenance = {"host": socket.gethostname(), **{str(k): str(v) for k, v in (provenance or {}).items()}}
+        self.events: list[dict[str, Any]] = []
+        self.reports: list[SaveReport] = []
+        self._clock, self._nonce = clock, nonce
+        self._chunk_size = config.chunk_size_mb * 1024 * 1024
+        self._snapshotter = Snapshotter(self._chunk_size)
+        self._writer = ChunkWriter(self.storage, config.io_threads)
+        self._run_lock = threading.Lock()
+        self._run_keys: Optional[RunKeys] = None
+        self._run_file_written = False
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._closed = False
+        self._last_step: Optional[int] = None
+        self._last_time = clock()
+
+    # --- policy ------------------------------------------------------------
+
+    def should_save(self, step: int, now: Optional[float] = None) -> bool:
+        """True when `every_steps` or `every_seconds` says step `step` is due (never twice for one step)."""
+        if self._last_step is not None and step <= self._last_step:
+            return False
+        cfg = self.config
+        if cfg.every_steps is not None and step % cfg.every_steps == 0:
+            return True
+        now = self._clock() if now is None else now
+        return cfg.every_seconds is not None and now - self._last_time >= cfg.every_seconds
+
+    # --- saving ------------------------------------------------------------
+
+    def save(self, tensors: dict[str, torch.Tensor], skeleton: Any, *, step: int, term: int) -> None:
+        """Save a flattened state (see `elastictrain.statetree.flatten_state`).
+
+        With async_save, returns once the tensors are copied aside; otherwise once committed.
+        A save waits for the one in flight first.
+
+        Raises:
+            ValueError: bad names, dtypes, step or term (before anything is written).
+            StaleTerm, CheckpointError, OSError: from a synchronous save.
+        """
+        if self._closed:
+            raise RuntimeError("CheckpointManager is closed")
+        if step < 0 or term < 0:
+            raise ValueError(f"step ({step}) and term ({term}) must be >= 0")
+        skeleton_to_json(skeleton)
+        self._join()
+        self._last_step, self._last_time = step, self._clock()
+        if not self.config.async_save:
+            for name, t in tensors.items():
+                if not isinstance(t, torch.Tensor):
+                    raise ValueError(f"state entry {name!r} is not a tensor")
+            cpu = {n: t.detach().to("cpu") for n, t in tensors.items()}
+            self._save_now(cpu, skeleton, step, term, {}, from_snapshot=False)
+            return
+        snap = self._snapshotter.take(tensors)
+        self._thread = threading.Thread(
+            target=self._save_background, args=(snap.tensors, skeleton, step, term, snap.reuse),
+            name=f"et-ckpt-save-{step}", daemon=True,
+        )
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed; re-raise its error."""
+        self._join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Wait for the save in flight and stop background threads (an error stays in `events`)."""
+        self._join()
+        self._closed = True
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _save_background(self, tensors, skeleton, step, term, reuse) -> None:
+        try:
+            self._save_now(tensors, skeleton, step, term, reuse, from_snapshot=True)
+        except BaseException as exc:  # kept for wait(); a background thread has nobody else to tell
+            self._error = exc
+
+    def _save_now(self, tensors, skeleton, step, term, reuse, *, from_snapshot: bool) -> None:
+        try:
+            run_keys = self._open_run()
+            if not self._run_file_written:
+                try:
+                    self.storage.get(RUN_FILE)
+                except FileNotFoundError:
+                    self.storage.put(RUN_FILE, [encode_run(run_keys.run)])
+                self._run_file_written = True
+            self._writer.refresh()
+            report, piece_ids = self._writer.write(
+                tensors, skeleton, step=step, term=term, run_keys=run_keys, chunk_size=self._chunk_size,
+                reuse=reuse, fence=self.fence, provenance=self.provenance, clock=self._clock, nonce=self._nonce,
+            )
+        except BaseException as exc:
+            self._event("save_failed", step=step, term=term, reason=f"{type(exc).__name__}: {exc}")
+            raise
+        if from_snapshot:
+            self._snapshotter.committed(piece_ids)
+        self.reports.append(report)
+        self._event("saved", step=step, term=term, bytes_written=report.bytes_written, seconds=report.seconds)
+        try:
+            self._apply_retention(run_keys.run)
+        except (CheckpointError, OSError) as exc:
+            self._event("retention_failed", reason=f"{type(exc).__name__}: {exc}")
+
+    def _apply_retention(self, run: str) -> None:
+        bodies = {}
+        for name in self._manifest_names():
+            try:
+                bodies[name] = decode_manifest(self.storage.get(name)).body
+            except (CheckpointError, FileNotFoundError):
+                bodies[name] = None
+        chunk_files = self.storage.list("chunks")
+        plan = plan_retention(bodies, chunk_files, self.config.keep_last, run)
+        self.storage.delete(plan.manifests)  # manifests first: a crash here leaves only garbage chunks
+        self.storage.delete(plan.chunks)
+        for name in plan.chunks:
+            self._writer.known.pop(name.rsplit("/", 1)[-1], None)
+        if plan.manifests:
+            self._event("retention", deleted=list(plan.manifests), chunks_deleted=len(plan.chunks))
+
+    # --- the run's identity and data key -------------------------------------
+
+    def _open_run(self) -> RunKeys:
+        """This run's id and keys: reused from storage (a resubmitted job), else new."""
+        with self._run_lock:
+            if self._run_keys is not None:
+                return self._run_keys
+            try:
+                run = decode_run(self.storage.get(RUN_FILE))
+                self._run_file_written = True
+            except FileNotFoundError:
+                run = None
+            data_key = None
+            for name in reversed(self._manifest_names()):
+                try:
+                    body = decode_manifest(self.storage.get(name)).body
+                except (CheckpointError, FileNotFoundError):
+                    continue
+                run = run or body.run
+                if body.run != run or self.keyring is None or not body.encrypted:
+                    continue
+                try:
+                    data_key = self.keyring.find(body.key_id).unwrap(body.wrapped_key, body.wrap_context())
+                    break
+                except CheckpointError:
+                    continue
+            run = run or secrets.token_hex(16)
+            if self.keyring is None:
+                self._run_keys = RunKeys(run, None)
+                return self._run_keys
+            data_key = data_key or secrets.token_bytes(crypto.KEY_BYTES)
+            current = self.keyring.current
+            self._run_keys = RunKeys(
+                run, crypto.DataKeys(data_key), current.key_id, current.wrap(data_key, wrap_context(run)),
+                self.keyring.signer_for(current, data_key),
+            )
+            return self._run_keys
+
+    def _expected_run(self) -> Optional[str]:
+        try:
+            return decode_run(self.storage.get(RUN_FILE))
+        except FileNotFoundError:
+            return self._run_keys.run if self._run_keys else None
+
+    # --- reading -------------------------------------------------------------
+
+    def _manifest_names(self) -> list[str]:
+        """Manifest names, oldest first by (step, term)."""
+        named = [(parse_manifest_name(n), n) for n in self.storage.list(MANIFEST_DIR)]
+        return [n for key, n in sorted(k for k in named if k[0] is not None)]
+
+    def _load(self, name: str, run: Optional[str]) -> Loaded:
+        opened = open_manifest(self.storage, name, self.keyring, run)
+        return read_tensors(self.storage, opened, self.config.io_threads)
+
+    def _first_that_verifies(self, names: list[str], what: str) -> Loaded:
+        run = self._expected_run()
+        skipped: list[tuple[str, str]] = []
+        errors: list[CheckpointError] = []
+        for name in names:
+            try:
+                loaded = self._load(name, run)
+            except CheckpointError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                skipped.append((name, reason))
+                errors.append(exc)
+                self._event("checkpoint_skipped", manifest=name, reason=reason)
+                continue
+            loaded.skipped = skipped
+            return loaded
+        first = errors[0]
+        more = f" (and {len(errors) - 1} older ones failed too)" if len(errors) > 1 else ""
+        raise type(first)(f"no {what} verifies under {self.storage.uri}: {first}{more}") from first
+
+    def latest(self) -> Optional[Loaded]:
+        """The newest checkpoint that verifies; None if there is none at all.
+
+        Damaged newer checkpoints are skipped (listed in `.skipped` and `events`).
+
+        Raises:
+            CheckpointError: checkpoints exist but none verifies (wrong key, all damaged).
+        """
+        names = list(reversed(self._manifest_names()))
+        if not names:
+            return None
+        return self._first_that_verifies(names, "checkpoint")
+
+    def load(self, step: int) -> Loaded:
+        """The checkpoint of `step` (its newest term that verifies).
+
+        Raises:
+            CheckpointNotFound: no checkpoint of that step.
+        """
+        all_names = self._manifest_names()
+        names = [n for n in reversed(all_names) if parse_manifest_name(n)[0] == step]
+        if not names:
+            steps = sorted({parse_manifest_name(n)[0] for n in all_names})
+            raise CheckpointNotFound(f"no checkpoint of step {step} under {self.storage.uri}; steps: {steps}")
+        return self._first_that_verifies(names, f"checkpoint of step {step}")
+
+    def list(self) -> list[CheckpointInfo]:
+        """Every checkpoint, oldest first, from the manifests alone (no key needed, nothing verified but format)."""
+        out = []
+        for name in self._manifest_names():
+            step, term = parse_manifest_name(name)
+            try:
+                body = decode_manifest(self.storage.get(name)).body
+            except (CheckpointError, FileNotFoundError) as exc:
+                out.append(CheckpointInfo(name, step, term, 0, 0, 0, False, None, None, f"{type(exc).__name__}: {exc}"))
+                continue
+            out.append(CheckpointInfo(
+                name, body.step, body.term, body.time_ns, body.content_bytes, sum(s for _, s in body.chunks),
+                body.encrypted, body.key_id, body.run,
+            ))
+        return out
+
+    def _event(self, kind: str, **facts: Any) -> None:
+        self.events.append({"event": kind, "time": self._clock(), **facts})
+        level = logging.WARNING if kind.endswith(("failed", "skipped")) else logging.INFO
+        log.log(level, "checkpoint %s %s", kind, facts)
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

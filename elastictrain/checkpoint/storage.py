@@ -1,0 +1,183 @@
+"""Storage is a small protocol: put (atomic), get, list, delete; one fsspec implementation.
+
+Names are '/'-separated paths relative to the checkpoint URI and are checked
+before any call (no '..', no absolute paths). `put` never leaves a partial
+object under its final name: object stores write whole objects, and local
+disks write a temporary file then rename it. Transient errors are retried with
+exponential backoff.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import secrets
+import time
+from typing import Callable, Iterable, Protocol, Sequence, TypeVar, Union
+
+Buffer = Union[bytes, bytearray, memoryview]
+T = TypeVar("T")
+_NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+TMP_MARK = ".tmp-"
+
+
+def check_name(name: str) -> str:
+    """Return `name` if it is a safe relative storage name; raise ValueError otherwise."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or any(p in (".", "..") for p in name.split("/")):
+        raise ValueError(f"storage name {name!r} is not a plain relative path")
+    return name
+
+
+class Storage(Protocol):
+    """Where checkpoint objects live. URIs stay strings; names are relative to the root."""
+
+    uri: str
+
+    def put(self, name: str, parts: Sequence[Buffer]) -> None:
+        """Write the concatenation of `parts` under `name`, all or nothing."""
+
+    def get(self, name: str) -> bytes:
+        """The object's bytes. Raises FileNotFoundError if absent."""
+
+    def list(self, prefix: str) -> dict[str, int]:
+        """{name: size} of every object under `prefix` (a folder name)."""
+
+    def delete(self, names: Iterable[str]) -> None:
+        """Remove objects; absent ones are ignored."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: I/O and connection errors, not missing objects or refused access."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError)):
+        return False
+    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
+        return True
+    return type(exc).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "urllib3")
+
+
+def with_retries(
+    fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.05, max_delay: float = 2.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call `fn`, retrying transient errors with exponential backoff and jitter."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            delay = min(max_delay, base_delay * (2**attempt))
+            sleep(delay * (0.5 + secrets.randbelow(1000) / 1000))
+    raise AssertionError("unreachable")
+
+
+class FsspecStorage:
+    """Storage on any fsspec filesystem (file://, memory://, s3://, ...)."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None, attempts: int = 5):
+        import fsspec
+
+        self.uri = uri
+        self.fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        self.root = root.rstrip("/")
+        self.attempts = attempts
+        self._local = "file" in _protocols(self.fs)
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{check_name(name)}"
+
+    def put(self, name: str, parts: Sequence[Buffer]) -> None:
+        path = self._path(name)
+        if self._local:
+            with_retries(lambda: _put_local(path, parts), attempts=self.attempts)
+            return
+        data = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+        with_retries(lambda: self.fs.pipe_file(path, data), attempts=self.attempts)
+
+    def get(self, name: str) -> bytes:
+        path = self._path(name)
+        return with_retries(lambda: self.fs.cat_file(path), attempts=self.attempts)
+
+    def get_into(self, name: str, out: memoryview) -> int:
+        """Read the object into `out` (for local files, without an intermediate copy); return its size."""
+        path = self._path(name)
+        if not self._local:
+            data = self.get(name)
+            if len(data) <= len(out):
+                out[: len(data)] = data
+            return len(data)
+
+        def read() -> int:
+            with open(path, "rb", buffering=0) as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size > len(out):
+                    return size
+                got = 0
+                while got < size:
+                    n = fh.readinto(out[got:size])
+                    if not n:
+                        break
+                    got += n
+                return got
+
+        return with_retries(read, attempts=self.attempts)
+
+    def list(self, prefix: str) -> dict[str, int]:
+        base = self._path(prefix)
+
+        def find() -> dict[str, int]:
+            self.fs.invalidate_cache(base)
+            try:
+                found = self.fs.find(base, detail=True)
+            except FileNotFoundError:
+                return {}
+            out = {}
+            for path, info in found.items():
+                rel = path[len(self.root) + 1 :] if path.startswith(self.root + "/") else None
+                if rel is None:
+                    rel = posixpath.relpath("/" + path.lstrip("/"), "/" + self.root.lstrip("/"))
+                if TMP_MARK in rel.rsplit("/", 1)[-1] or info.get("type") == "directory":
+                    continue
+                out[rel] = int(info.get("size") or 0)
+            return out
+
+        return with_retries(find, attempts=self.attempts)
+
+    def delete(self, names: Iterable[str]) -> None:
+        paths = [self._path(n) for n in names]
+        if not paths:
+            return
+
+        def rm() -> None:
+            for p in paths:
+                try:
+                    self.fs.rm_file(p)
+                except FileNotFoundError:
+                    pass
+
+        with_retries(rm, attempts=self.attempts)
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def _put_local(path: str, parts: Sequence[Buffer]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}{TMP_MARK}{secrets.token_hex(6)}"
+    try:
+        with open(tmp, "wb", buffering=0) as fh:
+            for part in parts:
+                view = memoryview(part)
+                while view.nbytes:
+                    n = fh.write(view)
+                    view = view[n:]
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
