@@ -12,7 +12,7 @@ import binascii
 import os
 import secrets
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Protocol
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from elastictrain.checkpoint import crypto
 from elastictrain.errors import KeySpecError, WrongKey
@@ -133,15 +133,17 @@ def resolve_secret(spec: str, environ: Mapping[str, str] | None = None) -> bytes
     raise KeySpecError(f"key spec {spec.split(':', 1)[0]!r}: only 'env:VAR' and 'file:PATH' hold raw keys")
 
 
-def resolve_key(spec: str, environ: Mapping[str, str] | None = None, kms_client: object | None = None) -> KeySource:
+def resolve_key(
+    spec: str, environ: Mapping[str, str] | None = None, random_bytes: Callable[[int], bytes] = secrets.token_bytes
+) -> KeySource:
     """The key source a spec names ('env:VAR', 'file:PATH' or 'kms:KEY_ID')."""
     scheme, _, ref = spec.partition(":")
     if scheme == "kms":
         if not ref:
             raise KeySpecError("key spec 'kms:' needs a key id, e.g. kms:alias/training")
-        return KmsKey(ref, kms_client)
+        return KmsKey(ref)
     if scheme in ("env", "file"):
-        return LocalKey(resolve_secret(spec, environ))
+        return LocalKey(resolve_secret(spec, environ), random_bytes)
     raise KeySpecError(f"key spec {spec!r} is not 'env:VAR', 'file:PATH' or 'kms:KEY_ID'")
 
 
@@ -172,8 +174,13 @@ class Keyring:
 
 
 def keyring_from_specs(
-    key: str, old_keys: list[str] = (), signing_key: str | None = None, environ: Mapping[str, str] | None = None
+    key: str,
+    old_keys: Sequence[str] = (),
+    signing_key: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    random_bytes: Callable[[int], bytes] = secrets.token_bytes,
 ) -> Keyring:
     """Resolve every spec of an EncryptionConfig into a Keyring."""
     signer = crypto.Signer(resolve_secret(signing_key, environ)) if signing_key else None
-    return Keyring(resolve_key(key, environ), [resolve_key(s, environ) for s in old_keys], signer)
+    old = [resolve_key(s, environ, random_bytes) for s in old_keys]
+    return Keyring(resolve_key(key, environ, random_bytes), old, signer)

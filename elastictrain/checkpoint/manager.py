@@ -59,7 +59,8 @@ class CheckpointManager:
         config: where, how often, how many to keep, encryption.
         fence: called with a save's term right before its manifest is written; False abandons the save.
         provenance: labels stored in each manifest (node, host, provider, region).
-        storage, environ, clock, nonce: for tests (a storage double, key variables, time, nonce bytes).
+        storage, environ, clock, random_bytes: for tests (a storage double, key variables, time, and the
+            source of run ids, data keys and nonces).
     """
 
     def __init__(
@@ -71,7 +72,7 @@ class CheckpointManager:
         storage: Optional[Storage] = None,
         environ: Optional[dict] = None,
         clock: Callable[[], float] = time.time,
-        nonce: Callable[[int], bytes] = secrets.token_bytes,
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ):
         if config.uri is None and storage is None:
             raise ValueError("CheckpointConfig.uri is unset: give a URI such as file:///tmp/run1 or s3://bucket/run1")
@@ -79,13 +80,13 @@ class CheckpointManager:
         self.storage: Storage = storage or FsspecStorage(config.uri, config.storage_options)
         enc = config.encryption
         self.keyring: Optional[Keyring] = (
-            keyring_from_specs(enc.key, enc.old_keys, enc.signing_key, environ) if enc else None
+            keyring_from_specs(enc.key, enc.old_keys, enc.signing_key, environ, random_bytes) if enc else None
         )
         self.fence = fence
         self.provenance = {"host": socket.gethostname(), **{str(k): str(v) for k, v in (provenance or {}).items()}}
         self.events: list[dict[str, Any]] = []
         self.reports: list[SaveReport] = []
-        self._clock, self._nonce = clock, nonce
+        self._clock, self._random = clock, random_bytes
         self._chunk_size = config.chunk_size_mb * 1024 * 1024
         self._snapshotter = Snapshotter(self._chunk_size)
         self._writer = ChunkWriter(self.storage, config.io_threads)
@@ -178,7 +179,7 @@ class CheckpointManager:
             self._writer.refresh()
             report, piece_ids = self._writer.write(
                 tensors, skeleton, step=step, term=term, run_keys=run_keys, chunk_size=self._chunk_size,
-                reuse=reuse, fence=self.fence, provenance=self.provenance, clock=self._clock, nonce=self._nonce,
+                reuse=reuse, fence=self.fence, provenance=self.provenance, clock=self._clock, nonce=self._random,
             )
         except BaseException as exc:
             self._event("save_failed", step=step, term=term, reason=f"{type(exc).__name__}: {exc}")
@@ -234,11 +235,11 @@ class CheckpointManager:
                     break
                 except CheckpointError:
                     continue
-            run = run or secrets.token_hex(16)
+            run = run or self._random(16).hex()
             if self.keyring is None:
                 self._run_keys = RunKeys(run, None)
                 return self._run_keys
-            data_key = data_key or secrets.token_bytes(crypto.KEY_BYTES)
+            data_key = data_key or self._random(crypto.KEY_BYTES)
             current = self.keyring.current
             self._run_keys = RunKeys(
                 run, crypto.DataKeys(data_key), current.key_id, current.wrap(data_key, wrap_context(run)),
@@ -262,6 +263,14 @@ class CheckpointManager:
     def _load(self, name: str, run: Optional[str]) -> Loaded:
         opened = open_manifest(self.storage, name, self.keyring, run)
         return read_tensors(self.storage, opened, self.config.io_threads)
+
+    def load_manifest(self, name: str) -> Loaded:
+        """Read and verify the checkpoint of one manifest name (as `list()` gives it).
+
+        Raises:
+            CheckpointError: what is wrong with it.
+        """
+        return self._load(name, self._expected_run())
 
     def _first_that_verifies(self, names: list[str], what: str) -> Loaded:
         run = self._expected_run()

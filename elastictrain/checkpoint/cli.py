@@ -1,0 +1,149 @@
+"""`elastictrain ckpt ls | verify | export | keygen`: inspect and extract checkpoints from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from typing import Optional, Sequence
+
+from elastictrain.checkpoint.keys import generate_key
+from elastictrain.checkpoint.manager import CheckpointInfo, CheckpointManager
+from elastictrain.checkpoint.reader import Loaded
+from elastictrain.config import CheckpointConfig, EncryptionConfig
+from elastictrain.errors import CheckpointError
+
+
+def _manager(uri: str, keys: Optional[Sequence[str]], storage_options: Optional[dict] = None) -> CheckpointManager:
+    enc = EncryptionConfig(key=keys[0], old_keys=list(keys[1:])) if keys else None
+    return CheckpointManager(
+        CheckpointConfig(uri=uri, encryption=enc, async_save=False, storage_options=storage_options or {})
+    )
+
+
+def list_checkpoints(uri: str, storage_options: Optional[dict] = None) -> list[CheckpointInfo]:
+    """Every checkpoint under `uri`, oldest first (no key needed)."""
+    mgr = _manager(uri, None, storage_options)
+    try:
+        return mgr.list()
+    finally:
+        mgr.close()
+
+
+def verify_checkpoints(
+    uri: str, keys: Optional[Sequence[str]] = None, storage_options: Optional[dict] = None
+) -> list[tuple[str, Optional[str]]]:
+    """Fully read and check every checkpoint: [(manifest name, None if good else the reason)]."""
+    mgr = _manager(uri, keys, storage_options)
+    results = []
+    try:
+        for info in mgr.list():
+            try:
+                mgr.load_manifest(info.name)
+                results.append((info.name, None))
+            except CheckpointError as exc:
+                results.append((info.name, f"{type(exc).__name__}: {exc}"))
+    finally:
+        mgr.close()
+    return results
+
+
+def export_checkpoint(
+    uri: str, out: str, step: Optional[int] = None, keys: Optional[Sequence[str]] = None,
+    storage_options: Optional[dict] = None,
+) -> Loaded:
+    """Write a verified checkpoint as one plain .safetensors file (`safetensors.torch.load_file` reads it)."""
+    mgr = _manager(uri, keys, storage_options)
+    try:
+        loaded = mgr.latest() if step is None else mgr.load(step)
+    finally:
+        mgr.close()
+    if loaded is None:
+        raise CheckpointError(f"no checkpoint under {uri}")
+    tmp = f"{out}.tmp-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(loaded.header)
+            for tensor in loaded.tensors.values():
+                if tensor.numel():
+                    fh.write(_raw(tensor))
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return loaded
+
+
+def _raw(tensor) -> memoryview:
+    import torch
+
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def add_ckpt_parser(subparsers) -> None:
+    """Register `ckpt` and its subcommands on the top-level parser."""
+    ckpt = subparsers.add_parser("ckpt", help="list, verify, export checkpoints; make a key")
+    sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
+    ls = sub.add_parser("ls", help="list the checkpoints under a URI")
+    ls.add_argument("uri")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    verify = sub.add_parser("verify", help="read and check every checkpoint under a URI")
+    verify.add_argument("uri")
+    verify.add_argument("--key", action="append", help="key spec (env:VAR, file:PATH, kms:KEY_ID); repeat for old keys")
+    export = sub.add_parser("export", help="write a checkpoint as one plain .safetensors file")
+    export.add_argument("uri")
+    export.add_argument("out")
+    export.add_argument("--step", type=int, default=None, help="the step to export (default: newest that verifies)")
+    export.add_argument("--key", action="append", help="key spec; repeat for old keys")
+    sub.add_parser("keygen", help="print a new random 32-byte key, base64 (for env: or file: specs)")
+
+
+def run_ckpt(args: argparse.Namespace) -> int:
+    """Run a `ckpt` subcommand; errors propagate to the caller, which prints one line."""
+    cmd = args.ckpt_command
+    logging.getLogger("elastictrain.checkpoint").setLevel(logging.ERROR)  # reasons are printed once, below
+    if cmd == "keygen":
+        print(generate_key())
+        return 0
+    if cmd == "ls":
+        infos = list_checkpoints(args.uri)
+        if args.json:
+            for info in infos:
+                print(json.dumps(info.__dict__))
+            return 0
+        if not infos:
+            print(f"no checkpoints under {args.uri}")
+            return 0
+        print(f"{'step':>10} {'term':>6} {'time (UTC)':<20} {'size':>12} {'encrypted':<9} key id")
+        for i in infos:
+            if i.error:
+                print(f"{i.step:>10} {i.term:>6} {'-':<20} {'-':>12} {'-':<9} DAMAGED: {i.error}")
+                continue
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(i.time_ns / 1e9))
+            print(f"{i.step:>10} {i.term:>6} {when:<20} {i.size:>12} {str(i.encrypted).lower():<9} {i.key_id or '-'}")
+        return 0
+    if cmd == "verify":
+        results = verify_checkpoints(args.uri, args.key)
+        if not results:
+            raise CheckpointError(f"no checkpoints under {args.uri}")
+        for name, problem in results:
+            print(f"{name}: {'ok' if problem is None else problem}")
+        bad = [r for r in results if r[1] is not None]
+        if bad:
+            print(f"elastictrain ckpt verify: {len(bad)} of {len(results)} checkpoints fail: {bad[0][1]}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if cmd == "export":
+        loaded = export_checkpoint(args.uri, args.out, args.step, args.key)
+        print(f"exported step {loaded.step} ({len(loaded.tensors)} tensors) to {args.out}")
+        return 0
+    raise ValueError(f"unknown ckpt command {cmd!r}")
+
+
+__all__ = ["add_ckpt_parser", "run_ckpt", "list_checkpoints", "verify_checkpoints", "export_checkpoint"]

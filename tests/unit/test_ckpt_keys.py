@@ -1,0 +1,68 @@
+"""Key specs and the keyring."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import pytest
+
+from elastictrain.checkpoint.keys import (
+    KmsKey, LocalKey, generate_key, keyring_from_specs, resolve_key, resolve_secret,
+)
+from elastictrain.errors import KeySpecError, WrongKey
+
+
+def test_env_and_file_specs(tmp_path):
+    key = generate_key()
+    raw = base64.b64decode(key)
+    assert len(raw) == 32 and resolve_secret("env:K", {"K": key}) == raw
+    path = tmp_path / "key"
+    path.write_text(key + "\n")
+    assert resolve_secret(f"file:{path}") == raw
+    assert isinstance(resolve_key("kms:alias/x"), KmsKey)
+
+
+@pytest.mark.parametrize(
+    "spec,env,match",
+    [
+        ("env:MISSING", {}, "unset"),
+        ("env:K", {"K": "not base64!"}, "not base64"),
+        ("env:K", {"K": base64.b64encode(b"short").decode()}, "5 bytes"),
+        ("file:/nonexistent/key", {}, "cannot be read"),
+        ("kms:", {}, "needs a key id"),
+        ("vault:x", {}, "is not"),
+    ],
+)
+def test_bad_specs_say_what_to_fix(spec, env, match):
+    with pytest.raises(KeySpecError, match=match):
+        resolve_key(spec, env)
+
+
+def test_key_never_appears_in_ids_or_reprs():
+    secret = os.urandom(32)
+    key = LocalKey(secret)
+    b64 = base64.b64encode(secret).decode()
+    for text in (key.key_id, repr(key)):
+        assert b64 not in text and secret.hex() not in text
+
+
+def test_keyring_finds_old_keys_and_names_missing_ones():
+    old, new = generate_key(), generate_key()
+    env = {"OLD": old, "NEW": new}
+    ring = keyring_from_specs("env:NEW", ["env:OLD"], environ=env)
+    old_id = LocalKey(base64.b64decode(old)).key_id
+    assert ring.find(old_id).key_id == old_id
+    dk = os.urandom(32)
+    assert ring.find(old_id).unwrap(ring.old[0].wrap(dk, b"ctx"), b"ctx") == dk
+    only_new = keyring_from_specs("env:NEW", environ=env)
+    with pytest.raises(WrongKey, match="old_keys"):
+        only_new.find(old_id)
+
+
+def test_signing_key_given_on_its_own_overrides_derivation():
+    env = {"K": generate_key(), "S": generate_key()}
+    derived = keyring_from_specs("env:K", environ=env)
+    given = keyring_from_specs("env:K", signing_key="env:S", environ=env)
+    dk = os.urandom(32)
+    assert derived.signer_for(derived.current, dk).key_id != given.signer_for(given.current, dk).key_id

@@ -1,0 +1,249 @@
+"""CheckpointManager on memory:// and local disk: round trips, incremental, keys, policy, retention."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import uuid
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from elastictrain.checkpoint import CheckpointManager
+from elastictrain.checkpoint.cli import export_checkpoint, list_checkpoints, verify_checkpoints
+from elastictrain.checkpoint.storage import FsspecStorage, with_retries
+from elastictrain.config import CheckpointConfig, EncryptionConfig
+from elastictrain.errors import CheckpointCorrupt, CheckpointNotFound, StaleTerm, WrongKey
+from elastictrain.statetree import flatten_state, unflatten_state
+
+KEY_A = base64.b64encode(bytes(range(32))).decode()
+KEY_B = base64.b64encode(bytes(range(1, 33))).decode()
+ENV = {"KEY_A": KEY_A, "KEY_B": KEY_B}
+
+
+def _uri() -> str:
+    return f"memory://ckpt-{uuid.uuid4().hex}"
+
+
+def _state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(32, 64, generator=g))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 64, generator=g)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+            "step": 5, "extras": {"name": "run", "ratio": 0.5}}
+
+
+def _mgr(uri, enc=True, **kw):
+    cfg = dict(uri=uri, chunk_size_mb=1, encryption=EncryptionConfig(key="env:KEY_A") if enc else None)
+    cfg.update(kw)
+    return CheckpointManager(CheckpointConfig(**cfg), environ=ENV)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(x.dtype == b[k].dtype and torch.equal(x, b[k]) for k, x in a.items())
+
+
+@pytest.mark.parametrize("enc", [True, False])
+@pytest.mark.parametrize("async_save", [True, False])
+def test_round_trip_restores_the_same_state(enc, async_save):
+    uri = _uri()
+    tensors, skeleton = flatten_state(_state())
+    with _mgr(uri, enc, async_save=async_save) as mgr:
+        assert mgr.latest() is None
+        mgr.save(tensors, skeleton, step=10, term=2)
+        mgr.wait()
+        loaded = mgr.latest()
+    assert (loaded.step, loaded.term, loaded.skipped) == (10, 2, [])
+    assert _same(loaded.tensors, tensors) and loaded.skeleton == skeleton
+    state = unflatten_state(loaded.tensors, loaded.skeleton)
+    assert state["extras"] == {"name": "run", "ratio": 0.5} and state["step"] == 5
+
+
+def test_async_save_snapshots_before_returning():
+    uri = _uri()
+    t = {"w": torch.zeros(1000)}
+    with _mgr(uri) as mgr:
+        mgr.save(t, {"__tensor__": "w"}, step=1, term=0)
+        t["w"].fill_(7.0)  # training goes on while the save runs
+        mgr.wait()
+        assert torch.equal(mgr.latest().tensors["w"], torch.zeros(1000))
+
+
+def test_incremental_save_writes_only_changed_chunks_and_survives_resubmission():
+    uri = _uri()
+    t = {f"layer{i}": torch.randn(128 * 1024) for i in range(10)}  # 10 x 512 KiB
+    with _mgr(uri) as mgr:
+        mgr.save(t, None, step=1, term=0)
+        mgr.wait()
+        full = mgr.reports[-1]
+        t["layer3"].add_(1.0)
+        mgr.save(t, None, step=2, term=0)
+        mgr.wait()
+        inc = mgr.reports[-1]
+    assert full.chunks_written == 10 and inc.chunks_written == 1 and inc.chunks_reused == 9
+    assert inc.bytes_written < 0.15 * full.bytes_written
+    with _mgr(uri) as again:  # a resubmitted job: same data key, so unchanged chunks dedupe
+        assert _same(again.latest().tensors, t)
+        t["layer4"].add_(1.0)
+        again.save(t, None, step=3, term=1)
+        again.wait()
+        assert again.reports[-1].chunks_written == 1
+
+
+def test_sync_incremental_dedupes_by_content():
+    uri = _uri()
+    t = {"a": torch.randn(1000), "b": torch.randn(1000), "a_copy": None}
+    t["a_copy"] = t["a"].clone()
+    with _mgr(uri, async_save=False) as mgr:
+        mgr.save(t, None, step=1, term=0)
+        assert mgr.reports[-1].chunks_written == 2  # a and a_copy share one chunk
+        mgr.save(t, None, step=2, term=0)
+        assert mgr.reports[-1].chunks_written == 0
+        assert _same(mgr.load(1).tensors, t)
+
+
+def test_key_rotation_reads_old_checkpoints_and_wrong_key_is_refused():
+    uri = _uri()
+    t = {"w": torch.randn(100)}
+    with _mgr(uri) as mgr:
+        mgr.save(t, None, step=1, term=0)
+    rotated = CheckpointConfig(uri=uri, encryption=EncryptionConfig(key="env:KEY_B", old_keys=["env:KEY_A"]))
+    with CheckpointManager(rotated, environ=ENV) as mgr:
+        assert _same(mgr.latest().tensors, t)
+        mgr.save(t, None, step=2, term=0)
+        mgr.wait()
+        assert mgr.reports[-1].chunks_written == 0  # the data key survived the rotation
+        assert {i.key_id for i in mgr.list()} == {"local:" + k for k in _fingerprints("KEY_A", "KEY_B")}
+    wrong = CheckpointConfig(uri=uri, encryption=EncryptionConfig(key="env:KEY_B"))
+    with CheckpointManager(wrong, environ=ENV) as mgr:
+        assert mgr.latest().step == 2
+        with pytest.raises(WrongKey, match="old_keys"):
+            mgr.load(1)
+    with _mgr(uri, enc=False) as mgr:
+        with pytest.raises(WrongKey, match="encrypted"):
+            mgr.latest()
+
+
+def _fingerprints(*names):
+    from elastictrain.checkpoint.crypto import key_fingerprint
+
+    return {key_fingerprint(base64.b64decode(ENV[n])) for n in names}
+
+
+def test_nothing_in_plaintext_at_rest(tmp_path):
+    marker = torch.tensor([float(i) + 0.123456 for i in range(64)])
+    names = {"secret_layer_name/weight": marker, "other_tensor_bias": torch.full((7, 13), 3.25)}
+    uri = f"file://{tmp_path}/run"
+    with _mgr(uri) as mgr:
+        mgr.save(names, {"__tensor__": "secret_layer_name/weight", "note": "skeleton_text_x"}, step=1, term=0)
+    stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert len(stored) > marker.numel() * 4
+    needles = [bytes(marker.numpy().data)[i : i + 16] for i in range(0, 256, 16)]
+    needles += [b"secret_layer_name", b"other_tensor_bias", b"skeleton_text_x", b"[7,13]", b"F32"]
+    needles += [KEY_A.encode(), base64.b64decode(KEY_A)]
+    assert [n for n in needles if n in stored] == []
+    with _mgr(uri, enc=False) as plain_mgr:  # the same test finds them when unencrypted
+        plain_mgr.save(names, None, step=2, term=0)
+    stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert needles[0] in stored
+
+
+def test_should_save_policy():
+    clock = itertools.count(0.0, 1.0)
+    mgr = CheckpointManager(CheckpointConfig(uri=_uri(), every_steps=10, every_seconds=100.0),
+                            clock=lambda: next(clock))
+    assert [s for s in range(1, 31) if mgr.should_save(s, now=1.0)] == [10, 20, 30]
+    assert mgr.should_save(3, now=150.0) and not mgr.should_save(3, now=50.0)
+    mgr.save({"w": torch.zeros(1)}, None, step=10, term=0)
+    assert not mgr.should_save(10, now=1e9)  # never twice for one step
+    mgr.close()
+
+
+def test_fence_refusal_commits_nothing():
+    uri = _uri()
+    mgr = CheckpointManager(CheckpointConfig(uri=uri, async_save=True), fence=lambda term: term >= 3)
+    mgr.save({"w": torch.zeros(4)}, None, step=1, term=2)
+    with pytest.raises(StaleTerm):
+        mgr.wait()
+    assert mgr.latest() is None and mgr.events[-1]["event"] == "save_failed"
+    mgr.save({"w": torch.zeros(4)}, None, step=1, term=3)
+    mgr.wait()
+    assert mgr.latest().term == 3
+    mgr.close()
+
+
+def test_retention_keeps_last_and_removes_unshared_chunks():
+    uri = _uri()
+    storage = FsspecStorage(uri)
+    with _mgr(uri, keep_last=2, async_save=False) as mgr:
+        t = {"fixed": torch.ones(100), "moving": torch.zeros(100)}
+        for step in range(1, 6):
+            t["moving"].fill_(step)
+            mgr.save(t, None, step=step, term=0)
+        assert [i.step for i in mgr.list()] == [4, 5]
+        assert len(storage.list("chunks")) == 3  # fixed + moving@4 + moving@5
+        assert _same(mgr.load(4).tensors, {"fixed": torch.ones(100), "moving": torch.full((100,), 4.0)})
+        with pytest.raises(CheckpointNotFound):
+            mgr.load(2)
+
+
+def test_damaged_newest_falls_back_with_an_event(monkeypatch):
+    uri = _uri()
+    storage = FsspecStorage(uri)
+    with _mgr(uri, async_save=False) as mgr:
+        mgr.save({"w": torch.ones(10)}, None, step=1, term=0)
+        mgr.save({"w": torch.full((10,), 2.0)}, None, step=2, term=0)
+    name = "manifests/000000000002-00000000.json"
+    raw = bytearray(storage.get(name))
+    raw[len(raw) // 2] ^= 0x04
+    storage.put(name, [bytes(raw)])
+    with _mgr(uri) as mgr:
+        loaded = mgr.latest()
+        assert loaded.step == 1 and loaded.skipped[0][0] == name
+        assert any(e["event"] == "checkpoint_skipped" for e in mgr.events)
+    monkeypatch.setenv("KEY_A", KEY_A)
+    report = dict(verify_checkpoints(uri, ["env:KEY_A"]))
+    assert report["manifests/000000000001-00000000.json"] is None
+    assert "CheckpointCorrupt" in report[name]
+
+
+def test_transient_errors_are_retried():
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("reset")
+        return "ok"
+
+    assert with_retries(flaky, sleep=lambda s: None) == "ok" and len(calls) == 3
+    with pytest.raises(FileNotFoundError):  # not transient: raised at once
+        with_retries(lambda: (_ for _ in ()).throw(FileNotFoundError("x")), sleep=lambda s: None)
+
+
+def test_cli_functions_ls_verify_export(tmp_path, monkeypatch):
+    monkeypatch.setenv("ET_TEST_KEY", KEY_A)
+    uri = f"file://{tmp_path}/run"
+    t = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.tensor([1.0], dtype=torch.bfloat16)}
+    with CheckpointManager(CheckpointConfig(uri=uri, encryption=EncryptionConfig(key="env:ET_TEST_KEY"),
+                                            async_save=False)) as mgr:
+        mgr.save(t, None, step=3, term=0)
+        mgr.save({k: v + 1 for k, v in t.items()}, None, step=4, term=0)
+    infos = list_checkpoints(uri)
+    assert [(i.step, i.encrypted) for i in infos] == [(3, True), (4, True)]
+    assert verify_checkpoints(uri, ["env:ET_TEST_KEY"]) == [(i.name, None) for i in infos]
+    out = tmp_path / "out.safetensors"
+    export_checkpoint(uri, str(out), step=3, keys=["env:ET_TEST_KEY"])
+    assert _same(load_file(str(out)), t)
+    from elastictrain.cli import main
+
+    assert main(["ckpt", "verify", uri, "--key", "env:ET_TEST_KEY"]) == 0
+    assert main(["ckpt", "export", uri, str(out), "--step", "9", "--key", "env:ET_TEST_KEY"]) == 1
+    assert main(["ckpt", "ls", uri]) == 0
+    assert main(["ckpt", "keygen"]) == 0
