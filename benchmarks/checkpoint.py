@@ -1,0 +1,222 @@
+"""Checkpoint benchmark: elastictrain (plain, encrypted, incremental, async, restore, S3) vs torch.save,
+safetensors and torch.distributed.checkpoint, one run, same disk, medians over repeats.
+
+    python benchmarks/checkpoint.py --size-mb 1024 --repeats 3 --out bench-out
+
+Writes bench-out/checkpoint.json and bench-out/checkpoint.md. Ratios compare figures measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+
+from elastictrain.checkpoint import CheckpointManager
+from elastictrain.config import CheckpointConfig, EncryptionConfig
+
+ENV = {"BENCH_KEY": base64.b64encode(os.urandom(32)).decode()}
+N_TENSORS = 20  # changing 2 of them changes 10% of the state
+
+
+def make_state(size_mb: int) -> dict[str, torch.Tensor]:
+    per = size_mb * 1024 * 1024 // 4 // N_TENSORS
+    g = torch.Generator().manual_seed(0)
+    return {f"layers.{i}.weight": torch.randn(per, generator=g) for i in range(N_TENSORS)}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run(args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="et-bench-", dir=args.dir))
+    state = make_state(args.size_mb)
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    gb = nbytes / 1e9
+    res: dict[str, list[float]] = {}
+
+    def add(key, value):
+        res.setdefault(key, []).append(value)
+
+    def fresh(name):
+        p = work / f"{name}-{uuid.uuid4().hex[:8]}"
+        return p
+
+    def mgr(uri, encrypted, async_save):
+        enc = EncryptionConfig(key="env:BENCH_KEY") if encrypted else None
+        cfg = CheckpointConfig(uri=uri, encryption=enc, async_save=async_save, keep_last=2,
+                               io_threads=args.threads, storage_options=args.storage_options or {})
+        return CheckpointManager(cfg, environ=ENV)
+
+    for _ in range(args.repeats):
+        add("cpu_copy_s", timed(lambda: {k: v.clone() for k, v in state.items()}))
+        p = fresh("torch"); add("torch_save_s", timed(lambda: torch.save(state, p))); p.unlink()
+        p = fresh("st")
+        add("safetensors_save_s", timed(lambda: save_file(state, str(p))))
+        add("safetensors_load_s", timed(lambda: load_file(str(p))))  # lazy: tensors map the file
+        add("safetensors_load_read_s", timed(lambda: [t.sum() for t in load_file(str(p)).values()]))
+        p.unlink()
+        p = fresh("dcp")
+        add("dcp_save_s", timed(lambda: dcp.save(state, checkpoint_id=str(p), no_dist=True)))
+        shutil.rmtree(p)
+        for encrypted in (False, True):
+            tag = "enc" if encrypted else "plain"
+            p = fresh(tag)
+            m = mgr(f"file://{p}", encrypted, async_save=False)
+            add(f"et_{tag}_save_s", timed(lambda: m.save(state, None, step=1, term=0)))
+            add(f"et_{tag}_restore_s", timed(lambda: m.latest()))
+            m.close()
+            shutil.rmtree(p)
+        # async + incremental (encrypted): stall = time until save() returns; total = until committed
+        p = fresh("inc")
+        m = mgr(f"file://{p}", True, async_save=True)
+        add("et_async_first_stall_s", timed(lambda: m.save(state, None, step=1, term=0)))
+        m.wait()
+        full_bytes = m.reports[-1].bytes_written
+        add("et_async_full_bytes", full_bytes)
+        for step in (2, 3):
+            names = list(state)[(step - 2) * 2 : (step - 2) * 2 + 2]
+            for n in names:
+                state[n].add_(1.0)
+            t0 = time.perf_counter()
+            m.save(state, None, step=step, term=0)
+            stall = time.perf_counter() - t0
+            m.wait()
+            add("et_async_stall_s", stall)
+            add("et_incremental_total_s", time.perf_counter() - t0)
+            add("et_incremental_bytes", m.reports[-1].bytes_written)
+        m.close()
+        shutil.rmtree(p)
+        # the same save with nothing changed but a sync manager (dedup by hashing only)
+        p = fresh("inc-sync")
+        m = mgr(f"file://{p}", True, async_save=False)
+        m.save(state, None, step=1, term=0)
+        for n in list(state)[:2]:
+            state[n].add_(1.0)
+        add("et_incremental_sync_s", timed(lambda: m.save(state, None, step=2, term=0)))
+        add("et_incremental_sync_bytes", m.reports[-1].bytes_written)
+        m.close()
+        shutil.rmtree(p)
+    med = {k: median(v) for k, v in res.items()}
+    out = {
+        "size_bytes": nbytes, "repeats": args.repeats, "threads": args.threads, "medians": med, "raw": res,
+        "throughput_gb_s": {k[:-2]: gb / v for k, v in med.items() if k.endswith("_save_s") or k.endswith("_load_s")
+                            or k.endswith("_restore_s")},
+        "ratios": {
+            "encrypted_save_vs_safetensors_save (throughput, target >= 0.8)":
+                med["safetensors_save_s"] / med["et_enc_save_s"],
+            "plain_save_vs_safetensors_save (throughput)": med["safetensors_save_s"] / med["et_plain_save_s"],
+            "incremental_bytes_vs_full (target <= 0.12)": med["et_incremental_bytes"] / med["et_async_full_bytes"],
+            "incremental_time_vs_full_encrypted_save (target <= 0.2)":
+                med["et_incremental_total_s"] / med["et_enc_save_s"],
+            "incremental_sync_time_vs_full_encrypted_save": med["et_incremental_sync_s"] / med["et_enc_save_s"],
+            "async_stall_vs_cpu_copy (target <= 1.5)": med["et_async_stall_s"] / med["cpu_copy_s"],
+            "async_first_stall_vs_cpu_copy": med["et_async_first_stall_s"] / med["cpu_copy_s"],
+            "restore_encrypted_vs_safetensors_load_read (throughput, target >= 0.8)":
+                med["safetensors_load_read_s"] / med["et_enc_restore_s"],
+            "restore_plain_vs_safetensors_load_read (throughput)":
+                med["safetensors_load_read_s"] / med["et_plain_restore_s"],
+            "restore_encrypted_vs_safetensors_load_lazy_mmap (throughput)":
+                med["safetensors_load_s"] / med["et_enc_restore_s"],
+        },
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def run_s3(args) -> dict:
+    """The encrypted save and restore against a local S3 endpoint (moto server)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    for var, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(var, value)
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        state = make_state(args.s3_size_mb)
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        opts = {"client_kwargs": {"endpoint_url": endpoint}, "use_listings_cache": False, "skip_instance_cache": True}
+        saves, restores = [], []
+        for i in range(args.repeats):
+            cfg = CheckpointConfig(uri=f"s3://bench/run{i}", encryption=EncryptionConfig(key="env:BENCH_KEY"),
+                                   async_save=False, io_threads=max(4, args.threads), storage_options=opts)
+            m = CheckpointManager(cfg, environ=ENV)
+            saves.append(timed(lambda: m.save(state, None, step=1, term=0)))
+            restores.append(timed(lambda: m.latest()))
+            m.close()
+        return {"size_bytes": nbytes, "encrypted_save_s": median(saves), "restore_s": median(restores),
+                "save_gb_s": nbytes / 1e9 / median(saves), "restore_gb_s": nbytes / 1e9 / median(restores)}
+    finally:
+        server.stop()
+
+
+def markdown(result: dict) -> str:
+    med = result["medians"]
+    lines = [f"# Checkpoint benchmark ({result['size_bytes'] / 2**20:.0f} MiB state, "
+             f"median of {result['repeats']}, {result['threads']} threads)", "",
+             "| measure | seconds | GB/s |", "|---|---:|---:|"]
+    gb = result["size_bytes"] / 1e9
+    for k, v in med.items():
+        if k.endswith("_s"):
+            lines.append(f"| {k[:-2]} | {v:.3f} | {gb / v:.2f} |")
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+    if "s3" in result:
+        s3 = result["s3"]
+        lines += ["", f"S3 (moto, {s3['size_bytes'] / 2**20:.0f} MiB, encrypted): save {s3['encrypted_save_s']:.2f} s "
+                      f"({s3['save_gb_s']:.2f} GB/s), restore {s3['restore_s']:.2f} s ({s3['restore_gb_s']:.2f} GB/s)"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024, help="state size (MiB)")
+    parser.add_argument("--s3-size-mb", type=int, default=256, help="state size for the S3 run (MiB); 0 skips it")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="CheckpointConfig.io_threads")
+    parser.add_argument("--dir", default=None, help="folder on the disk to measure (default: the temp folder)")
+    parser.add_argument("--out", default="bench-out")
+    args = parser.parse_args()
+    args.storage_options = {}
+    result = run(args)
+    if args.s3_size_mb:
+        result["s3"] = run_s3(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoint.json").write_text(json.dumps(result, indent=2))
+    (out / "checkpoint.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
