@@ -111,12 +111,12 @@ def micro_batches(
 
 
 def maybe_kill(marker: str | os.PathLike, rank: int, step: int, kill_rank: int, kill_step: int) -> None:
-    """SIGKILL this process when (rank, step) matches, once per run.
+    """SIGKILL this process when rank matches and step >= kill_step, once per run.
 
     The marker file is created exclusively, so only the first attempt kills;
     it holds the wall-clock kill time, written and fsynced just before the kill.
     """
-    if rank != kill_rank or step != kill_step:
+    if rank != kill_rank or step < kill_step:
         return
     try:
         fd = os.open(os.fspath(marker), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -240,9 +240,15 @@ def trial_elastictrain(a: argparse.Namespace, d: Path) -> None:
             batch=et.BatchConfig(global_batch_size=a.global_batch, micro_batch_size=a.micro_batch),
             failure=et.FailureConfig(max_failures=3),
         ).fit()
+        extra = {}
+        for name in ("recoveries", "steps_redone"):  # the library's own view, kept next to ours
+            try:
+                extra[f"reported_{name}"] = getattr(result, name)
+            except Exception as e:  # noqa: BLE001
+                extra[f"reported_{name}"] = f"unavailable: {e}"
         _write_status(
             d, ok=True, steps=getattr(result, "steps", None), metrics=getattr(result, "metrics", None),
-            events=getattr(result, "events", None),
+            events=getattr(result, "events", None), **extra,
         )
     finally:
         ray.shutdown()
@@ -326,8 +332,9 @@ def run_one(arm: str, a: argparse.Namespace, keep: bool) -> dict:
         rec = C.analyse_recovery(C.read_step_logs(d / "steps"), C.read_kill(d / "killed.json"), a.steps)
         rec.update(arm=arm, rc=run["rc"], timed_out=run["timed_out"], wall_s=round(run["wall_s"], 2))
         rec["ok"] = bool(rec["killed"] and rec["recovery_s"] is not None and rec["completed"] and not run["timed_out"])
-        if status.get("events") is not None:
-            rec["events"] = status["events"]
+        for key in ("events", "reported_recoveries", "reported_steps_redone"):
+            if status.get(key) is not None:
+                rec[key] = status[key]
         if status.get("error"):
             rec["error"] = status["error"]
         if not rec["ok"]:
