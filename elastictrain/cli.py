@@ -1,0 +1,57 @@
+"""The `elastictrain` command: demo, ckpt (ls/verify/export/keygen), bench.
+
+Every failure exits non-zero with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from elastictrain.errors import ElasticTrainError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elastictrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train a small model on a local Ray cluster, with injected failures")
+    demo.add_argument("--steps", type=int, default=60, help="optimizer steps to train")
+    demo.add_argument("--workers", type=int, default=3, help="worker actors")
+    demo.add_argument("--faults", type=int, default=3, help="workers (the leader among them) killed at random steps")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the fault schedule and the model")
+    demo.add_argument("--checkpoint-uri", default=None, help="also write checkpoints here (fsspec URI)")
+    demo.add_argument("--json", dest="json_out", default=None, help="write the report as JSON to this path")
+
+    from elastictrain.checkpoint.cli import add_ckpt_parser
+
+    add_ckpt_parser(sub)
+
+    bench = sub.add_parser("bench", help="run a short version of each benchmark")
+    bench.add_argument("--out", default="bench-out", help="folder for JSON and Markdown reports")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from elastictrain.demo import run_demo
+
+            return run_demo(args)
+        if args.command == "ckpt":
+            from elastictrain.checkpoint.cli import run_ckpt
+
+            return run_ckpt(args)
+        if args.command == "bench":
+            from elastictrain.ops.bench import run_bench
+
+            return run_bench(args)
+    except (ElasticTrainError, OSError, ValueError) as exc:
+        print(f"elastictrain {args.command}: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"elastictrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 2

@@ -1,0 +1,201 @@
+"""Pure election decisions: who is alive, who should lead, what the next world is.
+
+Values in, values out: no store, no Ray, no torch. `election.Election` and the
+runtime act on what these functions decide.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Optional
+
+NO_STATE = -1
+"""`committed_step` of a member that holds no training state (a new or restarted worker)."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """What a worker says about itself when it registers or joins a term."""
+
+    id: str
+    joined_at: float
+    committed_step: int = NO_STATE
+    node_id: str = ""
+    host: str = ""
+    labels: dict = field(default_factory=dict)
+    detected_at: Optional[float] = None
+    """When this member saw the previous world fail (wall time), for recovery reports."""
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Member":
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """A member's last heartbeat (wall time) and whether the driver saw its process die."""
+
+    heartbeat: Optional[float]
+    dead: bool = False
+    left: bool = False
+
+
+def is_live(liveness: Liveness, now: float, heartbeat_timeout: float) -> bool:
+    """A member is live while its process is not known dead and its heartbeat is fresh."""
+    if liveness.dead or liveness.left or liveness.heartbeat is None:
+        return False
+    return now - liveness.heartbeat <= heartbeat_timeout
+
+
+def preference_key(member: Member) -> tuple:
+    """Sort key: the newest committed step first, then the oldest member, then the id."""
+    return (-member.committed_step, member.joined_at, member.id)
+
+
+def leader_preference(members: Iterable[Member]) -> list[str]:
+    """Member ids in the order they should lead: best candidate first."""
+    return [m.id for m in sorted(members, key=preference_key)]
+
+
+@dataclass(frozen=True)
+class WorldPlan:
+    """The world a leader publishes for a term. Rank r is `members[r]`.
+
+    Rank 0 holds the newest committed state (the source of any broadcast).
+    """
+
+    term: int
+    leader: str
+    members: tuple[str, ...]
+    steps: tuple[int, ...]
+    host: str
+    port: int
+    published_at: float = 0.0
+    detected_at: Optional[float] = None
+
+    @property
+    def world_size(self) -> int:
+        return len(self.members)
+
+    @property
+    def source_step(self) -> int:
+        """The step the world resumes from; NO_STATE when no member holds state."""
+        return self.steps[0] if self.steps else NO_STATE
+
+    @property
+    def needs_sync(self) -> bool:
+        """Some member is behind the source (or new), so rank 0 broadcasts its state."""
+        return any(s != self.source_step for s in self.steps)
+
+    @property
+    def restore_from_storage(self) -> bool:
+        """No member holds state: rank 0 reads the newest checkpoint (if any) and broadcasts."""
+        return self.source_step == NO_STATE
+
+    def rank_of(self, member_id: str) -> Optional[int]:
+        try:
+            return self.members.index(member_id)
+        except ValueError:
+            return None
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "WorldPlan":
+        data = json.loads(raw)
+        data["members"] = tuple(data["members"])
+        data["steps"] = tuple(data["steps"])
+        return cls(**data)
+
+
+def plan_world(
+    term: int,
+    leader: str,
+    joined: Iterable[Member],
+    *,
+    max_workers: int,
+    host: str,
+    port: int,
+    now: float = 0.0,
+    detected_at: Optional[float] = None,
+) -> WorldPlan:
+    """Assign ranks for a term from the members that joined it.
+
+    Members holding the newest state come first (rank 0 is the broadcast source);
+    beyond `max_workers`, the members least preferred are left out and wait.
+    """
+    ranked = sorted(joined, key=preference_key)
+    if leader not in {m.id for m in ranked}:
+        raise ValueError(f"term {term}: leader {leader} is not among the members that joined")
+    # The leader always belongs to its own world; the least preferred others wait outside.
+    others = [m.id for m in ranked if m.id != leader][: max_workers - 1]
+    kept = {leader, *others}
+    ordered = [m for m in ranked if m.id in kept]
+    return WorldPlan(
+        term=term,
+        leader=leader,
+        members=tuple(m.id for m in ordered),
+        steps=tuple(m.committed_step for m in ordered),
+        host=host,
+        port=port,
+        published_at=now,
+        detected_at=detected_at,
+    )
+
+
+@dataclass(frozen=True)
+class GatherDecision:
+    """What a leader does next while members join its term."""
+
+    publish: bool
+    give_up: bool = False
+    reason: str = ""
+
+
+def decide_gather(
+    *,
+    joined: set[str],
+    live: set[str],
+    min_workers: int,
+    max_workers: int,
+    now: float,
+    started_at: float,
+    rendezvous_timeout: float,
+    below_min_timeout: float,
+) -> GatherDecision:
+    """Publish once every live member has joined (or the wait for stragglers ran out).
+
+    Below `min_workers` the leader keeps waiting for capacity, up to `below_min_timeout`.
+    """
+    joined_live = joined & live
+    everyone_in = live <= joined or len(joined_live) >= max_workers
+    timed_out = now - started_at >= rendezvous_timeout
+    if len(joined_live) >= min_workers and (everyone_in or timed_out):
+        return GatherDecision(publish=True, reason="all live members joined" if everyone_in else "stragglers left out")
+    if len(joined_live) < min_workers and now - started_at >= below_min_timeout:
+        return GatherDecision(
+            publish=False,
+            give_up=True,
+            reason=f"{len(joined_live)} live worker(s) for {below_min_timeout:.0f}s, fewer than min_workers={min_workers}",
+        )
+    return GatherDecision(publish=False)
+
+
+def should_grow(world: WorldPlan, waiting_live: set[str], max_workers: int) -> bool:
+    """A leader rebuilds at a step boundary when live members wait outside and there is room."""
+    return bool(waiting_live) and world.world_size < max_workers
+
+
+def candidate_delay(member: Member, others: Iterable[Member], step_s: float = 0.05) -> float:
+    """How long a candidate waits before claiming, so the preferred one usually wins.
+
+    The claim itself is create-if-absent, so any winner is safe; the delay only biases it.
+    """
+    order = leader_preference([member, *[o for o in others if o.id != member.id]])
+    return order.index(member.id) * step_s

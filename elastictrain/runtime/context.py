@@ -1,0 +1,167 @@
+"""`Context`: what `train_fn(ctx)` sees on a worker. A new one for every world."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+import torch
+
+from elastictrain.errors import NotInWorker
+from elastictrain.runtime.state import ElasticState
+from elastictrain.runtime.world import WorldInfo
+
+if TYPE_CHECKING:
+    from elastictrain.runtime.runner import Runner
+
+_current: Optional["Context"] = None
+_current_lock = threading.Lock()
+
+
+def get_context() -> "Context":
+    """The `Context` of the `train_fn` running in this process.
+
+    Raises:
+        NotInWorker: called outside a worker's `train_fn`.
+    """
+    with _current_lock:
+        ctx = _current
+    if ctx is None:
+        raise NotInWorker("et.get_context() is only available inside train_fn on a worker")
+    return ctx
+
+
+def _set_current(ctx: Optional["Context"]) -> None:
+    global _current
+    with _current_lock:
+        _current = ctx
+
+
+class Context:
+    """The worker's view of the run for one world (term).
+
+    Attributes:
+        rank, world_size: this worker's place in the current world.
+        generation: the term of the current world; it grows with every rebuild.
+        device: where the model lives (cuda:N with use_gpu, else cpu).
+        is_leader: whether this worker leads the current term.
+    """
+
+    def __init__(self, runner: "Runner", world: WorldInfo, device: torch.device) -> None:
+        self._runner = runner
+        self._world = world
+        self.device = device
+        self._state: Optional[ElasticState] = None
+        self._accumulators: dict[tuple[int, int], Any] = {}
+
+    # --- identity -----------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self._world.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world.world_size
+
+    @property
+    def generation(self) -> int:
+        return self._world.term
+
+    @property
+    def is_leader(self) -> bool:
+        return self._world.is_leader
+
+    @property
+    def member_id(self) -> str:
+        return self._world.member_id
+
+    # --- model and state ----------------------------------------------------
+
+    def prepare_model(self, model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
+        """Move `model` to `ctx.device` and wrap it in DDP over the current world.
+
+        Call it on every entry of `train_fn`; after a rebuild it wraps the new
+        model over the new world. With one worker the module is returned unwrapped.
+        """
+        model = model.to(self.device)
+        if self.world_size == 1:
+            return model
+        if self.device.type == "cuda":
+            ddp_kwargs.setdefault("device_ids", [self.device.index])
+        return torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+    def state(self, **objects: Any) -> ElasticState:
+        """Register the training state and restore it to the last committed step.
+
+        Stateful objects (model, optimizer, scheduler) are restored in place;
+        other keyword values become attributes of the returned state. On a
+        fresh start nothing is restored and `state.step` is 0.
+        """
+        if self._state is not None:
+            raise RuntimeError("ctx.state() was already called in this entry of train_fn")
+        state = ElasticState(objects)
+        self._runner.restore(state, self._world)
+        self._state = state
+        return state
+
+    # --- the loop -----------------------------------------------------------
+
+    def steps(self, total_steps: int) -> Iterator[int]:
+        """Yield step numbers from the committed step up to `total_steps`.
+
+        A step is committed when the loop body returns; a world change interrupts
+        the body, and the rebuilt world resumes at the last committed step.
+        """
+        state = self._state
+        if state is None:
+            raise RuntimeError("call ctx.state(model=..., optimizer=...) before ctx.steps()")
+        if total_steps < 0:
+            raise ValueError(f"total_steps={total_steps} must be >= 0")
+        while state.step < total_steps:
+            self._runner.at_step_boundary(state, self._world)
+            step = state.step
+            yield step
+            state.step = step + 1
+            self._runner.on_commit(state, self._world, step)
+
+    def accumulate(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any):
+        """One optimizer step over this rank's micro-batches; one all-reduce.
+
+        Returns a context manager whose `backward(loss_sum, num_items=n)` takes a
+        summed loss and its item count; `.loss` is the global mean loss afterwards.
+        Keyword arguments (scaler, autocast_dtype, max_grad_norm, fp32_grad_accum)
+        go to `GradAccumulator` on the first call for this (model, optimizer).
+        """
+        from elastictrain.accumulate import GradAccumulator, plan_rank
+
+        key = (id(model), id(optimizer))
+        acc = self._accumulators.get(key)
+        if acc is None:
+            acc = GradAccumulator(model, optimizer, **kwargs)
+            self._accumulators[key] = acc
+        batch = self._runner.spec.batch
+        plan = plan_rank(batch.global_batch_size, batch.micro_batch_size, self.world_size, self.rank)
+        return acc.step(num_micro_batches=plan.num_micro_batches)
+
+    def micro_batches(self, dataset: Any, step: int, collate_fn: Optional[Callable] = None) -> Iterator[Any]:
+        """This rank's micro-batches of global step `step` (the same samples at any world size)."""
+        from elastictrain.accumulate import micro_batches
+
+        return micro_batches(
+            dataset,
+            step,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch=self._runner.spec.batch,
+            collate_fn=collate_fn,
+            device=self.device,
+        )
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """Send metrics to the driver (rank 0's are kept; the call does not block)."""
+        if self.rank != 0:
+            return
+        step = self._state.step - 1 if self._state is not None else None
+        self._runner.emit({"kind": "metrics", "time": time.time(), "step": step, "term": self.generation, **metrics})

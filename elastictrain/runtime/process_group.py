@@ -1,0 +1,146 @@
+"""Process groups per term: a fresh TCPStore and port each time, timeouts of seconds.
+
+A restarted rank that dials a dead group's store hangs or fails; giving every
+term its own store (hosted by the term's leader) rules that out.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from elastictrain.election.term import WorldPlan
+
+_FAILURE_MARKERS = (
+    "connection reset",
+    "connection closed",
+    "connection refused",
+    "broken pipe",
+    "timed out",
+    "nccl",
+    "gloo",
+    "socket",
+    "by peer",
+    "process group",
+)
+
+
+def start_term_store(host: str, timeout_s: float) -> dist.TCPStore:
+    """Host this term's rendezvous store on a free port of `host`."""
+    return dist.TCPStore(
+        host, 0, None, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False, use_libuv=True
+    )
+
+
+def init_group(plan: WorldPlan, rank: int, *, backend: str, timeout_s: float, device: torch.device) -> None:
+    """Join the term's process group; collectives fail after `timeout_s` instead of minutes."""
+    if plan.host in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    store = dist.TCPStore(plan.host, plan.port, None, False, timeout=timedelta(seconds=timeout_s))
+    prefixed = dist.PrefixStore(f"elastictrain/term{plan.term}", store)
+    kwargs = {}
+    if backend == "nccl":
+        kwargs["device_id"] = device
+    dist.init_process_group(
+        backend,
+        store=prefixed,
+        rank=rank,
+        world_size=plan.world_size,
+        timeout=timedelta(seconds=timeout_s),
+        **kwargs,
+    )
+
+
+def destroy_group(backend: str) -> None:
+    """Leave the current group without waiting on dead peers."""
+    if not dist.is_initialized():
+        return
+    try:
+        if backend == "nccl" and hasattr(dist.distributed_c10d, "_abort_process_group"):
+            # NCCL: a blocked communicator never returns on its own; abort it.
+            dist.distributed_c10d._abort_process_group()
+        else:
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the group is broken by definition here
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """True when `exc` comes from the communication layer rather than from the user's code."""
+    dist_errors = tuple(
+        getattr(dist, name) for name in ("DistError", "DistBackendError", "DistNetworkError") if hasattr(dist, name)
+    )
+    if dist_errors and isinstance(exc, dist_errors):
+        return True
+    if isinstance(exc, RuntimeError):
+        text = str(exc).lower()
+        return any(marker in text for marker in _FAILURE_MARKERS)
+    return False
+
+
+def _socket_inodes() -> dict[int, str]:
+    out: dict[int, str] = {}
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:  # not Linux: nothing to sever, failures surface by timeout instead
+        return out
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            out[int(name)] = target
+    return out
+
+
+class GroupSockets:
+    """The TCP connections a process group opened, so a failure can be spread at once.
+
+    A gloo rank blocked on a live peer never learns that another peer died: its
+    peer's sockets stay open even after that peer destroyed the group. Shutting
+    down the group's connected sockets makes every blocked peer fail within
+    milliseconds, and each of them does the same in turn. Listening sockets are
+    left alone (gloo aborts the process if its listener is shut down).
+    """
+
+    def __init__(self) -> None:
+        self._before = _socket_inodes()
+        self._owned: dict[int, str] = {}
+
+    def capture(self) -> None:
+        """Call right after the group formed: remember the sockets it added."""
+        now = _socket_inodes()
+        self._owned = {fd: ino for fd, ino in now.items() if self._before.get(fd) != ino}
+
+    def sever(self) -> int:
+        """Shut down the group's connected sockets (never others); returns how many."""
+        import socket
+
+        count = 0
+        for fd, inode in self._owned.items():
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") != inode:
+                    continue  # closed and reused since: not ours any more
+                sock = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                continue
+            try:
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    continue
+                sock.getpeername()
+                sock.shutdown(socket.SHUT_RDWR)
+                count += 1
+            except OSError:
+                pass
+            finally:
+                sock.close()
+        self._owned = {}
+        return count

@@ -1,0 +1,167 @@
+"""How a member gets into the next world: join a claimed term, or claim and lead one.
+
+Runs on every worker between two entries of `train_fn`. Safety rests on the
+store's create-if-absent (one leader per term) and on `Election.publish`'s fence
+(no world from a stale term); timing only decides who usually wins.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+from elastictrain.election.election import Election
+from elastictrain.election.term import Member, WorldPlan, decide_gather, is_live, plan_world
+from elastictrain.errors import StaleTerm, TooFewWorkers
+
+
+class RunEnded(Exception):
+    """The run's outcome was set (done or failed) while this member waited."""
+
+    def __init__(self, outcome: str):
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class RendezvousPolicy:
+    min_workers: int
+    max_workers: int
+    heartbeat_timeout_s: float
+    rendezvous_timeout_s: float
+    below_min_timeout_s: float
+    poll_s: float = 0.01
+    claim_stagger_s: float = 0.02
+    no_state_delay_s: float = 0.2
+
+
+class Rendezvous:
+    """One member's side of the election.
+
+    Args:
+        election: the run's store-backed election.
+        member_id: this member.
+        policy: sizes and timeouts.
+        open_store: starts this term's rendezvous store when leading; returns (host, port, handle).
+    """
+
+    def __init__(
+        self,
+        election: Election,
+        member_id: str,
+        policy: RendezvousPolicy,
+        open_store: Callable[[], tuple[str, int, object]],
+    ) -> None:
+        self.election = election
+        self.member_id = member_id
+        self.policy = policy
+        self.open_store = open_store
+        self.store_handle: Optional[object] = None
+
+    def _leader_alive(self, term: int) -> bool:
+        leader = self.election.leader_of(term)
+        if leader is None:
+            return False
+        if leader == self.member_id:
+            return True
+        return is_live(self.election.liveness(leader), time.time(), self.policy.heartbeat_timeout_s)
+
+    def next_world(self, me: Member, *, last_term: int, was_member: bool, last_rank: int = 0) -> WorldPlan:
+        """Block until a world that includes `me` is published; lead one if need be.
+
+        Args:
+            me: this member, with its committed step and failure-detection time.
+            last_term: the term of the last world this member saw (0: none yet).
+            was_member: whether `me` was in that world (a survivor is a candidate at once).
+            last_rank: its rank there; lower ranks claim a little earlier.
+
+        Raises:
+            RunEnded: the run finished or failed meanwhile.
+            TooFewWorkers: this member led and too few workers came for too long.
+        """
+        target = last_term + 1
+        candidate = was_member or last_term == 0
+        joined_term = 0
+        waiting_since = time.monotonic()
+        while True:
+            outcome = self.election.outcome()
+            if outcome is not None:
+                raise RunEnded(outcome)
+            newest = self.election.newest_term()
+            if newest >= target:
+                target = newest
+                if joined_term != newest:
+                    self.election.join(newest, me)
+                    joined_term = newest
+                world = self.election.world(newest)
+                if world is not None:
+                    if world.rank_of(self.member_id) is not None:
+                        return world
+                    # Left out (late, or beyond max_workers): wait for the leader to grow the world.
+                    target, candidate = newest + 1, False
+                elif not self._leader_alive(newest):
+                    target, candidate = newest + 1, True
+                    waiting_since = time.monotonic()
+            else:
+                if not candidate and (newest == 0 or not self._leader_alive(newest)):
+                    candidate, waiting_since = True, time.monotonic()
+                if candidate:
+                    delay = last_rank * self.policy.claim_stagger_s
+                    if me.committed_step < 0:
+                        delay += self.policy.no_state_delay_s
+                    if time.monotonic() - waiting_since >= delay and self.election.claim(target, self.member_id):
+                        try:
+                            return self._lead(target, me)
+                        except StaleTerm:
+                            target = self.election.newest_term()
+                            continue
+            time.sleep(self.policy.poll_s)
+
+    def _lead(self, term: int, me: Member) -> WorldPlan:
+        self.election.join(term, me)
+        host, port, handle = self.open_store()
+        self.store_handle = handle
+        started = time.monotonic()
+        p = self.policy
+        while True:
+            outcome = self.election.outcome()
+            if outcome is not None:
+                raise RunEnded(outcome)
+            if not self.election.is_current(term):
+                raise StaleTerm(term, self.election.newest_term(), "leadership")
+            live = self.election.live_ids(p.heartbeat_timeout_s) | {self.member_id}
+            joined = {m.id: m for m in self.election.joined(term)}
+            decision = decide_gather(
+                joined=set(joined),
+                live=live,
+                min_workers=p.min_workers,
+                max_workers=p.max_workers,
+                now=time.monotonic(),
+                started_at=started,
+                rendezvous_timeout=p.rendezvous_timeout_s,
+                below_min_timeout=p.below_min_timeout_s,
+            )
+            if decision.give_up:
+                self.election.set_outcome(f"failed:{decision.reason}")
+                raise TooFewWorkers(decision.reason)
+            if decision.publish:
+                members = [joined[i] for i in joined if i in live]
+                detected = [m.detected_at for m in members if m.detected_at is not None]
+                plan = plan_world(
+                    term,
+                    self.member_id,
+                    members,
+                    max_workers=p.max_workers,
+                    host=host,
+                    port=port,
+                    now=time.time(),
+                    detected_at=min(detected) if detected else None,
+                )
+                self.election.publish(plan, self.member_id)
+                return plan
+            time.sleep(p.poll_s)
+
+
+def with_step(member: Member, step: int, detected_at: Optional[float]) -> Member:
+    return replace(member, committed_step=step, detected_at=detected_at)

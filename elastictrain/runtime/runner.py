@@ -1,0 +1,340 @@
+"""One worker's life: join a world, run `train_fn`, rebuild on a world change, repeat.
+
+The Ray actor (`worker.py`) is a thin shell around this; the runner talks to the
+rest of the run only through the election store and an `emit` callback.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from elastictrain.election.election import Election
+from elastictrain.election.term import NO_STATE, Member, should_grow
+from elastictrain.errors import LeaveWorld, TrainingFailed, WorldChanged
+from elastictrain.runtime.context import Context, _set_current
+from elastictrain.runtime.process_group import (
+    GroupSockets,
+    destroy_group,
+    init_group,
+    is_collective_failure,
+    start_term_store,
+)
+from elastictrain.runtime.rendezvous import Rendezvous, RunEnded
+from elastictrain.runtime.spec import RunSpec
+from elastictrain.runtime.state import ElasticState, broadcast_tree
+from elastictrain.runtime.world import WorldInfo
+from elastictrain.statetree import unflatten_state
+
+MAX_REBUILDS_WITHOUT_PROGRESS = 20
+GROW_CHECK_INTERVAL_S = 0.5
+
+
+class Runner:
+    """Runs `train_fn` on one worker across as many worlds as the run needs.
+
+    Args:
+        member_id: unique id of this worker in the run.
+        train_fn: the user's function, called with a `Context` on every entry.
+        spec: the run's configs.
+        election: the run's election on its store.
+        send: delivers a batch of report/event records to the driver.
+        node: {"node_id", "host", "labels"} of this worker's machine.
+        device: where the model lives.
+    """
+
+    def __init__(
+        self,
+        member_id: str,
+        train_fn: Callable[[Context], Any],
+        spec: RunSpec,
+        election: Election,
+        send: Callable[[list[dict]], None],
+        node: dict,
+        device: torch.device,
+    ) -> None:
+        self.member_id = member_id
+        self.train_fn = train_fn
+        self.spec = spec
+        self.election = election
+        self._send = send
+        self.node = node
+        self.device = device
+        self.committed = NO_STATE
+        self.detected_at: Optional[float] = None
+        self.world: Optional[WorldInfo] = None
+        self._live: Optional[ElasticState] = None
+        self._joined_at = time.time()
+        self._buffer: list[dict] = []
+        self._buffer_lock = threading.Lock()
+        self._leave = threading.Event()
+        self._grow = threading.Event()
+        self._stop = threading.Event()
+        self._first_commit_of_term = True
+        self._restored_at = 0.0
+        self._checkpoints = None
+        self._group_sockets: Optional[GroupSockets] = None
+        self._group_lock = threading.Lock()
+        self.rendezvous = Rendezvous(election, member_id, spec.rendezvous_policy(), self._open_store)
+
+    # --- signals from outside ---------------------------------------------------
+
+    def request_leave(self) -> None:
+        """A preemption notice: leave at the next step boundary (after saving)."""
+        self._leave.set()
+
+    def emit(self, record: dict) -> None:
+        record.setdefault("member", self.member_id)
+        with self._buffer_lock:
+            self._buffer.append(record)
+
+    def flush(self) -> None:
+        with self._buffer_lock:
+            records, self._buffer = self._buffer, []
+        if records:
+            self._send(records)
+
+    # --- the loop -----------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Serve the run until it ends for this worker; returns how it ended."""
+        me = Member(
+            id=self.member_id,
+            joined_at=self._joined_at,
+            node_id=self.node.get("node_id", ""),
+            host=self.node.get("host", ""),
+            labels=self.node.get("labels", {}),
+        )
+        self.election.register(me)
+        beat = threading.Thread(target=self._heartbeat_loop, name=f"et-heartbeat-{self.member_id}", daemon=True)
+        beat.start()
+        try:
+            return self._serve(me)
+        except RunEnded as ended:
+            return {"status": "ended", "outcome": ended.outcome, "step": self.committed}
+        finally:
+            self._stop.set()
+            beat.join(timeout=5)
+            self.flush()
+            self._close_checkpoints()
+
+    def _serve(self, me: Member) -> dict:
+        last_term, was_member, last_rank = 0, False, 0
+        rebuilds_without_progress = 0
+        while True:
+            bid = Member(**{**me.__dict__, "committed_step": self.committed, "detected_at": self.detected_at})
+            plan = self.rendezvous.next_world(bid, last_term=last_term, was_member=was_member, last_rank=last_rank)
+            world = WorldInfo.from_plan(plan, self.member_id)
+            last_term, was_member, last_rank = plan.term, True, world.rank
+            self.world, self._first_commit_of_term = world, True
+            self._grow.clear()
+            committed_before = self.committed
+            self.emit({"kind": "joined", "time": time.time(), "term": plan.term, "rank": world.rank,
+                       "world_size": world.world_size, "leader": world.is_leader,
+                       "pid": self.node.get("pid"), "node_id": self.node.get("node_id")})
+            ctx: Optional[Context] = None
+            try:
+                sockets = GroupSockets()
+                init_group(plan, world.rank, backend=self.spec.backend,
+                           timeout_s=self.spec.failure.collective_timeout_s, device=self.device)
+                sockets.capture()
+                with self._group_lock:
+                    self._group_sockets = sockets
+                if self.committed == NO_STATE:
+                    torch.manual_seed(self.spec.run.seed)
+                ctx = Context(self, world, self.device)
+                _set_current(ctx)
+                self.train_fn(ctx)
+            except LeaveWorld:
+                self.election.mark_left(self.member_id)
+                self.emit({"kind": "left", "time": time.time(), "term": plan.term, "step": self.committed})
+                return {"status": "left", "step": self.committed}
+            except BaseException as exc:  # noqa: BLE001 - sorted into world changes and user errors below
+                if not (isinstance(exc, WorldChanged) or is_collective_failure(exc)):
+                    reason = f"train_fn raised {type(exc).__name__}: {exc}"
+                    self.election.set_outcome(f"failed:{reason}")
+                    self.emit({"kind": "error", "time": time.time(), "term": plan.term, "reason": reason})
+                    raise TrainingFailed(reason) from exc
+                self.detected_at = time.time()
+                self._sever_group()
+                rebuilds_without_progress = 0 if self.committed > committed_before else rebuilds_without_progress + 1
+                self.emit({"kind": "world_changed", "time": self.detected_at, "term": plan.term,
+                           "step": self.committed, "reason": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})
+                if rebuilds_without_progress > MAX_REBUILDS_WITHOUT_PROGRESS:
+                    reason = f"{rebuilds_without_progress} rebuilds without a committed step; last: {exc}"
+                    self.election.set_outcome(f"failed:{reason}")
+                    raise TrainingFailed(reason) from exc
+                continue
+            else:
+                state = ctx._state if ctx is not None else None
+                self._finish(state, world)
+                return {"status": "finished", "step": self.committed}
+            finally:
+                _set_current(None)
+                with self._group_lock:
+                    self._group_sockets = None
+                destroy_group(self.spec.backend)
+                self.rendezvous.store_handle = None
+
+    def _sever_group(self) -> None:
+        """Spread a failure: peers blocked on this rank fail now instead of at the timeout."""
+        with self._group_lock:
+            if self._group_sockets is not None:
+                self._group_sockets.sever()
+
+    def _open_store(self) -> tuple[str, int, object]:
+        host = self.node.get("host") or "127.0.0.1"
+        store = start_term_store(host, self.spec.failure.collective_timeout_s)
+        return host, store.port, store
+
+    # --- hooks called from Context ------------------------------------------------
+
+    def restore(self, state: ElasticState, world: WorldInfo) -> None:
+        """Bring `state` to the world's committed step: from memory, a peer, or storage."""
+        plan = world.plan
+        if self._live is not None and self.committed != NO_STATE:
+            state.load_tree(self._live.tree())
+        elif plan.restore_from_storage and world.rank == 0:
+            self._restore_from_checkpoint(state)
+        if world.world_size > 1 and (plan.needs_sync or plan.restore_from_storage):
+            tree = broadcast_tree(state.tree() if world.rank == 0 else None, src=0, device=self.device)
+            if world.rank != 0:
+                state.load_tree(tree)
+        self._live = state
+        self.committed = state.step
+        self._restored_at = time.time()
+
+    def _restore_from_checkpoint(self, state: ElasticState) -> None:
+        manager = self._checkpoint_manager()
+        if manager is None:
+            return
+        loaded = manager.latest()
+        if loaded is None:
+            return
+        for uri, reason in getattr(loaded, "skipped", []) or []:
+            self.emit({"kind": "checkpoint_skipped", "time": time.time(), "checkpoint": str(uri), "reason": str(reason)})
+        state.load_tree(unflatten_state(loaded.tensors, loaded.skeleton))
+        self.emit({"kind": "restored_from_checkpoint", "time": time.time(), "step": state.step,
+                   "checkpoint": str(getattr(loaded, "manifest_uri", ""))})
+
+    def at_step_boundary(self, state: ElasticState, world: WorldInfo) -> None:
+        """Agree with every rank whether the world changes before the next step.
+
+        Leaving a gloo group does not close its sockets, so a rank that simply left
+        would stall its peers for the whole collective timeout. Instead all ranks
+        vote (one tiny all-reduce) and stop together at the same boundary.
+        """
+        leave = self._leave.is_set()
+        grow = world.is_leader and self._grow.is_set()
+        if world.world_size > 1:
+            votes = torch.tensor([float(leave), float(grow)], dtype=torch.float32, device=self._vote_device())
+            dist.all_reduce(votes)
+            leavers, growth = votes.tolist()
+        else:
+            leavers, growth = float(leave), float(grow)
+        if leave:
+            self.emit({"kind": "preemption_notice", "time": time.time(), "term": world.term, "step": state.step})
+            self._save(state, world, wait=True)
+            raise LeaveWorld(f"member {self.member_id} leaves at step {state.step}")
+        if leavers > 0 or growth > 0:
+            self._grow.clear()
+            reason = "a member leaves" if leavers > 0 else "capacity is waiting to join"
+            raise WorldChanged(world.term, f"planned at step {state.step}: {reason}")
+
+    def _vote_device(self) -> torch.device:
+        return self.device if self.spec.backend == "nccl" else torch.device("cpu")
+
+    def on_commit(self, state: ElasticState, world: WorldInfo, step: int) -> None:
+        self.committed = state.step
+        now = time.time()
+        self.emit({"kind": "commit", "time": now, "term": world.term, "step": step, "rank": world.rank})
+        if self._first_commit_of_term:
+            self._first_commit_of_term = False
+            if world.rank == 0 and world.plan.detected_at is not None:
+                detected = world.plan.detected_at
+                self.emit({"kind": "recovered", "time": now, "term": world.term, "world_size": world.world_size,
+                           "resumed_from": world.plan.source_step, "recovery_s": now - detected,
+                           "elected_s": world.plan.published_at - detected,
+                           "restored_s": self._restored_at - detected})
+        if world.is_leader:
+            manager = self._checkpoint_manager()
+            if manager is not None and manager.should_save(state.step):
+                self._save(state, world, wait=False)
+
+    def _finish(self, state: Optional[ElasticState], world: WorldInfo) -> None:
+        """train_fn returned: the leader writes the final checkpoint, then ends the run."""
+        deadline = time.monotonic() + self.spec.failure.heartbeat_timeout_s * 2
+        if not world.is_leader:
+            # The leader ends the run; take over only if it is gone.
+            while self.election.outcome() is None and time.monotonic() < deadline:
+                if self.election.liveness(world.leader_id).dead:
+                    break
+                time.sleep(0.02)
+        if self.election.outcome() is None and state is not None:
+            self._save(state, world, wait=True)
+        self.election.set_outcome("done")
+
+    # --- checkpoints ------------------------------------------------------------------
+
+    def _checkpoint_manager(self):
+        if self.spec.checkpoint.uri is None:
+            return None
+        if self._checkpoints is None:
+            from elastictrain.checkpoint import CheckpointManager
+
+            labels = self.node.get("labels", {})
+            provenance = {
+                "node": self.node.get("node_id", ""),
+                "host": self.node.get("host", ""),
+                "provider": labels.get("provider", ""),
+                "region": labels.get("region", ""),
+            }
+            self._checkpoints = CheckpointManager(
+                self.spec.checkpoint, fence=self.election.is_current, provenance=provenance
+            )
+        return self._checkpoints
+
+    def _save(self, state: ElasticState, world: WorldInfo, *, wait: bool) -> None:
+        manager = self._checkpoint_manager()
+        if manager is None:
+            return
+        tensors, skeleton = state.flatten()
+        manager.save(tensors, skeleton, step=state.step, term=world.term)
+        self.emit({"kind": "checkpoint", "time": time.time(), "term": world.term, "step": state.step})
+        if wait:
+            manager.wait()
+
+    def _close_checkpoints(self) -> None:
+        if self._checkpoints is not None:
+            try:
+                self._checkpoints.close()
+            finally:
+                self._checkpoints = None
+
+    # --- heartbeat ----------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.spec.failure.heartbeat_interval_s
+        next_grow_check = 0.0
+        while not self._stop.is_set():
+            try:
+                self.election.heartbeat(self.member_id)
+                if self.election.store.get(f"leave/{self.member_id}") is not None:
+                    self._leave.set()
+                world = self.world
+                if world is not None and self.election.deaths() & set(world.plan.members):
+                    self._sever_group()
+                now = time.monotonic()
+                if world is not None and world.is_leader and now >= next_grow_check:
+                    next_grow_check = now + GROW_CHECK_INTERVAL_S
+                    waiting = self.election.live_ids(self.spec.failure.heartbeat_timeout_s) - set(world.plan.members)
+                    if should_grow(world.plan, waiting, self.spec.scaling.max_workers):
+                        self._grow.set()
+                self.flush()
+            except Exception:  # noqa: BLE001 - a missed beat must not kill the worker; the next one retries
+                pass
+            self._stop.wait(interval)

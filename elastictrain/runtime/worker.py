@@ -1,0 +1,74 @@
+"""The worker actor: a thin Ray shell around `Runner`.
+
+It installs the SIGTERM handler (a spot notice) in the actor's main thread, finds
+its node's identity and labels, and runs the runner in a method thread.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Callable
+
+import ray
+import torch
+
+from elastictrain.election.election import Election
+from elastictrain.election.ray_store import RayKVStore
+from elastictrain.runtime.runner import Runner
+from elastictrain.runtime.spec import RunSpec
+
+
+def node_identity() -> dict:
+    ctx = ray.get_runtime_context()
+    labels = ctx.get_node_labels() or {}
+    return {
+        "node_id": ctx.get_node_id(),
+        "host": ray.util.get_node_ip_address(),
+        "labels": {k: (v[0] if isinstance(v, list) and v else v) for k, v in labels.items()},
+        "pid": os.getpid(),
+    }
+
+
+@ray.remote(max_restarts=0, max_concurrency=2)
+class WorkerActor:
+    def __init__(self, member_id: str, spec: RunSpec, hub: Any) -> None:
+        self.member_id = member_id
+        self.spec = spec
+        self.hub = hub
+        self.node = node_identity()
+        self.runner: Runner | None = None
+        self._notice = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Runs in the main thread; the runner leaves at its next step boundary.
+        self._notice = True
+        if self.runner is not None:
+            self.runner.request_leave()
+
+    def identity(self) -> dict:
+        return self.node
+
+    def run(self, train_fn: Callable) -> dict:
+        if self.spec.scaling.use_gpu and torch.cuda.is_available():
+            device = torch.device("cuda", 0)
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        store = RayKVStore(self.spec.namespace)
+        hub = self.hub
+        self.runner = Runner(
+            self.member_id,
+            train_fn,
+            self.spec,
+            Election(store),
+            send=lambda records: ray.get(hub.push.remote(records)),
+            node=self.node,
+            device=device,
+        )
+        if self._notice:
+            self.runner.request_leave()
+        result = self.runner.run()
+        result.update(member=self.member_id, node=self.node)
+        return result

@@ -1,0 +1,396 @@
+"""`ElasticTrainer.fit()`: the driver side of a run.
+
+The driver starts worker actors, keeps the pool full, tells the workers about
+deaths Ray reports (so elections need not wait for a heartbeat to lapse), kills
+workers whose heartbeat lapsed (a hung process), asks workers on draining nodes
+to leave, and gathers reports into a `Result`. Elections, rebuilds and state
+hand-over happen among the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+from elastictrain.config import BatchConfig, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from elastictrain.errors import TrainingFailed
+
+NON_EVENT_KINDS = {"metrics", "commit", "joined"}
+
+
+@dataclass
+class Result:
+    """What a finished run returns.
+
+    Attributes:
+        metrics: the last metrics rank 0 reported.
+        steps: committed optimizer steps at the end (the final `state.step`).
+        checkpoint_uri: where checkpoints went, or None.
+        events: failures, rebuilds, resizes, preemptions, checkpoint fallbacks, in time order.
+        history: every metrics report of rank 0, in order.
+    """
+
+    metrics: dict
+    steps: int
+    checkpoint_uri: Optional[str]
+    events: list[dict]
+    history: list[dict] = field(default_factory=list)
+    commits: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def recoveries(self) -> list[dict]:
+        return [e for e in self.events if e["kind"] == "recovered"]
+
+    @property
+    def steps_redone(self) -> int:
+        """Committed steps that had to be computed again after a failure."""
+        terms_by_step: dict[int, set[int]] = {}
+        for term, step in self.commits:
+            terms_by_step.setdefault(step, set()).add(term)
+        return sum(len(terms) - 1 for terms in terms_by_step.values())
+
+    @property
+    def failures(self) -> int:
+        return sum(1 for e in self.events if e["kind"] == "worker_lost")
+
+
+class RunView:
+    """What a callback sees of a run in progress, and the faults it may inject (local clusters)."""
+
+    def __init__(self, driver: "_Driver") -> None:
+        self._driver = driver
+
+    @property
+    def step(self) -> int:
+        """The newest committed step (-1 before the first)."""
+        return self._driver.newest_step
+
+    @property
+    def term(self) -> int:
+        return self._driver.newest_term
+
+    def members(self) -> dict[str, dict]:
+        """Members of the newest world: id -> {rank, term, leader, pid, node_id}."""
+        return {m: dict(info) for m, info in self._driver.world_members.items()}
+
+    def leader(self) -> Optional[str]:
+        for member, info in self._driver.world_members.items():
+            if info.get("leader"):
+                return member
+        return None
+
+    def signal(self, member_id: str, sig: int = signal.SIGKILL) -> float:
+        """Send `sig` to a member's process; returns the wall time it was sent."""
+        pid = self._driver.world_members[member_id]["pid"]
+        now = time.time()
+        os.kill(pid, sig)
+        self._driver.record({"kind": "fault_injected", "time": now, "member": member_id, "signal": int(sig)})
+        return now
+
+
+class Callback(Protocol):
+    def on_progress(self, view: RunView) -> None: ...
+
+
+class ElasticTrainer:
+    """Runs `train_fn(ctx)` on elastic Ray workers until it finishes.
+
+    Args:
+        train_fn: the training loop, written once as if nothing fails.
+        scaling: how many workers, with which resources, where.
+        batch: the global batch, the same at every world size.
+        checkpoint: where and how often to save; a URI holding checkpoints is resumed.
+        failure: detection timeouts and the failure budget.
+        run: name, seed, progress output.
+        callbacks: objects with `on_progress(view)`, called on the driver as steps commit.
+
+    >>> result = ElasticTrainer(train_fn, scaling=ScalingConfig(min_workers=2, max_workers=3)).fit()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        train_fn: Callable[..., Any],
+        *,
+        scaling: Optional[ScalingConfig] = None,
+        batch: Optional[BatchConfig] = None,
+        checkpoint: Optional[CheckpointConfig] = None,
+        failure: Optional[FailureConfig] = None,
+        run: Optional[RunConfig] = None,
+        callbacks: Optional[list] = None,
+    ) -> None:
+        if not callable(train_fn):
+            raise TypeError(f"train_fn must be callable, got {type(train_fn).__name__}")
+        self.train_fn = train_fn
+        self.scaling = scaling or ScalingConfig()
+        self.batch = batch or BatchConfig()
+        self.checkpoint = checkpoint or CheckpointConfig()
+        self.failure = failure or FailureConfig()
+        self.run = run or RunConfig()
+        self.callbacks = list(callbacks or [])
+
+    def fit(self) -> Result:
+        """Train to the end; returns the Result.
+
+        Raises:
+            TrainingFailed: train_fn raised, too many workers were lost, or too few
+                were alive for longer than `failure.below_min_timeout_s`.
+        """
+        import ray
+
+        started_ray = False
+        if not ray.is_initialized():
+            cpus = max(os.cpu_count() or 1, int(self.scaling.max_workers * self.scaling.resources_per_worker.get("CPU", 1)) + 1)
+            ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+            started_ray = True
+        try:
+            return _Driver(self).run()
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+
+class _Driver:
+    """The driver loop of one fit(); lives only for its duration."""
+
+    POLL_S = 0.02
+
+    def __init__(self, trainer: ElasticTrainer) -> None:
+        import ray
+
+        from elastictrain.election.election import Election
+        from elastictrain.election.ray_store import RayKVStore
+        from elastictrain.runtime.controller import PoolController
+        from elastictrain.runtime.hub import Hub
+        from elastictrain.runtime.spec import RunSpec
+
+        self.ray = ray
+        self.trainer = trainer
+        run_id = trainer.run.name or uuid.uuid4().hex[:12]
+        self.spec = RunSpec(
+            run_id=run_id,
+            namespace=f"elastictrain/{run_id}/{uuid.uuid4().hex[:8]}",
+            scaling=trainer.scaling,
+            batch=trainer.batch,
+            checkpoint=trainer.checkpoint,
+            failure=trainer.failure,
+            run=trainer.run,
+        )
+        self.election = Election(RayKVStore(self.spec.namespace))
+        self.hub = Hub.remote()
+        self.pool = PoolController(trainer.scaling.max_workers, trainer.failure.max_failures)
+        self.actors: dict[str, Any] = {}
+        self.refs: dict[Any, str] = {}
+        self.records: list[dict] = []
+        self.world_members: dict[str, dict] = {}
+        self.newest_step = -1
+        self.newest_term = 0
+        self.view = RunView(self)
+        self._spawned = 0
+        self._last_progress = 0.0
+        self._returns: dict[str, dict] = {}
+
+    def record(self, event: dict) -> None:
+        self.records.append(event)
+
+    # --- actors ------------------------------------------------------------------------
+
+    def _spawn(self, count: int) -> None:
+        from elastictrain.runtime.worker import WorkerActor
+
+        scaling = self.spec.scaling
+        resources = dict(scaling.resources_per_worker)
+        options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 0), "num_gpus": 1 if scaling.use_gpu else 0}
+        resources.pop("GPU", None)
+        if resources:
+            options["resources"] = resources
+        if scaling.label_selector:
+            options["label_selector"] = dict(scaling.label_selector)
+        for _ in range(count):
+            self._spawned += 1
+            member_id = f"w{self._spawned:03d}-{uuid.uuid4().hex[:6]}"
+            actor = WorkerActor.options(**options).remote(member_id, self.spec, self.hub)
+            self.actors[member_id] = actor
+            self.refs[actor.run.remote(self.trainer.train_fn)] = member_id
+            self.pool.spawned(member_id)
+            self.record({"kind": "worker_started", "time": time.time(), "member": member_id})
+
+    def _kill(self, member_id: str) -> None:
+        actor = self.actors.get(member_id)
+        if actor is not None:
+            try:
+                self.ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def run(self) -> Result:
+        ray = self.ray
+        self._spawn(self.pool.start().spawn)
+        failure: Optional[str] = None
+        next_pull = next_health = 0.0
+        try:
+            while True:
+                ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=self.POLL_S)
+                for ref in ready:
+                    decision = self._on_return(ref)
+                    if decision.fail:
+                        failure = failure or decision.fail
+                    elif decision.spawn > 0:
+                        self._spawn(decision.spawn)
+                now = time.monotonic()
+                if now >= next_pull:
+                    next_pull = now + 0.1
+                    self._ingest(ray.get(self.hub.pull.remote()))
+                if now >= next_health:
+                    next_health = now + 0.25
+                    self._check_health()
+                outcome = self.election.outcome()
+                if failure is None and outcome is not None and outcome.startswith("failed:"):
+                    failure = outcome.removeprefix("failed:")
+                if failure is not None:
+                    self.election.set_outcome(f"failed:{failure}")
+                    break
+                if self.pool.ended and not self.pool.active:
+                    break
+                if outcome == "done" and self._wait_stragglers():
+                    break
+            self._ingest(ray.get(self.hub.pull.remote()))
+        finally:
+            for member_id in list(self.pool.active):
+                self._kill(member_id)
+            self._kill_hub()
+        if failure is not None:
+            raise TrainingFailed(f"run {self.spec.run_id} failed: {failure}")
+        return self._result()
+
+    def _wait_stragglers(self) -> bool:
+        """After 'done', give the remaining workers a moment to return, then stop them."""
+        deadline = time.monotonic() + max(5.0, self.spec.failure.heartbeat_timeout_s * 2)
+        while self.refs and time.monotonic() < deadline:
+            ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=0.1)
+            for ref in ready:
+                self._on_return(ref)
+        return True
+
+    def _kill_hub(self) -> None:
+        try:
+            self.ray.kill(self.hub)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _on_return(self, ref):
+        from elastictrain.runtime.controller import Decision
+
+        member_id = self.refs.pop(ref)
+        try:
+            out = self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            if isinstance(cause, TrainingFailed):
+                self.record({"kind": "error", "time": time.time(), "member": member_id, "reason": cause.reason})
+                self.pool.active.discard(member_id)
+                return Decision(fail=cause.reason)
+            return self._lost(member_id, f"{type(exc).__name__}")
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as exc:
+            return self._lost(member_id, type(exc).__name__)
+        self._returns[member_id] = out
+        if out["status"] == "left":
+            self.record({"kind": "worker_left", "time": time.time(), "member": member_id, "step": out.get("step")})
+            return self.pool.left(member_id)
+        return self.pool.returned(member_id, out["status"])
+
+    def _lost(self, member_id: str, reason: str):
+        self.election.mark_dead(member_id)
+        self.record({"kind": "worker_lost", "time": time.time(), "member": member_id, "reason": reason})
+        self.world_members.pop(member_id, None)
+        return self.pool.lost(member_id)
+
+    def _check_health(self) -> None:
+        """Kill members whose heartbeat lapsed (hung, SIGSTOPped); ask members on draining nodes to leave."""
+        now = time.time()
+        timeout = self.spec.failure.heartbeat_timeout_s
+        for member in self.election.members():
+            if member.id not in self.pool.active:
+                continue
+            live = self.election.liveness(member.id)
+            if live.heartbeat is not None and not live.dead and now - live.heartbeat > timeout:
+                self.record({"kind": "heartbeat_lapsed", "time": now, "member": member.id})
+                self._kill(member.id)
+        draining = _draining_nodes()
+        if draining:
+            for member in self.election.members():
+                if member.node_id in draining and member.id in self.pool.active:
+                    if self.election.store.put_if_absent(f"leave/{member.id}", b"drain"):
+                        self.record({"kind": "node_draining", "time": now, "member": member.id, "node": member.node_id})
+
+    def _ingest(self, records: list[dict]) -> None:
+        progressed = False
+        for rec in records:
+            kind = rec.get("kind")
+            if kind == "commit":
+                if rec["step"] > self.newest_step:
+                    self.newest_step = rec["step"]
+                    progressed = True
+            elif kind == "joined":
+                if rec["term"] > self.newest_term:
+                    self.newest_term = rec["term"]
+                    self.world_members = {}
+                if rec["term"] == self.newest_term:
+                    self.world_members[rec["member"]] = {
+                        "rank": rec["rank"], "term": rec["term"], "leader": rec["leader"],
+                        "pid": rec.get("pid"), "node_id": rec.get("node_id"),
+                    }
+            self.records.append(rec)
+        if progressed:
+            for callback in self.trainer.callbacks:
+                callback.on_progress(self.view)
+            self._print_progress()
+
+    def _print_progress(self) -> None:
+        if not self.spec.run.progress or time.monotonic() - self._last_progress < 1.0:
+            return
+        self._last_progress = time.monotonic()
+        metrics = next((r for r in reversed(self.records) if r.get("kind") == "metrics"), {})
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        lost = sum(1 for r in self.records if r.get("kind") == "worker_lost")
+        print(f"[elastictrain] step {self.newest_step + 1} term {self.newest_term} "
+              f"workers {len(self.world_members)} lost {lost} {shown}", file=sys.stderr, flush=True)
+
+    def _result(self) -> Result:
+        records = sorted(self.records, key=lambda r: r.get("time", 0.0))
+        history = [_strip(r) for r in records if r.get("kind") == "metrics"]
+        commits = sorted({(r["term"], r["step"]) for r in records if r.get("kind") == "commit"})
+        steps = max((out.get("step", -1) for out in self._returns.values() if out["status"] == "finished"), default=-1)
+        events = [r for r in records if r.get("kind") not in NON_EVENT_KINDS]
+        worlds = {}
+        for r in records:
+            if r.get("kind") == "joined":
+                worlds.setdefault(r["term"], {"kind": "world", "time": r["time"], "term": r["term"], "world_size": r["world_size"]})
+        events = sorted(events + list(worlds.values()), key=lambda r: r.get("time", 0.0))
+        return Result(
+            metrics=history[-1] if history else {},
+            steps=steps,
+            checkpoint_uri=self.spec.checkpoint.uri,
+            events=events,
+            history=history,
+            commits=commits,
+        )
+
+
+def _strip(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("kind", "member")}
+
+
+def _draining_nodes() -> set[str]:
+    try:
+        from ray._private.state import state
+
+        return set(state.get_draining_nodes())
+    except Exception:  # noqa: BLE001 - not every Ray version has it; draining then goes unseen
+        return set()
