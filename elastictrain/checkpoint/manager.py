@@ -51,6 +51,11 @@ class CheckpointInfo:
     run: Optional[str]
     error: Optional[str] = None  # set when the manifest does not even parse
 
+    @property
+    def time(self) -> float:
+        """When the checkpoint was written (seconds since the epoch)."""
+        return self.time_ns / 1e9
+
 
 class CheckpointManager:
     """Saves and restores one run's checkpoints under `config.uri`.

@@ -20,6 +20,7 @@ Buffer = Union[bytes, bytearray, memoryview]
 T = TypeVar("T")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 TMP_MARK = ".tmp-"
+_WRITE_SLICE = 1 << 20
 
 
 def check_name(name: str) -> str:
@@ -170,9 +171,9 @@ def _put_local(path: str, parts: Sequence[Buffer]) -> None:
     try:
         with open(tmp, "wb", buffering=0) as fh:
             for part in parts:
-                view = memoryview(part)
-                while view.nbytes:
-                    n = fh.write(view)
+                view = memoryview(part).cast("B")
+                while view.nbytes:  # 1 MiB writes: measured several times faster than one huge write
+                    n = fh.write(view[:_WRITE_SLICE])
                     view = view[n:]
         os.replace(tmp, path)
     except BaseException:
