@@ -1,0 +1,225 @@
+"""Overhead benchmark: steps/s under elastictrain vs a plain torch DDP loop, nothing failing.
+
+The same model (an MLP of 2.4 M parameters), the same global batch in the same
+micro-batches, the same world size (default 2), the same number of steps, in
+the same run:
+
+- ddp: a plain DDP loop launched with `torchrun --standalone` (no Ray);
+- elastictrain: ElasticTrainer with min_workers = max_workers = world size,
+  the loop written with ctx.steps / ctx.accumulate / ctx.micro_batches and a
+  ctx.report per step, as the README shows.
+
+Start-up is excluded: rank 0 times steps [warmup, steps) with time.perf_counter
+inside the loop. Each step is some tens of milliseconds of real compute per
+worker on one thread, so the comparison means something on a small machine.
+Arms are interleaved over the repeats; the report gives medians and the ratio
+elastictrain / ddp (target: within 3%).
+
+    python -m benchmarks.overhead                  # 3 repeats
+    python -m benchmarks.overhead --repeats 1 --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _common as C  # noqa: E402
+
+ARMS = ["ddp", "elastictrain"]
+ARM_LABELS = {"ddp": "torch DDP under torchrun", "elastictrain": "elastictrain ElasticTrainer"}
+TARGET = 0.03
+
+
+def trial_elastictrain(a: argparse.Namespace, out_file: Path) -> None:
+    from benchmarks.recovery import elastictrain_unavailable
+
+    why = elastictrain_unavailable()
+    if why:
+        out_file.write_text(json.dumps({"unavailable": why}))
+        return
+    import ray
+
+    import elastictrain as et
+
+    steps, warmup, out = a.steps, a.warmup, str(out_file)
+
+    def train_fn(ctx) -> None:
+        import torch
+
+        from benchmarks import _common as CC
+
+        CC.set_threads(1)
+        data = CC.make_dataset("work")
+        model = ctx.prepare_model(CC.make_model("work"))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ctx.state(model=model, optimizer=opt)
+        times = []
+        t_start = None
+        for step in ctx.steps(total_steps=steps):
+            t0 = time.perf_counter()
+            if step == warmup:
+                t_start = t0
+            items = mbs = 0
+            with ctx.accumulate(model, opt) as acc:
+                for batch in ctx.micro_batches(data, step):
+                    loss, n = CC.loss_sum(model, batch)
+                    acc.backward(loss, num_items=n)
+                    items, mbs = items + n, mbs + 1
+            ctx.report({"loss": float(acc.loss)})
+            times.append(time.perf_counter() - t0)
+        t_end = time.perf_counter()
+        if ctx.rank == 0 and t_start is not None:
+            timed = steps - warmup
+            Path(out).write_text(json.dumps({
+                "steps_per_s": timed / (t_end - t_start),
+                "median_step_s": CC.median(times[-timed:]),
+                "timed_steps": timed,
+                "world_size": ctx.world_size,
+                "rank0_items_per_step": items,
+                "rank0_micro_batches_per_step": mbs,
+            }))
+
+    ray.init(address="local", num_cpus=max(8, a.world + 2), include_dashboard=False, log_to_driver=True)
+    try:
+        et.ElasticTrainer(
+            train_fn,
+            scaling=et.ScalingConfig(min_workers=a.world, max_workers=a.world, resources_per_worker={"CPU": 1}),
+            batch=et.BatchConfig(global_batch_size=a.global_batch, micro_batch_size=a.micro_batch),
+        ).fit()
+    finally:
+        ray.shutdown()
+
+
+def run_one(arm: str, a: argparse.Namespace) -> dict:
+    d = Path(tempfile.mkdtemp(prefix=f"overhead-{arm}-"))
+    out_file, log_path = d / "result.json", d / "output.log"
+    common = ["--steps", str(a.steps), "--warmup", str(a.warmup), "--global-batch", str(a.global_batch),
+              "--micro-batch", str(a.micro_batch)]
+    try:
+        if arm == "ddp":
+            cmd = ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", str(a.world),
+                   str(Path(__file__).parent / "baselines" / "ddp_overhead.py"), "--out-file", str(out_file), *common]
+        else:
+            cmd = [sys.executable, "-m", "benchmarks.overhead", "--trial", arm, "--trial-out", str(out_file),
+                   "--world", str(a.world), *common]
+        run = C.run_child(cmd, timeout_s=a.timeout, log_path=log_path)
+        res = json.loads(out_file.read_text()) if out_file.exists() else {}
+        if res.get("unavailable"):
+            return {"arm": arm, "unavailable": res["unavailable"]}
+        res.update(arm=arm, rc=run["rc"], timed_out=run["timed_out"], wall_s=round(run["wall_s"], 2))
+        res["ok"] = "steps_per_s" in res and run["rc"] == 0 and not run["timed_out"]
+        if not res["ok"]:
+            res["log_tail"] = C.tail(log_path, 3000)
+        return res
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=110)
+    p.add_argument("--warmup", type=int, default=10, help="steps before timing starts")
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--global-batch", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline of one run (seconds)")
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--trial", help=argparse.SUPPRESS)
+    p.add_argument("--trial-out", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.trial:
+        trial_elastictrain(a, Path(a.trial_out))
+        return 0
+    if a.warmup >= a.steps:
+        p.error("--warmup must be below --steps")
+    arms = [x.strip() for x in a.arms.split(",") if x.strip()]
+    if any(x not in ARMS for x in arms):
+        p.error(f"choose arms from {ARMS}")
+
+    skipped: dict[str, str] = {}
+    if "elastictrain" in arms:
+        from benchmarks.recovery import elastictrain_unavailable
+
+        why = elastictrain_unavailable()
+        if why:
+            skipped["elastictrain"] = why
+            print(f"[skip] elastictrain: {why}")
+    if shutil.which("torchrun") is None and "ddp" in arms:
+        skipped["ddp"] = "torchrun is not on PATH"
+    runs: dict[str, list[dict]] = {x: [] for x in arms if x not in skipped}
+    t_start = time.time()
+    for rep in range(a.repeats):
+        for arm in list(runs):
+            if arm in skipped:
+                continue
+            print(f"[run] {arm} repeat {rep + 1}/{a.repeats} ...", flush=True)
+            r = run_one(arm, a)
+            if r.get("unavailable"):
+                skipped[arm] = r["unavailable"]
+                continue
+            runs[arm].append(r)
+            print(f"      ok={r['ok']} steps/s={C.fmt(r.get('steps_per_s'), 2)} items={r.get('rank0_items_per_step')}/{r.get('rank0_micro_batches_per_step')} "
+                  f"median step={C.fmt((r.get('median_step_s') or 0) * 1000, 1, ' ms')} wall={r['wall_s']} s", flush=True)
+    runs = {k: v for k, v in runs.items() if k not in skipped}
+
+    summary = {}
+    for arm, rs in runs.items():
+        ok = [r for r in rs if r["ok"]]
+        summary[arm] = {
+            "arm": arm, "label": ARM_LABELS[arm], "n": len(rs), "n_ok": len(ok),
+            "steps_per_s_median": C.median(r["steps_per_s"] for r in ok),
+            "steps_per_s_all": [r.get("steps_per_s") for r in rs],
+            "median_step_ms": C.median(r["median_step_s"] * 1000 for r in ok),
+        }
+    ratio = None
+    if summary.get("ddp", {}).get("steps_per_s_median") and summary.get("elastictrain", {}).get("steps_per_s_median"):
+        ratio = summary["elastictrain"]["steps_per_s_median"] / summary["ddp"]["steps_per_s_median"]
+    target_met = None if ratio is None else ratio >= 1.0 - TARGET
+
+    data = {
+        "benchmark": "overhead",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start)),
+        "command": "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "params": {k: v for k, v in vars(a).items() if k not in ("trial", "trial_out")},
+        "machine": C.machine_info(),
+        "summary": summary,
+        "ratio_elastictrain_over_ddp": ratio,
+        "target": f"elastictrain steps/s within {TARGET:.0%} of DDP",
+        "target_met": target_met,
+        "skipped": skipped,
+        "runs": runs,
+    }
+    rows = [[s["label"], f"{s['n_ok']}/{s['n']}", C.fmt(s["steps_per_s_median"], 2), C.fmt(s["median_step_ms"], 1),
+             ", ".join(C.fmt(x, 2) for x in s["steps_per_s_all"])] for s in summary.values()]
+    md = [
+        "# Steady-state overhead, nothing failing\n",
+        f"World size {a.world}, {a.steps} steps (timed: steps {a.warmup}..{a.steps - 1} on rank 0), global batch "
+        f"{a.global_batch} in micro-batches of {a.micro_batch}, MLP of 2.4 M parameters, one thread per worker; "
+        f"medians over {a.repeats} repeat(s). Machine: {data['machine']['cpus']} CPUs, torch {data['machine']['torch']}, "
+        f"ray {data['machine']['ray']}.\n",
+        C.md_table(["arm", "ok/runs", "steps/s (median)", "step time (median ms)", "steps/s, each run"], rows),
+        f"\nelastictrain / DDP steps/s: {C.fmt(ratio, 3)} "
+        f"(target >= {1 - TARGET:.2f}: {'met' if target_met else ('n/a' if target_met is None else 'NOT met')})\n",
+    ]
+    if skipped:
+        md.append("\nSkipped:\n" + "".join(f"- {k}: {v}\n" for k, v in skipped.items()))
+    md.append(f"\nCommand: `{data['command']}`\n")
+    jp, mp = C.write_report(a.out, "overhead", data, "".join(md))
+    print("".join(md))
+    print(f"wrote {jp} and {mp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
