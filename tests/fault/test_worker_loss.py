@@ -1,0 +1,86 @@
+"""Real processes killed and hung mid-run: the run finishes, losing at most the step in flight."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+
+import elastictrain as et
+from elastictrain.toy import ToyTask, make_train_fn, reference_params
+from tests.fault.faults import At, a_follower, kill_follower, kill_leader
+
+BATCH = et.BatchConfig(global_batch_size=24, micro_batch_size=4)
+FAILURE = et.FailureConfig(collective_timeout_s=4, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.5)
+TASK = ToyTask(total_steps=30, step_sleep_s=0.05)
+
+
+def _fit(callbacks, workers=(2, 3), failure=FAILURE) -> et.Result:
+    return et.ElasticTrainer(
+        make_train_fn(TASK),
+        scaling=et.ScalingConfig(min_workers=workers[0], max_workers=workers[1]),
+        batch=BATCH,
+        failure=failure,
+        callbacks=callbacks,
+    ).fit()
+
+
+def _assert_same_model(result: et.Result) -> None:
+    assert result.steps == TASK.total_steps
+    torch.testing.assert_close(torch.tensor(result.metrics["params"]), reference_params(TASK, BATCH), atol=2e-5, rtol=0)
+
+
+def _kinds(result: et.Result) -> list[str]:
+    return [e["kind"] for e in result.events]
+
+
+def test_sigkill_a_worker(ray_session):
+    fault = At(8, kill_follower, min_members=3)
+    result = _fit([fault])
+    assert fault.fired_at is not None
+    assert _kinds(result).count("worker_lost") == 1
+    assert result.recoveries, "no recovery was reported"
+    assert result.steps_redone <= 1
+    _assert_same_model(result)
+
+
+def test_sigkill_the_leader(ray_session):
+    fault = At(8, kill_leader, min_members=3)
+    result = _fit([fault])
+    lost = [e["member"] for e in result.events if e["kind"] == "worker_lost"]
+    injected = [e["member"] for e in result.events if e["kind"] == "fault_injected"]
+    assert lost == injected and len(lost) == 1
+    # A new leader took over in a later term.
+    later = [e for e in result.events if e["kind"] == "recovered" and e["time"] > fault.fired_at]
+    assert later and result.steps_redone <= 1
+    _assert_same_model(result)
+
+
+def test_second_loss_during_a_rebuild(ray_session):
+    def kill_two(view):
+        first, second = sorted(m for m, info in view.members().items() if not info["leader"])[:2]
+        view.signal(first, signal.SIGKILL)
+        time.sleep(0.03)  # the survivors are electing and re-forming the group now
+        view.signal(second, signal.SIGKILL)
+
+    fault = At(8, kill_two, min_members=4)
+    result = _fit([fault], workers=(2, 4))
+    assert fault.fired_at is not None
+    assert _kinds(result).count("worker_lost") == 2
+    assert result.steps_redone <= 2
+    _assert_same_model(result)
+
+
+def test_hung_worker_is_detected_within_the_timeout(ray_session):
+    fault = At(8, lambda view: view.signal(a_follower(view), signal.SIGSTOP), min_members=3)
+    result = _fit([fault])
+    hung = next(e["member"] for e in result.events if e["kind"] == "fault_injected")
+    changed = [e for e in result.events if e["kind"] == "world_changed" and e["time"] > fault.fired_at]
+    assert changed, "nobody noticed the hung worker"
+    detected_after = min(e["time"] for e in changed) - fault.fired_at
+    # Whichever comes first: the collective timeout, or the heartbeat lapse the driver acts on.
+    assert detected_after < FAILURE.collective_timeout_s + 2.0, detected_after
+    assert any(e["kind"] == "heartbeat_lapsed" and e["member"] == hung for e in result.events)
+    assert result.steps_redone <= 1
+    _assert_same_model(result)
