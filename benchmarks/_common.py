@@ -318,6 +318,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
         "platform": sys.platform,
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     for mod in ("ray", "torchft", "elastictrain"):
         try:
