@@ -181,8 +181,10 @@ def analyse_recovery(records: list[dict], kill: Optional[dict], total_steps: int
     with the rank (or replica) that applied it. The killer dies at the start of
     step K, having applied steps < K.
 
-    - steps_redone: distinct step indices applied twice under the same rank
-      label, i.e. updates that were applied and then lost and recomputed;
+    - steps_redone: distinct step indices applied before the kill and applied
+      again after it under the same rank label: updates the kill cost;
+    - steps_redone_total: distinct step indices applied more than once at all
+      (differs only when something else failed too, e.g. a second restart);
     - recovery_s: time from the kill to the first record after it that is new
       progress or a redo, i.e. not a straggler (a rank finishing, just after the
       kill, a step < K that it had not applied before);
@@ -193,7 +195,9 @@ def analyse_recovery(records: list[dict], kill: Optional[dict], total_steps: int
     res["completed"] = all(s in steps_done for s in range(total_steps))
     res["last_step"] = max(steps_done) if steps_done else None
     seen: dict[Any, set] = {}
+    before: dict[Any, set] = {}
     redone: set = set()
+    redone_at_kill: set = set()
     first_after = None
     tk = kill["t"] if kill else None
     for r in records:  # in time order
@@ -202,10 +206,24 @@ def analyse_recovery(records: list[dict], kill: Optional[dict], total_steps: int
         if repeat:
             redone.add(r["step"])
         mine.add(r["step"])
+        if tk is not None and r["t"] <= tk:
+            before.setdefault(r["rank"], set()).add(r["step"])
+        elif tk is not None and r["step"] in before.get(r["rank"], ()):
+            redone_at_kill.add(r["step"])
         if tk is not None and first_after is None and r["t"] > tk and (repeat or r["step"] >= kill["step"]):
             first_after = r
-    res["steps_redone"] = len(redone)
+    res["steps_redone"] = len(redone_at_kill) if tk is not None else None
+    res["steps_redone_total"] = len(redone)
     res["redone_steps"] = sorted(redone)
+    # Which step ranges each process ran, in start order: shows restarts and resume points.
+    spans: dict[int, list] = {}
+    for r in records:
+        span = spans.setdefault(r["pid"], [r["rank"], r["step"], r["step"], r["t"]])
+        span[2] = r["step"]
+    res["process_spans"] = [
+        {"rank": rk, "first_step": a, "last_step": b}
+        for rk, a, b, _ in sorted(spans.values(), key=lambda x: x[3])
+    ]
     if kill is None:
         res["recovery_s"] = None
         return res

@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         md.append("\nSkipped:\n" + "".join(f"- {k}: {v}\n" for k, v in skipped.items()))
     md.append(f"\nCommand: `{data['command']}`\n")
-    jp, mp = C.write_report(a.out, "overhead", data, "".join(md))
-    print("".join(md))
+    jp, mp = C.write_report(a.out, "overhead", data, "\n".join(md))
+    print("\n".join(md))
     print(f"wrote {jp} and {mp}")
     return 0
 

@@ -62,6 +62,18 @@ ARM_LABELS = {
     "elastictrain": "elastictrain ElasticTrainer",
 }
 BASELINE = "raytrain"
+NOTES = """Notes:
+- Ray Train (2.60, Train V2) collects `ray.train.report` results, checkpoints included, when its
+  controller polls the workers (every 2 s by default, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a
+  checkpoint reported less than one poll before a failure is not registered, so with ~50 ms
+  steps the run resumes from the checkpoint before the last one (more steps redone than the
+  10-step interval suggests).
+- torchrun runs with a per-restart key prefix on the agent's store; with the default store the
+  restarted gloo ranks dial the dead group's addresses and fail or hang (pytorch#135712); the
+  `torchrun-plain` arm (opt-in) shows it.
+- torchft runs one replica group per worker; the killed replica is not restarted, the survivors
+  go on once the lighthouse drops it (heartbeat timeout), restoring nothing.
+"""
 
 
 # ---------------------------------------------------------------------------
@@ -362,6 +374,7 @@ def summarise(arm: str, runs: list[dict], base_median: float | None) -> dict:
         "recovery_s_all": [r.get("recovery_s") for r in runs],
         "steps_redone_median": med_redo,
         "steps_redone_all": [r.get("steps_redone") for r in runs],
+        "steps_redone_total_all": [r.get("steps_redone_total") for r in runs],
         "speedup_vs_raytrain": (base_median / med_rec) if (base_median and med_rec) else None,
         "failures": [
             {k: r.get(k) for k in ("rc", "timed_out", "error", "completed", "recovery_s")} for r in runs if not r.get("ok")
@@ -451,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         "definitions": {
             "recovery_s": "first optimizer step completed by any process after the kill, minus the kill time",
             "steps_redone": "step indices applied before the kill and computed and applied again after it",
+            "steps_redone_total": "step indices applied more than once for any reason (extra failures included)",
         },
         "summary": summary,
         "targets": targets,
@@ -478,13 +492,14 @@ def main(argv: list[str] | None = None) -> int:
         md.append("\nTargets (elastictrain):\n")
         for k, v in targets.items():
             md.append(f"- {k}: {'met' if v else ('n/a' if v is None else 'NOT met')}\n")
+    md.append(NOTES)
     if skipped:
         md.append("\nSkipped:\n")
         for k, v in skipped.items():
             md.append(f"- {k}: {v}\n")
     md.append(f"\nCommand: `{data['command']}`\n")
-    jp, mp = C.write_report(a.out, "recovery", data, "".join(md))
-    print("".join(md))
+    jp, mp = C.write_report(a.out, "recovery", data, "\n".join(md))
+    print("\n".join(md))
     print(f"wrote {jp} and {mp}")
     return 0
 
