@@ -107,7 +107,8 @@ class ElasticTrainer:
         checkpoint: where and how often to save; a URI holding checkpoints is resumed.
         failure: detection timeouts and the failure budget.
         run: name, seed, progress output.
-        callbacks: objects with `on_progress(view)`, called on the driver as steps commit.
+        callbacks: objects with `on_progress(view)`, called on the driver's thread when steps
+            commit and every quarter second while the run waits.
 
     >>> result = ElasticTrainer(train_fn, scaling=ScalingConfig(min_workers=2, max_workers=3)).fit()  # doctest: +SKIP
     """
@@ -250,6 +251,7 @@ class _Driver:
                 if now >= next_health:
                     next_health = now + 0.25
                     self._check_health()
+                    self._notify_callbacks()
                 outcome = self.election.outcome()
                 if failure is None and outcome is not None and outcome.startswith("failed:"):
                     failure = outcome.removeprefix("failed:")
@@ -348,9 +350,12 @@ class _Driver:
                     }
             self.records.append(rec)
         if progressed:
-            for callback in self.trainer.callbacks:
-                callback.on_progress(self.view)
+            self._notify_callbacks()
             self._print_progress()
+
+    def _notify_callbacks(self) -> None:
+        for callback in self.trainer.callbacks:
+            callback.on_progress(self.view)
 
     def _print_progress(self) -> None:
         if not self.spec.run.progress or time.monotonic() - self._last_progress < 1.0:

@@ -1,0 +1,168 @@
+"""Multi-node faults on a local `ray.cluster_utils.Cluster` whose nodes carry provider/region labels."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import elastictrain as et
+from elastictrain.toy import ToyTask, make_train_fn, reference_params
+from tests.fault.faults import At, a_follower
+
+pytestmark = pytest.mark.slow
+
+BATCH = et.BatchConfig(global_batch_size=24, micro_batch_size=4)
+FAILURE = et.FailureConfig(collective_timeout_s=4, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.5)
+TASK = ToyTask(total_steps=30, step_sleep_s=0.08)
+AWS = {"provider": "aws", "region": "us-east-1"}
+GCP = {"provider": "gcp", "region": "europe-west4"}
+
+
+@pytest.fixture
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
+        },
+    )
+    ray.init(address=c.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+class NodeWatch:
+    """Records every node a world member ran on."""
+
+    def __init__(self) -> None:
+        self.nodes: set[str] = set()
+
+    def on_progress(self, view) -> None:
+        self.nodes |= {info["node_id"] for info in view.members().values()}
+
+
+def _node_of(cluster, node_id: str):
+    return next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
+
+
+def _fit(callbacks, *, workers, label_selector=None, task=TASK) -> et.Result:
+    return et.ElasticTrainer(
+        make_train_fn(task),
+        scaling=et.ScalingConfig(min_workers=workers[0], max_workers=workers[1], label_selector=label_selector),
+        batch=BATCH,
+        failure=FAILURE,
+        callbacks=callbacks,
+    ).fit()
+
+
+def _assert_same_model(result: et.Result, task: ToyTask = TASK) -> None:
+    assert result.steps == task.total_steps
+    torch.testing.assert_close(torch.tensor(result.metrics["params"]), reference_params(task, BATCH), atol=2e-5, rtol=0)
+
+
+def _world_sizes(result: et.Result) -> list[int]:
+    return [e["world_size"] for e in result.events if e["kind"] == "world"]
+
+
+def test_whole_node_lost_and_workers_stay_on_their_provider(cluster):
+    aws = [cluster.add_node(num_cpus=1, labels=AWS) for _ in range(3)]
+    gcp = cluster.add_node(num_cpus=1, labels=GCP)
+    cluster.wait_for_nodes()
+    watch = NodeWatch()
+    removed: list[str] = []
+
+    def remove_a_followers_node(view):
+        node_id = view.members()[a_follower(view)]["node_id"]
+        removed.append(node_id)
+        cluster.remove_node(_node_of(cluster, node_id), allow_graceful=False)
+
+    result = _fit([watch, At(8, remove_a_followers_node, min_members=3)], workers=(2, 3), label_selector={"provider": "aws"})
+    assert removed and any(e["kind"] == "worker_lost" for e in result.events)
+    assert gcp.node_id not in watch.nodes, "a worker ran on a node the label selector excludes"
+    assert watch.nodes <= {n.node_id for n in aws}
+    assert result.steps_redone <= 1
+    _assert_same_model(result)
+
+
+def test_capacity_added_mid_run_scales_up(cluster):
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, labels=AWS)
+    cluster.wait_for_nodes()
+    # Long enough that a new node and a fresh worker process come up before the end.
+    task = ToyTask(total_steps=80, step_sleep_s=0.08)
+    grow = At(3, lambda view: cluster.add_node(num_cpus=1, labels=AWS), min_members=2)
+    result = _fit([grow], workers=(2, 3), task=task)
+    sizes = _world_sizes(result)
+    assert sizes[0] == 2 and sizes[-1] == 3, sizes
+    assert not any(e["kind"] == "worker_lost" for e in result.events)
+    assert result.steps_redone == 0  # growing at a step boundary costs no step
+    _assert_same_model(result, task)
+
+
+class LoseANodeThenGetOneBack:
+    """At `step`, remove a follower's node; `wait_s` later, add a node back (on the driver's thread)."""
+
+    def __init__(self, cluster, step: int, wait_s: float) -> None:
+        self.cluster, self.step, self.wait_s = cluster, step, wait_s
+        self.fired_at = None
+        self.added_at = None
+
+    def on_progress(self, view) -> None:
+        if self.fired_at is None and view.step >= self.step and len(view.members()) >= 2:
+            node_id = view.members()[a_follower(view)]["node_id"]
+            self.cluster.remove_node(_node_of(self.cluster, node_id), allow_graceful=False)
+            self.fired_at = time.time()
+        elif self.fired_at is not None and self.added_at is None and time.time() - self.fired_at >= self.wait_s:
+            self.cluster.add_node(num_cpus=1, labels=AWS)
+            self.added_at = time.time()
+
+
+def test_below_min_workers_waits_then_continues(cluster):
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, labels=AWS)
+    cluster.wait_for_nodes()
+    fault = LoseANodeThenGetOneBack(cluster, step=6, wait_s=3.0)
+    result = _fit([fault], workers=(2, 2))
+    assert fault.added_at is not None
+    later_worlds = [e for e in result.events if e["kind"] == "world" and e["time"] > fault.fired_at]
+    assert later_worlds, "training never resumed"
+    assert later_worlds[0]["time"] >= fault.added_at  # it waited for capacity, and did not fail meanwhile
+    assert all(size == 2 for size in _world_sizes(result))
+    assert result.steps_redone <= 1
+    _assert_same_model(result)
+
+
+def test_draining_node_worker_leaves_cleanly(cluster):
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    for _ in range(4):
+        cluster.add_node(num_cpus=1, labels=AWS)
+    cluster.wait_for_nodes()
+
+    def drain(view):
+        node_id = view.members()[a_follower(view)]["node_id"]
+        gcs = ray._raylet.GcsClient(address=cluster.address)
+        accepted, _ = gcs.drain_node(
+            node_id,
+            autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+            "spot notice",
+            int(time.time() * 1000) + 120_000,
+        )
+        assert accepted
+
+    result = _fit([At(8, drain, min_members=3)], workers=(2, 3))
+    kinds = [e["kind"] for e in result.events]
+    assert "node_draining" in kinds and "worker_left" in kinds
+    assert "worker_lost" not in kinds
+    assert result.steps_redone == 0
+    _assert_same_model(result)
