@@ -77,6 +77,7 @@ class Runner:
         self._first_commit_of_term = True
         self._restored_at = 0.0
         self._checkpoints = None
+        self._last_saved_step: Optional[int] = None
         self._group_sockets: Optional[GroupSockets] = None
         self._group_lock = threading.Lock()
         self.rendezvous = Rendezvous(election, member_id, spec.rendezvous_policy(), self._open_store)
@@ -226,24 +227,31 @@ class Runner:
 
         Leaving a gloo group does not close its sockets, so a rank that simply left
         would stall its peers for the whole collective timeout. Instead all ranks
-        vote (one tiny all-reduce) and stop together at the same boundary.
+        vote (one tiny all-reduce: a leave flag per rank, and a grow flag) and stop
+        together at the same boundary. When someone leaves, the lowest leaving rank
+        saves a checkpoint first, while this term is still current, and a barrier
+        holds the others until it has committed.
         """
-        leave = self._leave.is_set()
-        grow = world.is_leader and self._grow.is_set()
-        if world.world_size > 1:
-            votes = torch.tensor([float(leave), float(grow)], dtype=torch.float32, device=self._vote_device())
+        n = world.world_size
+        votes = torch.zeros(n + 1, dtype=torch.float32, device=self._vote_device())
+        votes[world.rank] = float(self._leave.is_set())
+        votes[n] = float(world.is_leader and self._grow.is_set())
+        if n > 1:
             dist.all_reduce(votes)
-            leavers, growth = votes.tolist()
-        else:
-            leavers, growth = float(leave), float(grow)
-        if leave:
-            self.emit({"kind": "preemption_notice", "time": time.time(), "term": world.term, "step": state.step})
-            self._save(state, world, wait=True)
-            raise LeaveWorld(f"member {self.member_id} leaves at step {state.step}")
-        if leavers > 0 or growth > 0:
-            self._grow.clear()
-            reason = "a member leaves" if leavers > 0 else "capacity is waiting to join"
-            raise WorldChanged(world.term, f"planned at step {state.step}: {reason}")
+        leaving = [r for r in range(n) if votes[r].item() > 0]
+        if not leaving and votes[n].item() == 0:
+            return
+        self._grow.clear()
+        if leaving:
+            if world.rank == leaving[0]:
+                self.emit({"kind": "preemption_notice", "time": time.time(), "term": world.term, "step": state.step})
+                self._save(state, world, wait=True)
+            if n > 1:
+                dist.all_reduce(torch.zeros(1, device=self._vote_device()))  # barrier: the save has committed
+            if world.rank in leaving:
+                raise LeaveWorld(f"member {self.member_id} leaves at step {state.step}")
+        reason = f"ranks {leaving} leave" if leaving else "capacity is waiting to join"
+        raise WorldChanged(world.term, f"planned at step {state.step}: {reason}")
 
     def _vote_device(self) -> torch.device:
         return self.device if self.spec.backend == "nccl" else torch.device("cpu")
@@ -299,18 +307,34 @@ class Runner:
         return self._checkpoints
 
     def _save(self, state: ElasticState, world: WorldInfo, *, wait: bool) -> None:
+        """Save through the checkpoint manager; a failed save is an event, not the end of training."""
         manager = self._checkpoint_manager()
-        if manager is None:
+        if manager is None or self._last_saved_step == state.step:
             return
-        tensors, skeleton = state.flatten()
-        manager.save(tensors, skeleton, step=state.step, term=world.term)
-        self.emit({"kind": "checkpoint", "time": time.time(), "term": world.term, "step": state.step})
+        self._surface_checkpoint_error(manager)
+        try:
+            tensors, skeleton = state.flatten()
+            manager.save(tensors, skeleton, step=state.step, term=world.term)
+            self._last_saved_step = state.step
+            self.emit({"kind": "checkpoint", "time": time.time(), "term": world.term, "step": state.step})
+        except Exception as exc:  # noqa: BLE001 - storage trouble must not stop training
+            self.emit({"kind": "checkpoint_failed", "time": time.time(), "step": state.step,
+                       "reason": f"{type(exc).__name__}: {exc}"})
+            return
         if wait:
+            self._surface_checkpoint_error(manager)
+
+    def _surface_checkpoint_error(self, manager) -> None:
+        """Wait for the save in flight (there is at most one) and report it if it failed."""
+        try:
             manager.wait()
+        except Exception as exc:  # noqa: BLE001
+            self.emit({"kind": "checkpoint_failed", "time": time.time(), "reason": f"{type(exc).__name__}: {exc}"})
 
     def _close_checkpoints(self) -> None:
         if self._checkpoints is not None:
             try:
+                self._surface_checkpoint_error(self._checkpoints)
                 self._checkpoints.close()
             finally:
                 self._checkpoints = None

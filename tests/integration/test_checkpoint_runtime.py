@@ -1,0 +1,82 @@
+"""Checkpoints driven by the runtime: autoresume, fallback when every replica dies, saves on notice."""
+
+from __future__ import annotations
+
+import base64
+import signal
+
+import pytest
+import torch
+
+import elastictrain as et
+from elastictrain.checkpoint import CheckpointManager
+from elastictrain.toy import ToyTask, make_train_fn, reference_params
+from tests.fault.faults import At, a_follower
+
+BATCH = et.BatchConfig(global_batch_size=24, micro_batch_size=4)
+FAILURE = et.FailureConfig(collective_timeout_s=4, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.5)
+
+
+@pytest.fixture
+def key_spec(tmp_path):
+    path = tmp_path / "run.key"
+    path.write_text(base64.b64encode(bytes(range(32))).decode())
+    return f"file:{path}"
+
+
+def _fit(task, ckpt, *, workers=(2, 2), callbacks=()):
+    return et.ElasticTrainer(
+        make_train_fn(task),
+        scaling=et.ScalingConfig(min_workers=workers[0], max_workers=workers[1]),
+        batch=BATCH,
+        checkpoint=ckpt,
+        failure=FAILURE,
+        callbacks=list(callbacks),
+    ).fit()
+
+
+def _assert_reference(result, task):
+    torch.testing.assert_close(torch.tensor(result.metrics["params"]), reference_params(task, BATCH), atol=2e-5, rtol=0)
+
+
+def test_resubmitted_job_resumes_from_its_encrypted_checkpoint(ray_session, tmp_path, key_spec):
+    ckpt = et.CheckpointConfig(uri=f"file://{tmp_path}/run", every_steps=4,
+                               encryption=et.EncryptionConfig(key=key_spec))
+    first = _fit(ToyTask(total_steps=10), ckpt)
+    assert first.steps == 10 and first.checkpoint_uri == ckpt.uri
+    task = ToyTask(total_steps=16)
+    second = _fit(task, ckpt)
+    assert second.history[0]["step"] == 10  # continued, did not start over
+    assert any(e["kind"] == "restored_from_checkpoint" and e["step"] == 10 for e in second.events)
+    _assert_reference(second, task)
+    steps = [c.step for c in CheckpointManager(ckpt).list()]
+    assert 16 in steps and all(c.encrypted for c in CheckpointManager(ckpt).list())
+
+
+def test_every_replica_lost_falls_back_to_the_newest_checkpoint(ray_session, tmp_path):
+    task = ToyTask(total_steps=24, step_sleep_s=0.05)
+    ckpt = et.CheckpointConfig(uri=f"file://{tmp_path}/run", every_steps=4)
+
+    def kill_everyone(view):
+        for member in list(view.members()):
+            view.signal(member, signal.SIGKILL)
+
+    fault = At(10, kill_everyone, min_members=2)
+    result = _fit(task, ckpt, callbacks=[fault])
+    restored = [e for e in result.events if e["kind"] == "restored_from_checkpoint"]
+    assert fault.fired_at is not None and restored
+    assert restored[-1]["step"] % 4 == 0 and restored[-1]["step"] >= 8
+    assert result.steps == 24 and result.steps_redone <= 4  # at most the steps since the last save
+    _assert_reference(result, task)
+
+
+def test_preemption_notice_saves_before_leaving(ray_session, tmp_path):
+    task = ToyTask(total_steps=24, step_sleep_s=0.05)
+    ckpt = et.CheckpointConfig(uri=f"file://{tmp_path}/run", every_steps=1000)
+    notice = At(7, lambda view: view.signal(a_follower(view), signal.SIGTERM), min_members=3)
+    result = _fit(task, ckpt, workers=(2, 3), callbacks=[notice])
+    saved = sorted(c.step for c in CheckpointManager(ckpt).list())
+    left_at = next(e["step"] for e in result.events if e["kind"] == "preemption_notice")
+    assert left_at in saved and saved[-1] == 24
+    assert result.steps_redone == 0
+    _assert_reference(result, task)
