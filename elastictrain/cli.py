@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train a small model on a local Ray cluster, with injected failures")
-    demo.add_argument("--steps", type=int, default=60, help="optimizer steps to train")
+    demo.add_argument("--steps", type=int, default=120, help="optimizer steps to train")
     demo.add_argument("--workers", type=int, default=3, help="worker actors")
     demo.add_argument("--faults", type=int, default=3, help="workers (the leader among them) killed at random steps")
     demo.add_argument("--seed", type=int, default=0, help="seed of the fault schedule and the model")

@@ -362,7 +362,8 @@ class _Driver:
             return
         self._last_progress = time.monotonic()
         metrics = next((r for r in reversed(self.records) if r.get("kind") == "metrics"), {})
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                         if isinstance(v, float) and k not in ("time", "t", "step", "term"))
         lost = sum(1 for r in self.records if r.get("kind") == "worker_lost")
         print(f"[elastictrain] step {self.newest_step + 1} term {self.newest_term} "
               f"workers {len(self.world_members)} lost {lost} {shown}", file=sys.stderr, flush=True)

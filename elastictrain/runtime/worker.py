@@ -19,6 +19,28 @@ from elastictrain.runtime.runner import Runner
 from elastictrain.runtime.spec import RunSpec
 
 
+def warm_up(backend: str) -> None:
+    """Pay a fresh process's first-use costs before it registers, not while a world waits for it.
+
+    A new member's first group, first DDP wrap and first backward take about a
+    second on a busy host; run them once on a private one-rank group.
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if backend != "gloo" or dist.is_initialized():
+        return
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=10), wait_for_workers=False)
+    dist.init_process_group("gloo", store=dist.PrefixStore("warm-up", store), rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+        model(torch.ones(2, 4)).sum().backward()
+        dist.broadcast_object_list([{"warm": 1}], src=0)
+    finally:
+        dist.destroy_process_group()
+
+
 def node_identity() -> dict:
     ctx = ray.get_runtime_context()
     labels = ctx.get_node_labels() or {}
@@ -40,6 +62,7 @@ class WorkerActor:
         self.runner: Runner | None = None
         self._notice = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        warm_up(spec.backend)
 
     def _on_sigterm(self, signum, frame) -> None:
         # Runs in the main thread; the runner leaves at its next step boundary.
