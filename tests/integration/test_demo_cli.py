@@ -1,0 +1,33 @@
+"""The main job as a user runs it: `elastictrain demo` in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_recovers_from_every_fault_and_matches_one_process(tmp_path):
+    report_path = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "elastictrain", "demo", "--steps", "60", "--faults", "2", "--seed", "3",
+         "--json", str(report_path)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Recovery report" in proc.stdout
+    report = json.loads(report_path.read_text())
+    assert report["steps"] == 60
+    assert len(report["faults"]) == 2 and {f["target"] for f in report["faults"]} == {"leader", "follower"}
+    assert all(f["recovery_s"] is not None and f["steps_redone"] <= 1 for f in report["faults"])
+    assert report["max_param_diff_vs_one_process"] < 1e-4
+
+
+def test_demo_rejects_bad_arguments_with_one_line():
+    proc = subprocess.run([sys.executable, "-m", "elastictrain", "demo", "--workers", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "at least 2 workers" in proc.stderr
