@@ -1,0 +1,218 @@
+"""Steps/s of GradAccumulator against a hand-written no_sync loop and a naive per-micro-step all-reduce loop.
+
+Two gloo processes on CPU (127.0.0.1), k = 1, 4, 16 micro-steps per optimizer step,
+all variants in one run and interleaved round by round, so machine noise hits each
+alike. Writes ``accumulate.json`` and ``accumulate.md`` to the output folder and
+quotes medians and ratios against the hand-written loop measured in the same run.
+
+    python benchmarks/accumulate.py [--out bench-out] [--rounds 7] [--micro-steps 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from elastictrain.accumulate import GradAccumulator  # noqa: E402
+
+VARIANTS = ("no_sync", "accumulator", "naive")
+KS = (1, 4, 16)
+
+
+def _net(hidden: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(256, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden), torch.nn.GELU(),
+        torch.nn.Linear(hidden, 256),
+    )
+
+
+def _micro_batches(k: int, micro: int, rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1000 * k + rank)
+    out = []
+    for _ in range(k):
+        x = torch.randn(micro, 256, generator=g)
+        y = torch.randn(micro, 256, generator=g)
+        mask = (torch.rand(micro, 1, generator=g) < 0.8).float()
+        out.append((x, y, mask))
+    return out
+
+
+def _loss_sum(model, x, y, mask):
+    return (((model(x) - y) ** 2) * mask).sum(), mask.sum() * y.shape[1]
+
+
+def _step_no_sync(model, opt, batches):
+    """What users write by hand: no_sync for k-1 micro-steps, a per-micro-batch mean divided by k."""
+    opt.zero_grad(set_to_none=True)
+    k = len(batches)
+    with model.no_sync():
+        for x, y, mask in batches[:-1]:
+            loss, n = _loss_sum(model, x, y, mask)
+            (loss / n / k).backward()
+    x, y, mask = batches[-1]
+    loss, n = _loss_sum(model, x, y, mask)
+    (loss / n / k).backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _step_naive(model, opt, batches):
+    """No no_sync: DDP all-reduces the gradient after every micro-step."""
+    opt.zero_grad(set_to_none=True)
+    k = len(batches)
+    for x, y, mask in batches:
+        loss, n = _loss_sum(model, x, y, mask)
+        (loss / n / k).backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _step_accumulator(acc, model, batches):
+    with acc.step(len(batches)) as s:
+        for x, y, mask in batches:
+            loss, n = _loss_sum(model, x, y, mask)
+            s.backward(loss, num_items=n)
+    return s.loss
+
+
+def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> None:
+    torch.set_num_threads(1)
+    if args.pin and hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2:
+        # One core per process: fewer migrations, so rounds vary less.
+        os.sched_setaffinity(0, {rank % os.cpu_count()})
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
+    try:
+        setups = {}
+        for variant in VARIANTS:
+            model = DDP(_net(args.hidden))
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            setups[variant] = (model, opt, GradAccumulator(model, opt))
+        data = {k: _micro_batches(k, args.micro_batch, rank) for k in KS}
+
+        def run(variant, k, steps):
+            model, opt, acc = setups[variant]
+            for _ in range(steps):
+                if variant == "no_sync":
+                    _step_no_sync(model, opt, data[k])
+                elif variant == "naive":
+                    _step_naive(model, opt, data[k])
+                else:
+                    _step_accumulator(acc, model, data[k])
+
+        for k in KS:
+            for variant in VARIANTS:
+                run(variant, k, args.warmup)
+        samples = {(v, k): [] for v in VARIANTS for k in KS}
+        for rnd in range(args.rounds):
+            for k in KS:
+                # Rotate the order each round so no variant always runs first after a switch.
+                order = VARIANTS[rnd % 3:] + VARIANTS[: rnd % 3]
+                for variant in order:
+                    steps = -(-args.micro_steps // k)
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    run(variant, k, steps)
+                    dist.barrier()
+                    samples[(variant, k)].append(steps / (time.perf_counter() - t0))
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump({f"{v}|{k}": s for (v, k), s in samples.items()}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _report(raw: dict, args: argparse.Namespace, wall_s: float) -> tuple[dict, str]:
+    rows = []
+    for k in KS:
+        base = statistics.median(raw[f"no_sync|{k}"])
+        for variant in VARIANTS:
+            runs = raw[f"{variant}|{k}"]
+            med = statistics.median(runs)
+            rows.append({
+                "k": k, "variant": variant, "median_steps_per_s": med, "ratio_vs_no_sync": med / base,
+                "min_steps_per_s": min(runs), "max_steps_per_s": max(runs), "rounds": runs,
+            })
+    result = {
+        "benchmark": "accumulate",
+        "setup": {
+            "processes": 2, "backend": "gloo", "device": "cpu", "threads_per_process": 1, "pinned": args.pin,
+            "model": f"MLP 256-{args.hidden}-{args.hidden}-256", "micro_batch": args.micro_batch,
+            "optimizer": "AdamW", "rounds": args.rounds, "micro_steps_per_round": args.micro_steps, "warmup": args.warmup,
+            "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+            "wall_s": round(wall_s, 1),
+        },
+        "results": rows,
+    }
+    lines = [
+        "# GradAccumulator vs hand-written loops (2 gloo processes, CPU)",
+        "",
+        f"MLP 256-{args.hidden}-{args.hidden}-256, micro-batch {args.micro_batch}, AdamW; "
+        f"median of {args.rounds} interleaved rounds of {args.micro_steps} micro-steps; ratio against the hand-written "
+        "no_sync loop of the same run.",
+        "",
+        "| k | variant | median steps/s | ratio vs no_sync | min | max |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['k']} | {r['variant']} | {r['median_steps_per_s']:.3f} | {r['ratio_vs_no_sync']:.3f} "
+            f"| {r['min_steps_per_s']:.3f} | {r['max_steps_per_s']:.3f} |"
+        )
+    return result, "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write JSON and Markdown to the output folder."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per (variant, k)")
+    parser.add_argument(
+        "--micro-steps", type=int, default=16,
+        help="micro-steps timed per (variant, k) and round: ceil(this / k) optimizer steps",
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per (variant, k)")
+    parser.add_argument("--hidden", type=int, default=768, help="MLP width")
+    parser.add_argument("--micro-batch", type=int, default=192, help="samples per micro-batch per process")
+    parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin each process to a core")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    raw_path = os.path.join(args.out, "accumulate.raw.json")
+    t0 = time.perf_counter()
+    mp.spawn(_worker, args=(_free_port(), args, raw_path), nprocs=2, join=True)
+    with open(raw_path) as f:
+        raw = json.load(f)
+    os.remove(raw_path)
+    result, table = _report(raw, args, time.perf_counter() - t0)
+    with open(os.path.join(args.out, "accumulate.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(args.out, "accumulate.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
