@@ -55,6 +55,9 @@ class FailureConfig(_Config):
     rendezvous_timeout_s: float = Field(
         60.0, gt=0, description="How long a leader waits for live members to join a new world (seconds)."
     )
+    startup_wait_s: float = Field(
+        10.0, ge=0, description="The first world waits this long for max_workers before starting with fewer (seconds)."
+    )
     below_min_timeout_s: float = Field(
         600.0, gt=0, description="How long the run waits while fewer than min_workers are alive (seconds)."
     )

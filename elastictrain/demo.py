@@ -8,7 +8,6 @@ seeded random steps, and ends with a recovery report. Inside `ray job submit`
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import time
@@ -16,6 +15,7 @@ import time
 import torch
 
 from elastictrain.config import BatchConfig, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from elastictrain.runtime.cluster import ensure_ray
 from elastictrain.ops.chaos import FaultSchedule, recovery_report
 from elastictrain.toy import ToyTask, make_train_fn, reference_params
 from elastictrain.trainer import ElasticTrainer
@@ -31,13 +31,7 @@ def run_demo(args) -> int:
     task = ToyTask(total_steps=args.steps, step_sleep_s=0.08, seed=args.seed)
     batch = BatchConfig(global_batch_size=48, micro_batch_size=4, seed=args.seed)
     schedule = FaultSchedule.random(total_steps=args.steps, count=args.faults, seed=args.seed, full_world=args.workers)
-    started_ray = False
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(logging_level="ERROR", log_to_driver=False)
-        else:
-            ray.init(num_cpus=args.workers + 2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-        started_ray = True
+    started_ray = ensure_ray(args.workers + 2)
     print(f"elastictrain demo: {args.workers} workers, {args.steps} steps, "
           f"faults at steps {[f.step for f in schedule.faults]} ({', '.join(f.target for f in schedule.faults)})",
           flush=True)

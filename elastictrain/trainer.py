@@ -143,11 +143,11 @@ class ElasticTrainer:
         """
         import ray
 
-        started_ray = False
-        if not ray.is_initialized():
-            cpus = max(os.cpu_count() or 1, int(self.scaling.max_workers * self.scaling.resources_per_worker.get("CPU", 1)) + 1)
-            ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
-            started_ray = True
+        from elastictrain.runtime.cluster import ensure_ray
+
+        # Room for every worker plus the driver's helpers, even on a small machine.
+        cpus = max(os.cpu_count() or 1, int(self.scaling.max_workers * self.scaling.resources_per_worker.get("CPU", 1)) + 1)
+        started_ray = ensure_ray(cpus)
         try:
             return _Driver(self).run()
         finally:

@@ -168,13 +168,19 @@ def decide_gather(
     started_at: float,
     rendezvous_timeout: float,
     below_min_timeout: float,
+    startup_wait: float = 0.0,
 ) -> GatherDecision:
     """Publish once every live member has joined (or the wait for stragglers ran out).
 
     Below `min_workers` the leader keeps waiting for capacity, up to `below_min_timeout`.
+    The first world also waits up to `startup_wait` for `max_workers`, since workers
+    that were started together are still coming up.
     """
     joined_live = joined & live
-    everyone_in = live <= joined or len(joined_live) >= max_workers
+    full = len(joined_live) >= max_workers
+    if not full and now - started_at < startup_wait:
+        return GatherDecision(publish=False)
+    everyone_in = live <= joined or full
     timed_out = now - started_at >= rendezvous_timeout
     if len(joined_live) >= min_workers and (everyone_in or timed_out):
         return GatherDecision(publish=True, reason="all live members joined" if everyone_in else "stragglers left out")

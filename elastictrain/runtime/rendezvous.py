@@ -31,6 +31,7 @@ class RendezvousPolicy:
     heartbeat_timeout_s: float
     rendezvous_timeout_s: float
     below_min_timeout_s: float
+    startup_wait_s: float = 0.0
     poll_s: float = 0.01
     claim_stagger_s: float = 0.02
     no_state_delay_s: float = 0.2
@@ -141,6 +142,7 @@ class Rendezvous:
                 started_at=started,
                 rendezvous_timeout=p.rendezvous_timeout_s,
                 below_min_timeout=p.below_min_timeout_s,
+                startup_wait=p.startup_wait_s if term == 1 else 0.0,
             )
             if decision.give_up:
                 self.election.set_outcome(f"failed:{decision.reason}")

@@ -30,4 +30,5 @@ class RunSpec:
             heartbeat_timeout_s=f.heartbeat_timeout_s,
             rendezvous_timeout_s=f.rendezvous_timeout_s,
             below_min_timeout_s=f.below_min_timeout_s,
+            startup_wait_s=f.startup_wait_s,
         )

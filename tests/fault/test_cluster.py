@@ -14,7 +14,7 @@ from tests.fault.faults import At, a_follower
 pytestmark = pytest.mark.slow
 
 BATCH = et.BatchConfig(global_batch_size=24, micro_batch_size=4)
-FAILURE = et.FailureConfig(collective_timeout_s=4, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.5)
+FAILURE = et.FailureConfig(collective_timeout_s=4, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.5, startup_wait_s=1.0)
 TASK = ToyTask(total_steps=30, step_sleep_s=0.08)
 AWS = {"provider": "aws", "region": "us-east-1"}
 GCP = {"provider": "gcp", "region": "europe-west4"}

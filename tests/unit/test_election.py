@@ -158,6 +158,14 @@ def test_decide_gather(joined, live, elapsed, expect):
     assert got == expect, d
 
 
+def test_first_world_waits_for_max_workers_up_to_the_startup_wait():
+    common = dict(joined={"a", "b"}, live={"a", "b"}, min_workers=1, max_workers=3, started_at=0.0,
+                  rendezvous_timeout=60.0, below_min_timeout=600.0, startup_wait=10.0)
+    assert not decide_gather(now=5.0, **common).publish
+    assert decide_gather(now=10.0, **common).publish
+    assert decide_gather(now=0.0, **{**common, "joined": {"a", "b", "c"}, "live": {"a", "b", "c"}}).publish
+
+
 def test_should_grow_only_with_room():
     plan = _plan(2, "a", members=("a", "b"))
     assert should_grow(plan, {"c"}, max_workers=3)
