@@ -264,7 +264,8 @@ class _Driver:
                     break
             self._ingest(ray.get(self.hub.pull.remote()))
         finally:
-            for member_id in list(self.pool.active):
+            # Every actor this run created, finished ones too: each holds its resources until killed.
+            for member_id in list(self.actors):
                 self._kill(member_id)
             self._kill_hub()
         if failure is not None:

@@ -95,3 +95,14 @@ def test_ray_kv_one_leader_per_term_under_concurrent_candidates(ray_session):
     election = Election(RayKVStore(namespace))
     assert election.newest_term() == 30
     assert not election.is_current(29)
+
+
+def test_fit_releases_every_worker_it_started(ray_session):
+    import time
+
+    total = ray_session.cluster_resources()["CPU"]
+    _fit(ToyTask(total_steps=3), workers=(2, 3))
+    deadline = time.monotonic() + 20
+    while ray_session.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ray_session.available_resources().get("CPU", 0) == total, "a finished run still holds worker resources"
