@@ -171,3 +171,20 @@ def test_should_grow_only_with_room():
     assert should_grow(plan, {"c"}, max_workers=3)
     assert not should_grow(plan, {"c"}, max_workers=2)
     assert not should_grow(plan, set(), max_workers=3)
+
+
+def test_stale_leader_cannot_commit_a_checkpoint():
+    from elastictrain.checkpoint import CheckpointManager
+    from elastictrain.config import CheckpointConfig
+
+    election = Election(MemoryStore())
+    election.claim(1, "old-leader")
+    manager = CheckpointManager(CheckpointConfig(uri="memory://fenced-run", async_save=False), fence=election.is_current)
+    import torch
+
+    manager.save({"w": torch.ones(2)}, {"__tensor__": "w"}, step=3, term=1)
+    election.claim(2, "new-leader")  # the old leader's term is over
+    with pytest.raises(StaleTerm):
+        manager.save({"w": torch.zeros(2)}, {"__tensor__": "w"}, step=4, term=1)
+    assert manager.latest().step == 3
+    manager.close()
