@@ -55,6 +55,9 @@ def _worker(rank, port, out_dir, dies_at_micro_step):
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Results are on disk and the group is destroyed; skip interpreter teardown, where
+    # torch's gloo destructors now and then abort a loaded machine's child process.
+    os._exit(0)
 
 
 def _run(tmp_path, dies_at):

@@ -27,6 +27,7 @@ from elastictrain.config import BatchConfig
 BATCH = BatchConfig(global_batch_size=10, micro_batch_size=2, seed=11)
 STEPS = 5
 RESUME_AT = 2
+BATCH_K1 = BatchConfig(global_batch_size=10, micro_batch_size=5, seed=11)
 LR = 0.2
 
 
@@ -60,8 +61,8 @@ def _counting_hook(counter, bucket):
     return default_hooks.allreduce_hook(None, bucket)
 
 
-def _train(rank, world, *, steps, ddp=True, k_known=True, state=None, save_after=None):
-    net = _net()
+def _train(rank, world, *, steps, ddp=True, k_known=True, state=None, save_after=None, batch_cfg=BATCH, bf16=False):
+    net = _net().to(torch.bfloat16) if bf16 else _net()
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
     if state is not None:
         net.load_state_dict(state["model"])
@@ -70,16 +71,20 @@ def _train(rank, world, *, steps, ddp=True, k_known=True, state=None, save_after
     calls = [0]
     if ddp:
         model.register_comm_hook(calls, _counting_hook)
-    acc = GradAccumulator(model, opt)
+    acc = GradAccumulator(model, opt, fp32_grad_accum=bf16)
     data = _dataset()
     out = {"indices": {}, "loss": {}, "items": {}, "calls_per_step": []}
     for step in steps:
-        it = micro_batches(data, step, rank=rank, world_size=world, batch=BATCH)
+        it = micro_batches(data, step, rank=rank, world_size=world, batch=batch_cfg)
         out["indices"][step] = [g.tolist() for g in it.indices]
         before = calls[0]
         with acc.step(len(it) if k_known else None) as s:
             for batch in it:
-                loss, n = _loss_sum(model, batch)
+                if bf16:
+                    x, y, mask = batch
+                    loss, n = (((model(x.bfloat16()).float() - y) ** 2) * mask).sum(), mask.sum()
+                else:
+                    loss, n = _loss_sum(model, batch)
                 s.backward(loss, num_items=n)
         out["calls_per_step"].append(calls[0] - before)
         out["loss"][step], out["items"][step] = s.loss, s.num_items
@@ -118,6 +123,8 @@ def _worker(rank, world, port, out_dir, resume_from):
     )
     try:
         results = {"ddp": _train(rank, world, steps=list(range(STEPS)), save_after=RESUME_AT - 1)}
+        # One micro-batch per rank (k=1): the loss is normalised before its only backward.
+        results["k1"] = _train(rank, world, steps=list(range(STEPS)), batch_cfg=BATCH_K1)
         if resume_from is not None:
             state = torch.load(resume_from, weights_only=False)["ddp"]["state"]
             results["resumed"] = _train(rank, world, steps=list(range(RESUME_AT, STEPS)), state=state)
@@ -125,9 +132,13 @@ def _worker(rank, world, port, out_dir, resume_from):
             results["plain"] = _train(rank, world, steps=list(range(STEPS)), ddp=False)
             results["k_unknown"] = _train(rank, world, steps=list(range(STEPS)), k_known=False)
             results["scaler"] = _scaler_skip(rank)
+            results["bf16_fp32_accum"] = _train(rank, world, steps=[0], bf16=True)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # Results are on disk and the group is destroyed; skip interpreter teardown, where
+    # torch's gloo destructors now and then abort a loaded machine's child process.
+    os._exit(0)
 
 
 def _spawn(world, out_dir, resume_from=None):
@@ -189,6 +200,10 @@ def test_final_params_agree_at_world_sizes_1_2_3(runs):
     for world in (1, 2, 3):
         for rank_out in runs[world]:
             assert _max_diff(rank_out["ddp"]["params"], ref) < 2e-5, world
+    for world in (2, 3):
+        for rank_out in runs[world]:
+            assert rank_out["k1"]["calls_per_step"] == [1] * STEPS
+            assert _max_diff(rank_out["k1"]["params"], ref) < 2e-5
     for rank_out in runs[2]:
         assert _max_diff(rank_out["plain"]["params"], ref) < 2e-5  # no DDP: accumulator reduces
         assert _max_diff(rank_out["k_unknown"]["params"], ref) < 2e-5  # k=None: one reduce at the end
@@ -243,3 +258,13 @@ def test_fp16_scaler_skips_on_every_rank(runs):
         assert torch.equal(out["params"][0], out["params"][1])  # the skipped step left params alone
         assert not torch.equal(out["params"][1], out["params"][2])
     assert torch.equal(outs[0]["params"][2], outs[1]["params"][2])
+
+
+def test_fp32_accumulation_of_bf16_params_under_ddp(runs):
+    outs = [r["bf16_fp32_accum"] for r in runs[2]]
+    for out in outs:
+        assert out["calls_per_step"] == [0]  # reduced once by the accumulator, in fp32, not by DDP
+        assert all(g.dtype == torch.bfloat16 for g in out["grads"])
+        for g, r in zip(out["grads"], runs["ref"]["grads"]):
+            torch.testing.assert_close(g.float(), r, rtol=5e-2, atol=2e-3)
+    assert all(torch.equal(a, b) for a, b in zip(outs[0]["params"], outs[1]["params"]))
