@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run a short version of each benchmark")
     bench.add_argument("--out", default="bench-out", help="folder for JSON and Markdown reports")
+    bench.add_argument("--only", default=None,
+                       help="comma-separated subset: recovery, overhead, accumulate, checkpoint, resume_rate")
     return parser
 
 

@@ -1,0 +1,693 @@
+"""Resume-rate benchmark: a long run under a seeded schedule of mixed faults.
+
+One run of the toy task on a local multi-node Ray cluster (`ray.cluster_utils.Cluster`,
+one CPU per node, nodes labelled provider/region, one spare node), with checkpoints
+to a local file:// URI. Faults come one at a time, each once the run has recovered
+from the previous one, in a seeded order that cycles through every kind:
+
+- kill_follower / kill_leader: SIGKILL a follower / the leader;
+- node_loss: a follower's whole node is removed; a node with the same labels is
+  added back a few seconds later;
+- preempt: SIGTERM a follower (a spot notice: save, leave cleanly);
+- hang: SIGSTOP a follower (its heartbeat lapses; the driver kills it);
+- kill_in_checkpoint: SIGKILL the leader right after a step whose commit starts
+  a checkpoint save (`every_steps`);
+- kill_in_rebuild: SIGKILL a follower, then another member ~30 ms later.
+
+Figures:
+
+- resume rate: faults after which a later world committed a step, with no human
+  action, over faults fired (and the run must finish);
+- recovery time (median, p95): from the fault to the first step committed by
+  the rebuilt world (rank 0's report time);
+- steps redone: per fault and in total (`Result.steps_redone`);
+- goodput: distinct steps x the undisturbed median step time, over the run's
+  wall time;
+- final model vs an uninterrupted one-process run (`reference_params`).
+
+The Ray Train arm (optional; skipped with the reason when `ray[train]` is missing)
+runs the same task and the same kinds of faults, where they apply, against
+`TorchTrainer` with `FailureConfig(max_failures=-1)` and a checkpoint every
+`--ckpt-every` steps, in a child process with a hard deadline.
+
+    python -m benchmarks.resume_rate                      # 50 faults, both arms
+    python -m benchmarks.resume_rate --quick              # ~6 faults, < 2 minutes
+    python -m benchmarks.resume_rate --faults 70 --arms elastictrain --out bench-out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _common as C  # noqa: E402
+
+ARMS = ["elastictrain", "raytrain"]
+LABELS = [
+    {"provider": "aws", "region": "us-east-1"},
+    {"provider": "aws", "region": "us-west-2"},
+    {"provider": "gcp", "region": "europe-west4"},
+]
+# Faults per kind that apply to Ray Train's TorchTrainer and how they are injected there.
+RAYTRAIN_KINDS = ["kill_follower", "kill_leader", "node_loss", "preempt", "hang", "kill_in_checkpoint",
+                  "kill_in_rebuild"]
+
+
+def p95(values: list[float]) -> Optional[float]:
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return None
+    return vals[min(len(vals) - 1, math.ceil(0.95 * len(vals)) - 1)]
+
+
+# ---------------------------------------------------------------------------
+# Local multi-node cluster
+# ---------------------------------------------------------------------------
+
+
+class ClusterNodes:
+    """A local multi-node Ray cluster whose nodes can be removed and given back (same labels)."""
+
+    def __init__(self, nodes: int) -> None:
+        from ray.cluster_utils import Cluster
+
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
+            },
+        )
+        self.labels: dict[str, dict] = {}
+        for i in range(nodes):
+            self._add(LABELS[i % len(LABELS)], wait=True)
+        self.removed: list[dict] = []
+
+    def _add(self, labels: dict, wait: bool) -> None:
+        node = self.cluster.add_node(wait=wait, num_cpus=1, labels=dict(labels))
+        self.labels[node.node_id] = dict(labels)
+
+    def remove(self, node_id: str) -> None:
+        node = next(n for n in self.cluster.list_all_nodes() if n.node_id == node_id)
+        if node is self.cluster.head_node:
+            raise ValueError("will not remove the head node")
+        self.removed.append(self.labels.get(node_id, LABELS[0]))
+        self.cluster.remove_node(node, allow_graceful=False)
+
+    def add(self) -> None:
+        """Capacity comes back: a node with the labels of the oldest removed one (returns at once)."""
+        self._add(self.removed.pop(0) if self.removed else LABELS[0], wait=False)
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+# ---------------------------------------------------------------------------
+# Figures shared by the arms
+# ---------------------------------------------------------------------------
+
+
+def undisturbed_step_s(times_by_step: list[tuple[int, float]], fault_times: list[float], margin_s: float = 2.0) -> Optional[float]:
+    """Median interval between consecutive committed steps, away from any fault."""
+    gaps = []
+    for (s0, t0), (s1, t1) in zip(times_by_step, times_by_step[1:]):
+        if s1 != s0 + 1:
+            continue
+        if any(t0 - margin_s <= f <= t1 + margin_s for f in fault_times):
+            continue
+        gaps.append(t1 - t0)
+    return statistics.median(gaps) if gaps else None
+
+
+def summarise(rows: list[dict], *, scheduled: int, total_steps: int, steps_done: int, finished: bool,
+              wall_s: float, step_s: Optional[float], param_diff: Optional[float], steps_redone_total: int) -> dict:
+    fired = len(rows)
+    resumed = sum(1 for r in rows if r["resumed"]) if finished else 0
+    times = [r["recovery_s"] for r in rows if r["recovery_s"] is not None]
+    by_kind: dict[str, dict] = {}
+    for r in rows:
+        k = by_kind.setdefault(r["kind"], {"fired": 0, "resumed": 0, "recovery_s": [], "steps_redone": 0})
+        k["fired"] += 1
+        k["resumed"] += int(bool(r["resumed"]) and finished)
+        if r["recovery_s"] is not None:
+            k["recovery_s"].append(r["recovery_s"])
+        k["steps_redone"] += r["steps_redone"] or 0
+    for k in by_kind.values():
+        vals = k.pop("recovery_s")
+        k["recovery_median_s"] = statistics.median(vals) if vals else None
+        k["recovery_max_s"] = max(vals) if vals else None
+    redone = [r["steps_redone"] for r in rows if r["steps_redone"] is not None]
+    return {
+        "faults_scheduled": scheduled,
+        "faults_fired": fired,
+        "faults_resumed": resumed,
+        "resume_rate": resumed / fired if fired else None,
+        "finished": finished,
+        "steps": steps_done,
+        "total_steps": total_steps,
+        "recovery_median_s": statistics.median(times) if times else None,
+        "recovery_p95_s": p95(times),
+        "recovery_max_s": max(times) if times else None,
+        "steps_redone_total": steps_redone_total,
+        "steps_redone_max_per_fault": max(redone) if redone else None,
+        "steps_redone_per_fault": (steps_redone_total / fired) if fired else None,
+        "undisturbed_step_s": step_s,
+        "wall_s": wall_s,
+        "goodput": (total_steps * step_s / wall_s) if (step_s and wall_s and finished) else None,
+        "max_param_diff_vs_reference": param_diff,
+        "by_kind": by_kind,
+    }
+
+
+# ---------------------------------------------------------------------------
+# elastictrain arm (in this process: Ray's add_node must run on the main thread)
+# ---------------------------------------------------------------------------
+
+
+def run_elastictrain(a: argparse.Namespace, work: Path) -> dict:
+    import ray
+    import torch
+
+    import elastictrain as et
+    from elastictrain.ops.chaos import ChaosSchedule, chaos_report
+    from elastictrain.toy import ToyTask, make_train_fn, reference_params
+
+    task = ToyTask(total_steps=a.steps, step_sleep_s=a.step_sleep, seed=a.seed)
+    batch = et.BatchConfig(global_batch_size=a.global_batch, micro_batch_size=a.micro_batch, seed=a.seed)
+    nodes = ClusterNodes(a.workers + 1)
+    schedule = ChaosSchedule.mixed(
+        count=a.faults, seed=a.seed, full_world=a.workers, gap_steps=a.gap_steps, checkpoint_every=a.ckpt_every,
+        node_ops=nodes, readd_after_s=a.readd_after, full_world_wait_s=a.full_world_wait,
+    )
+    print(f"[elastictrain] {a.workers} workers, {a.steps} steps, {a.faults} faults: "
+          f"{', '.join(f.kind for f in schedule.faults)}", flush=True)
+    uri = (work / "ckpt").as_uri()
+    began = time.time()
+    result, error = None, None
+    try:
+        ray.init(address=nodes.cluster.address, logging_level="ERROR", log_to_driver=False)
+        result = et.ElasticTrainer(
+            make_train_fn(task),
+            scaling=et.ScalingConfig(min_workers=1, max_workers=a.workers),
+            batch=batch,
+            checkpoint=et.CheckpointConfig(uri=uri, every_steps=a.ckpt_every, keep_last=2),
+            failure=et.FailureConfig(max_failures=-1, collective_timeout_s=4, heartbeat_interval_s=0.2,
+                                     heartbeat_timeout_s=1.5, startup_wait_s=2.0),
+            run=et.RunConfig(progress=True, seed=a.seed),
+            callbacks=[schedule],
+        ).fit()
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: a failed run is a finding
+        error = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    finally:
+        wall = time.time() - began
+        ray.shutdown()
+        nodes.shutdown()
+    if result is None:
+        rows = [{"kind": f.kind, "step": f.fired_step, "time": f.fired_at, "resumed": False, "recovery_s": None,
+                 "steps_redone": None} for f in schedule.fired]
+        summary = summarise(rows, scheduled=a.faults, total_steps=a.steps, steps_done=-1, finished=False,
+                            wall_s=wall, step_s=None, param_diff=None, steps_redone_total=0)
+        return {"summary": summary, "faults": rows, "error": error, "timeline": {}}
+    rows = chaos_report(schedule, result)
+    hist = [h for h in result.history if "step" in h and "time" in h and "loss" in h]
+    firsts: dict[int, float] = {}
+    for h in hist:
+        firsts.setdefault(h["step"], h["time"])
+    step_s = undisturbed_step_s(sorted(firsts.items()), [r["time"] for r in rows])
+    diff = None
+    if "params" in result.metrics:
+        ref = reference_params(task, batch)
+        diff = (torch.tensor(result.metrics["params"]) - ref).abs().max().item()
+    summary = summarise(rows, scheduled=a.faults, total_steps=a.steps, steps_done=result.steps,
+                        finished=result.steps == a.steps, wall_s=wall, step_s=step_s, param_diff=diff,
+                        steps_redone_total=result.steps_redone)
+    summary["workers_lost"] = result.failures
+    summary["checkpoint_fallbacks"] = sum(1 for e in result.events if e["kind"] == "restored_from_checkpoint")
+    summary["nodes_readded"] = len(schedule.readds)
+    timeline = {
+        "t0": began,
+        "steps": [[h["time"] - began, h["step"]] for h in hist],
+        "world": [[e["time"] - began, e["world_size"]] for e in result.events if e["kind"] == "world"],
+        "faults": [[r["time"] - began, r["kind"]] for r in rows],
+    }
+    return {"summary": summary, "faults": rows, "error": error, "timeline": timeline}
+
+
+# ---------------------------------------------------------------------------
+# Ray Train arm (child process)
+# ---------------------------------------------------------------------------
+
+
+def trial_raytrain(a: argparse.Namespace, d: Path) -> None:
+    """TorchTrainer on the toy task; an injector thread applies the same kinds of faults to its workers."""
+    import ray
+    import ray.train
+    import torch
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from elastictrain.config import BatchConfig
+    from elastictrain.ops.chaos import ChaosSchedule
+    from elastictrain.toy import ToyTask, reference_params
+
+    task = ToyTask(total_steps=a.steps, step_sleep_s=a.step_sleep, seed=a.seed)
+    batch = BatchConfig(global_batch_size=a.global_batch, micro_batch_size=a.micro_batch, seed=a.seed)
+    kinds = [f.kind for f in ChaosSchedule.mixed(count=a.faults, seed=a.seed, full_world=a.workers,
+                                                  checkpoint_every=a.ckpt_every, node_ops=_NoNodes()).faults]
+    nodes = ClusterNodes(a.workers + 1)
+    log_dir = d / "steps"
+    cfg = {"log_dir": str(log_dir), "ckpt_tmp": str(d / "ckpt-tmp"), "task": task.__dict__, "batch": batch.model_dump(),
+           "ckpt_every": a.ckpt_every}
+
+    def train_loop(config: dict) -> None:
+        import tempfile as _tf
+
+        import ray.train as rt
+        import ray.train.torch as rtt
+        import torch as _t
+
+        from benchmarks import _common as CC
+        from elastictrain.accumulate import GradAccumulator, micro_batches, plan_rank
+        from elastictrain.config import BatchConfig as BC
+        from elastictrain.toy import ToyDataset, ToyTask as TT, flat_params, loss_sum, make_model
+
+        CC.set_threads(1)
+        t = TT(**config["task"])
+        b = BC(**config["batch"])
+        ctx = rt.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        log = CC.StepLog(config["log_dir"], rank)
+        data = ToyDataset(t)
+        model = rtt.prepare_model(make_model(t))
+        opt = _t.optim.AdamW(model.parameters(), lr=t.lr)
+        start = 0
+        ckpt = rt.get_checkpoint()
+        if ckpt:
+            with ckpt.as_directory() as cd:
+                state = _t.load(os.path.join(cd, "state.pt"), weights_only=True)
+            getattr(model, "module", model).load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start = int(state["next_step"])
+        acc = GradAccumulator(model, opt)
+        k = plan_rank(b.global_batch_size, b.micro_batch_size, world, rank).num_micro_batches
+        for step in range(start, t.total_steps):
+            with acc.step(num_micro_batches=k) as s:
+                for mb in micro_batches(data, step, rank=rank, world_size=world, batch=b):
+                    total, n = loss_sum(model, mb)
+                    s.backward(total, num_items=n)
+            time.sleep(t.step_sleep_s)
+            log.step(step, world=world)
+            last = step + 1 == t.total_steps
+            if (step + 1) % config["ckpt_every"] == 0 or last:
+                metrics = {"step": step}
+                if last:
+                    metrics["params"] = flat_params(model).tolist()
+                if rank == 0:
+                    os.makedirs(config["ckpt_tmp"], exist_ok=True)
+                    with _tf.TemporaryDirectory(dir=config["ckpt_tmp"]) as td:
+                        _t.save({"model": getattr(model, "module", model).state_dict(), "optimizer": opt.state_dict(),
+                                 "next_step": step + 1}, os.path.join(td, "state.pt"))
+                        rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(td))
+                else:
+                    rt.report(metrics)
+        log.close()
+
+    injector = _RayTrainInjector(kinds, log_dir, nodes, a)
+    began = time.time()
+    status: dict[str, Any] = {"ok": False}
+    try:
+        ray.init(address=nodes.cluster.address, logging_level="ERROR", log_to_driver=False)
+        injector.start()
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=cfg,
+            torch_config=TorchConfig(backend="gloo", timeout_s=10),
+            scaling_config=ray.train.ScalingConfig(num_workers=a.workers, use_gpu=False,
+                                                   resources_per_worker={"CPU": 1}),
+            run_config=ray.train.RunConfig(
+                name="resume-rate", storage_path=str(d / "storage"),
+                failure_config=ray.train.FailureConfig(max_failures=-1),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        res = trainer.fit()
+        status["ok"] = res.error is None
+        status["error"] = None if res.error is None else f"{type(res.error).__name__}: {res.error}"
+        params = (res.metrics or {}).get("params")
+        if params is not None:
+            ref = reference_params(task, batch)
+            status["max_param_diff_vs_reference"] = (torch.tensor(params) - ref).abs().max().item()
+    except Exception as exc:  # noqa: BLE001
+        status["error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    finally:
+        injector.stop()
+        status["wall_s"] = time.time() - began
+        status["t0"] = began
+        status["faults"] = injector.fired
+        status["skipped_kinds"] = injector.skipped
+        (d / "status.json").write_text(json.dumps(status, default=str))
+        ray.shutdown()
+        nodes.shutdown()
+
+
+class _NoNodes:
+    def remove(self, node_id: str) -> None: ...
+
+    def add(self) -> None: ...
+
+
+class _RayTrainInjector(threading.Thread):
+    """Reads the workers' step logs and fires one fault at a time on their processes.
+
+    Ranks come from the newest records; a fault waits until every rank of the
+    current attempt has logged `gap_steps` steps past the previous fault.
+    """
+
+    def __init__(self, kinds: list[str], log_dir: Path, nodes: ClusterNodes, a: argparse.Namespace) -> None:
+        super().__init__(name="raytrain-injector", daemon=True)
+        self.kinds, self.log_dir, self.nodes, self.a = list(kinds), log_dir, nodes, a
+        self.fired: list[dict] = []
+        self.skipped: dict[str, str] = {}
+        self._halt = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
+
+    def _current(self) -> tuple[dict[int, dict], int]:
+        recs = C.read_step_logs(self.log_dir) if self.log_dir.exists() else []
+        newest: dict[int, dict] = {}
+        for r in recs:
+            newest[r["rank"]] = r
+        last_fault = self.fired[-1]["time"] if self.fired else 0.0
+        live = {rk: r for rk, r in newest.items() if r["t"] > last_fault}
+        return live, max((r["step"] for r in recs), default=-1)
+
+    def _node_of(self, pid: int) -> Optional[str]:
+        for node in self.nodes.cluster.list_all_nodes():
+            if node is self.nodes.cluster.head_node:
+                continue
+            try:
+                import psutil
+
+                raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+                if pid in {c.pid for c in raylet.children(recursive=True)}:
+                    return node.node_id
+            except Exception:  # noqa: BLE001
+                continue
+        return None
+
+    def run(self) -> None:
+        steps_at_fire = 0
+        readd_at: list[float] = []
+        while not self._halt.wait(0.05):
+            while readd_at and time.time() >= readd_at[0]:
+                readd_at.pop(0)
+                try:
+                    self.nodes.add()
+                except Exception as exc:  # noqa: BLE001 - Ray may refuse off the main thread
+                    self.skipped["node_loss (re-add)"] = f"{type(exc).__name__}: {exc}"
+            if not self.kinds:
+                continue
+            live, newest = self._current()
+            if len(live) < self.a.workers or newest < steps_at_fire + self.a.gap_steps:
+                continue
+            if min(r["step"] for r in live.values()) < steps_at_fire + self.a.gap_steps:
+                continue
+            kind = self.kinds[0]
+            if kind == "kill_in_checkpoint" and (newest + 1) % self.a.ckpt_every != 0:
+                continue
+            self.kinds.pop(0)
+            leader, follower = live[0]["pid"], live[1 if len(live) > 1 else 0]["pid"]
+            t = time.time()
+            entry = {"kind": kind, "time": t, "step": newest}
+            try:
+                if kind in ("kill_leader", "kill_in_checkpoint"):
+                    os.kill(leader, signal.SIGKILL)
+                elif kind == "kill_follower":
+                    os.kill(follower, signal.SIGKILL)
+                elif kind == "preempt":
+                    os.kill(follower, signal.SIGTERM)
+                elif kind == "hang":
+                    os.kill(follower, signal.SIGSTOP)
+                elif kind == "kill_in_rebuild":
+                    os.kill(follower, signal.SIGKILL)
+                    time.sleep(self.a.rebuild_delay)
+                    os.kill(leader, signal.SIGKILL)
+                elif kind == "node_loss":
+                    node_id = self._node_of(follower)
+                    if node_id is None:
+                        os.kill(follower, signal.SIGKILL)
+                        entry["note"] = "node not found; worker killed instead"
+                    else:
+                        self.nodes.remove(node_id)
+                        readd_at.append(t + self.a.readd_after)
+            except ProcessLookupError:
+                entry["note"] = "target already gone"
+            self.fired.append(entry)
+            steps_at_fire = newest
+
+
+def run_raytrain(a: argparse.Namespace, work: Path) -> dict:
+    try:
+        import ray.train.torch  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return {"skipped": f"ray[train] is not available: {type(exc).__name__}: {exc}"}
+    d = work / "raytrain"
+    d.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "benchmarks.resume_rate", "--trial", "raytrain", "--trial-dir", str(d),
+           *_forward_args(a)]
+    # Ray Train notices a hung worker when its health check times out: 600 s by default; the
+    # arm uses --raytrain-health-timeout (10 s, near elastictrain's heartbeat + collective timeouts).
+    env = C.child_env({"RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": a.raytrain_health_timeout})
+    run = C.run_child(cmd, a.raytrain_timeout, d / "output.log", env=env)
+    status = json.loads((d / "status.json").read_text()) if (d / "status.json").exists() else {}
+    recs = C.read_step_logs(d / "steps") if (d / "steps").exists() else []
+    rows = []
+    faults = status.get("faults", [])
+    for i, f in enumerate(faults):
+        nxt = faults[i + 1]["time"] if i + 1 < len(faults) else float("inf")
+        before = {r["step"] for r in recs if r["t"] <= f["time"]}
+        after = [r for r in recs if f["time"] < r["t"] <= nxt]
+        # new progress after the fault: a step logged after it by a process that started after it
+        pids_before = {r["pid"] for r in recs if r["t"] <= f["time"]}
+        fresh = [r for r in after if r["pid"] not in pids_before]
+        first = fresh[0] if fresh else None
+        redone = {r["step"] for r in fresh if r["step"] in before}
+        rows.append({"kind": f["kind"], "step": f["step"], "time": f["time"], "resumed": first is not None,
+                     "recovery_s": (first["t"] - f["time"]) if first else None, "steps_redone": len(redone),
+                     **({"note": f["note"]} if "note" in f else {})})
+    done = {r["step"] for r in recs}
+    finished = bool(status.get("ok")) and all(s in done for s in range(a.steps))
+    firsts: dict[int, float] = {}
+    for r in recs:
+        if r["rank"] == 0:
+            firsts.setdefault(r["step"], r["t"])
+    step_s = undisturbed_step_s(sorted(firsts.items()), [f["time"] for f in faults])
+    summary = summarise(rows, scheduled=a.faults, total_steps=a.steps, steps_done=max(done) + 1 if done else -1,
+                        finished=finished, wall_s=status.get("wall_s") or run["wall_s"], step_s=step_s,
+                        param_diff=status.get("max_param_diff_vs_reference"),
+                        steps_redone_total=sum(r["steps_redone"] for r in rows))
+    t0 = status.get("t0", recs[0]["t"] if recs else 0.0)
+    worlds = []
+    for r in recs:
+        if r["rank"] == 0 and (not worlds or worlds[-1][1] != r.get("world")):
+            worlds.append([r["t"] - t0, r.get("world")])
+    timeline = {"steps": [[t - t0, s] for s, t in sorted(firsts.items())],
+                "faults": [[f["time"] - t0, f["kind"]] for f in faults], "world": worlds}
+    out = {"summary": summary, "faults": rows, "error": status.get("error"), "timeline": timeline,
+           "timed_out": run["timed_out"], "rc": run["rc"], "skipped_kinds": status.get("skipped_kinds", {})}
+    if run["timed_out"] or not status:
+        out["log_tail"] = C.tail(d / "output.log", 3000)
+    return out
+
+
+def _forward_args(a: argparse.Namespace) -> list[str]:
+    return ["--faults", str(a.faults), "--steps", str(a.steps), "--workers", str(a.workers), "--seed", str(a.seed),
+            "--step-sleep", str(a.step_sleep), "--ckpt-every", str(a.ckpt_every), "--gap-steps", str(a.gap_steps),
+            "--readd-after", str(a.readd_after), "--global-batch", str(a.global_batch),
+            "--micro-batch", str(a.micro_batch)]
+
+
+# ---------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    a = report["config"]
+    lines = [f"# Resume rate under mixed faults\n",
+             f"`{report['command']}`\n",
+             f"{a['workers']} workers (one CPU node each, one spare node), {a['steps']} steps, {a['faults']} faults "
+             f"scheduled (seed {a['seed']}), checkpoint every {a['ckpt_every']} steps to file://. "
+             f"Machine: {report['machine']['cpus']} CPUs, load {report['machine']['loadavg_1_5_15']}.\n"]
+    rows = []
+    for arm, res in report["arms"].items():
+        if "skipped" in res:
+            rows.append([arm, f"skipped: {res['skipped']}"] + [""] * 7)
+            continue
+        s = res["summary"]
+        rate = f"{s['faults_resumed']}/{s['faults_fired']}" + (f" ({100 * s['resume_rate']:.0f}%)" if s["resume_rate"] is not None else "")
+        rows.append([arm, rate, C.fmt(s["recovery_median_s"], 2, " s"), C.fmt(s["recovery_p95_s"], 2, " s"),
+                     f"{s['steps_redone_total']} (max {s['steps_redone_max_per_fault']}/fault)",
+                     C.fmt(s["goodput"] * 100 if s["goodput"] is not None else None, 0, "%"),
+                     f"{s['steps']}/{s['total_steps']}", C.fmt(s["max_param_diff_vs_reference"], 1) if s["max_param_diff_vs_reference"] is None else f"{s['max_param_diff_vs_reference']:.1e}",
+                     C.fmt(s["wall_s"], 0, " s")])
+    lines.append(C.md_table(["arm", "resumed", "recovery median", "recovery p95", "steps redone", "goodput",
+                             "steps", "max |param diff| vs reference", "wall"], rows))
+    for arm, res in report["arms"].items():
+        if "skipped" in res:
+            continue
+        lines.append(f"\n## {arm}: by fault kind\n")
+        krows = [[k, f"{v['resumed']}/{v['fired']}", C.fmt(v["recovery_median_s"], 2, " s"),
+                  C.fmt(v["recovery_max_s"], 2, " s"), v["steps_redone"]] for k, v in sorted(res["summary"]["by_kind"].items())]
+        lines.append(C.md_table(["kind", "resumed", "recovery median", "recovery max", "steps redone"], krows))
+        if res.get("error"):
+            lines.append(f"\nError: `{res['error']}`\n")
+        if res.get("skipped_kinds"):
+            lines.append(f"\nNot applied: {res['skipped_kinds']}\n")
+    if report.get("plot"):
+        lines.append(f"\n![steps and world size over time]({Path(report['plot']).name})\n")
+    lines.append("\nResumed: a later world committed a step after the fault, with no human action, and the run "
+                 "finished. Recovery: fault to the first step committed after it by the rebuilt world (Ray Train: "
+                 "by a restarted worker). Goodput: steps x undisturbed median step time / wall time.\n")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # noqa: BLE001
+        print(f"no plot: {exc}", file=sys.stderr)
+        return None
+    arms = [(arm, res) for arm, res in report["arms"].items() if res.get("timeline", {}).get("steps")]
+    if not arms:
+        return None
+    fig, axes = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    colors = {"elastictrain": "tab:blue", "raytrain": "tab:orange"}
+    markers = {"kill_follower": "x", "kill_leader": "X", "node_loss": "s", "preempt": "v", "hang": "P",
+               "kill_in_checkpoint": "D", "kill_in_rebuild": "*"}
+    for arm, res in arms:
+        tl = res["timeline"]
+        color = colors.get(arm, None)
+        xs, ys = zip(*tl["steps"])
+        axes[0].plot(xs, ys, ".", ms=2, color=color, label=f"{arm}: committed step")
+        for t, kind in tl.get("faults", []):
+            axes[0].axvline(t, color=color, alpha=0.12, lw=0.8)
+            axes[0].plot([t], [0], markers.get(kind, "o"), color=color, ms=6)
+        if tl.get("world"):
+            wx, wy = zip(*[(t, w) for t, w in tl["world"] if w is not None] or [(0, 0)])
+            end = max(xs)
+            axes[1].step(list(wx) + [end], list(wy) + [wy[-1]], where="post", color=color, label=arm)
+    for kind, m in markers.items():
+        axes[0].plot([], [], m, color="gray", label=kind)
+    axes[0].set_ylabel("step")
+    axes[0].legend(fontsize=7, ncol=2, loc="upper left")
+    axes[0].set_title("Training progress under mixed faults (markers at the bottom: faults)")
+    axes[1].set_ylabel("world size")
+    axes[1].set_xlabel("wall time (s)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--faults", type=int, default=50, help="faults to inject (default 50)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 100 per fault + 50)")
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0, help="seed of the fault order, the model and the data")
+    p.add_argument("--quick", action="store_true", help="6 faults, short run (< 2 minutes): for `elastictrain bench`")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {ARMS}")
+    p.add_argument("--step-sleep", type=float, default=0.05, help="seconds slept in each step")
+    p.add_argument("--ckpt-every", type=int, default=10, help="checkpoint every N steps")
+    p.add_argument("--gap-steps", type=int, default=3, help="steps committed after a recovery before the next fault")
+    p.add_argument("--readd-after", type=float, default=3.0, help="seconds before a lost node's capacity returns")
+    p.add_argument("--full-world-wait", type=float, default=6.0,
+                   help="seconds a fault waits for the full world before firing on fewer members")
+    p.add_argument("--rebuild-delay", type=float, default=0.03, help="seconds between the two kills of kill_in_rebuild")
+    p.add_argument("--global-batch", type=int, default=24)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--raytrain-health-timeout", type=float, default=10.0,
+                   help="RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S of the Ray Train arm (Ray's default: 600)")
+    p.add_argument("--raytrain-timeout", type=float, default=None, help="deadline of the Ray Train arm (seconds)")
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--trial", help=argparse.SUPPRESS)
+    p.add_argument("--trial-dir", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = build_parser().parse_args(argv)
+    if a.quick:
+        a.faults = 6 if "--faults" not in argv else a.faults
+        a.arms = "elastictrain" if "--arms" not in argv else a.arms
+    if a.steps is None:
+        a.steps = 100 * a.faults + 50
+    if a.raytrain_timeout is None:
+        a.raytrain_timeout = 60 + 30 * a.faults + a.steps * 0.3
+    if a.trial == "raytrain":
+        trial_raytrain(a, Path(a.trial_dir))
+        return 0
+    arms = [x for x in a.arms.split(",") if x]
+    unknown = set(arms) - set(ARMS)
+    if unknown:
+        print(f"resume_rate: unknown arms {sorted(unknown)}; known: {ARMS}", file=sys.stderr)
+        return 2
+    C.set_threads(1)
+    report: dict[str, Any] = {
+        "benchmark": "resume_rate",
+        "command": "python -m benchmarks.resume_rate " + " ".join(argv),
+        "config": {k: v for k, v in vars(a).items() if k not in ("trial", "trial_dir")},
+        "machine": C.machine_info(),
+        "arms": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="resume-rate-") as tmp:
+        work = Path(tmp)
+        for arm in arms:
+            t0 = time.time()
+            res = run_elastictrain(a, work) if arm == "elastictrain" else run_raytrain(a, work)
+            report["arms"][arm] = res
+            s = res.get("summary")
+            print(f"[{arm}] done in {time.time() - t0:.0f} s: " + (json.dumps({k: v for k, v in s.items() if k != "by_kind"}, default=str) if s else res.get("skipped", "")), flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report["plot"] = plot(report, out / "resume_rate.png")
+    jp, mp = C.write_report(out, "resume_rate", report, markdown(report))
+    print(markdown(report))
+    print(f"wrote {jp}, {mp}" + (f", {report['plot']}" if report["plot"] else ""))
+    et = report["arms"].get("elastictrain", {}).get("summary")
+    if et is None:
+        return 0
+    ok = et["finished"] and et["resume_rate"] == 1.0 and (et["steps_redone_max_per_fault"] or 0) <= 1
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

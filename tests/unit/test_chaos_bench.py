@@ -1,0 +1,144 @@
+"""Mixed fault schedules (without Ray: a fake run view) and `elastictrain bench` when the sources are absent."""
+
+from __future__ import annotations
+
+import signal
+from types import SimpleNamespace
+
+import pytest
+
+from elastictrain.ops.chaos import FAULT_KINDS, ChaosFault, ChaosSchedule, chaos_report
+
+
+class FakeView:
+    """A run whose world the test moves by hand; records the signals a schedule sends."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.step, self.term = 0, 1
+        self.sent: list[tuple[str, int]] = []
+        self.world(size)
+
+    def world(self, size: int, term=None) -> None:
+        self.term = term if term is not None else self.term
+        self._members = {f"w{i}": {"rank": i, "term": self.term, "leader": i == 0, "pid": 100 + i, "node_id": f"n{i}"}
+                         for i in range(size)}
+
+    def members(self):
+        return {m: dict(v) for m, v in self._members.items()}
+
+    def leader(self):
+        return next((m for m, v in self._members.items() if v["leader"]), None)
+
+    def signal(self, member, sig):
+        self.sent.append((member, int(sig)))
+        return 1000.0 + len(self.sent)
+
+
+class FakeNodes:
+    def __init__(self) -> None:
+        self.removed, self.added = [], 0
+
+    def remove(self, node_id):
+        self.removed.append(node_id)
+
+    def add(self):
+        self.added += 1
+
+
+def test_mixed_schedule_cycles_every_kind_in_a_seeded_order():
+    a = ChaosSchedule.mixed(count=14, seed=3, full_world=3, checkpoint_every=5, node_ops=FakeNodes())
+    b = ChaosSchedule.mixed(count=14, seed=3, full_world=3, checkpoint_every=5, node_ops=FakeNodes())
+    kinds = [f.kind for f in a.faults]
+    assert kinds == [f.kind for f in b.faults]
+    assert sorted(kinds[:7]) == sorted(FAULT_KINDS) and sorted(kinds[7:]) == sorted(FAULT_KINDS)
+    with pytest.raises(ValueError, match="node_ops"):
+        ChaosSchedule([ChaosFault("node_loss", 0)], full_world=3)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        ChaosSchedule([ChaosFault("kill_in_checkpoint", 0)], full_world=3)
+
+
+def test_faults_wait_for_recovery_and_a_full_world():
+    clock = [0.0]
+    view = FakeView()
+    s = ChaosSchedule([ChaosFault("kill_follower", 0), ChaosFault("kill_leader", 1)], full_world=3, gap_steps=2,
+                      clock=lambda: clock[0])
+    view.step = 1
+    s.on_progress(view)
+    assert not view.sent  # not before gap_steps
+    view.step = 2
+    s.on_progress(view)
+    assert view.sent == [("w1", signal.SIGKILL)]
+    view.step = 10
+    s.on_progress(view)
+    assert len(view.sent) == 1  # same term: not recovered yet
+    view.world(2, term=2)
+    view.step = 13
+    s.on_progress(view)
+    assert len(view.sent) == 1  # recovered, but the world is not full and the wait has not run out
+    clock[0] += s.full_world_wait_s + 1
+    s.on_progress(view)
+    assert view.sent[-1] == ("w0", signal.SIGKILL)  # the leader, on the smaller world after the wait
+    assert [f.term for f in s.fired] == [1, 2]
+
+
+def test_checkpoint_kill_fires_on_a_save_step_and_node_capacity_returns():
+    clock = [0.0]
+    view, nodes = FakeView(), FakeNodes()
+    s = ChaosSchedule([ChaosFault("node_loss", 0), ChaosFault("kill_in_checkpoint", 1), ChaosFault("hang", 2),
+                       ChaosFault("kill_in_rebuild", 3)],
+                      full_world=3, gap_steps=1, checkpoint_every=5, node_ops=nodes, readd_after_s=2.0,
+                      rebuild_delay_s=0.0, clock=lambda: clock[0])
+    view.step = 1
+    s.on_progress(view)
+    assert nodes.removed == ["n1"] and not view.sent
+    clock[0] = 1.0
+    s.on_progress(view)
+    assert nodes.added == 0
+    clock[0] = 2.5
+    view.world(3, term=2)
+    view.step = 5  # step 5 commits state.step 6: no save due
+    s.on_progress(view)
+    assert nodes.added == 1 and not view.sent
+    view.step = 9  # state.step 10: a save starts now
+    s.on_progress(view)
+    assert view.sent == [("w0", signal.SIGKILL)]
+    view.world(3, term=3)
+    view.step = 11
+    s.on_progress(view)
+    assert view.sent[-1][1] == signal.SIGSTOP
+    view.world(3, term=4)
+    view.step = 13
+    s.on_progress(view)
+    assert [sig for _, sig in view.sent[-2:]] == [signal.SIGKILL, signal.SIGKILL]
+    assert len({m for m, _ in view.sent[-2:]}) == 2  # two different members
+
+
+def test_chaos_report_counts_resumes_recovery_and_steps_redone():
+    s = ChaosSchedule([], full_world=2)
+    s.fired = [ChaosFault("kill_leader", 0, fired_at=10.0, fired_step=4, term=1),
+               ChaosFault("kill_follower", 1, fired_at=20.0, fired_step=9, term=2)]
+    history = [{"step": i, "term": 1, "time": 5.0 + i} for i in range(6)]  # step 5 committed in term 1 at t=10.5
+    history += [{"step": i, "term": 2, "time": 11.0 + i} for i in range(5, 10)]  # step 5 again in term 2
+    commits = [(1, i) for i in range(6)] + [(2, i) for i in range(5, 10)]
+    rows = chaos_report(s, SimpleNamespace(history=history, commits=commits))
+    assert rows[0]["resumed"] and rows[0]["recovery_s"] == pytest.approx(6.0) and rows[0]["steps_redone"] == 1
+    assert not rows[1]["resumed"] and rows[1]["recovery_s"] is None and rows[1]["steps_redone"] == 0
+
+
+def test_bench_without_sources_fails_with_one_line(monkeypatch, tmp_path, capsys):
+    import elastictrain
+    from elastictrain.cli import main
+
+    fake = tmp_path / "site-packages" / "elastictrain" / "__init__.py"
+    fake.parent.mkdir(parents=True)
+    monkeypatch.setattr(elastictrain, "__file__", str(fake))
+    assert main(["bench", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "installed without its sources" in err
+
+
+def test_bench_rejects_unknown_names(tmp_path, capsys):
+    from elastictrain.cli import main
+
+    assert main(["bench", "--only", "recovery,nope", "--out", str(tmp_path)]) == 1
+    assert "nope" in capsys.readouterr().err
