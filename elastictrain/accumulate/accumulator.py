@@ -59,7 +59,6 @@ class AccumulationStep:
         self._items_local: Union[Number, torch.Tensor] = 0
         self._stats: Optional[torch.Tensor] = None
         self._stats_work: Any = None
-        self._prescaled = False
 
     @property
     def grad_norm(self) -> Optional[float]:
@@ -127,22 +126,15 @@ class AccumulationStep:
             num_items = num_items.detach().to(torch.float64)
         self._items_local = self._items_local + num_items
         last = k is not None and self.micro_steps_done == k
-        prescale = None
-        if last and k == 1:
-            # One micro-step: N is known before the only backward, so the loss itself is
-            # normalised and the gradients need no extra pass. The count reduce is tiny,
-            # and on NCCL it orders streams without blocking the host.
-            self._launch_stats(async_op=False)
-            ranks = self._world if self._mode == "ddp" else 1
-            prescale = (ranks / self._stats[1]).to(loss_sum.dtype)
-            self._prescaled = True
-        elif last and self._world > 1:
-            # Every item is known before the last backward: reduce the counts now so the
-            # tiny all-reduce overlaps the backward instead of following it.
+        if last and self._world > 1:
+            # Every item is known before the last backward: reduce the counts now, in the
+            # background, so the tiny all-reduce overlaps the backward. Waiting for it
+            # here (to normalise the loss itself) would add a second point per step
+            # where ranks wait for each other, which costs more than the one multiply
+            # of the gradients it would save.
             self._launch_stats(async_op=True)
         acc = self._acc
-        loss = loss_sum if prescale is None else loss_sum * prescale
-        loss = loss if acc.scaler is None else acc.scaler.scale(loss)
+        loss = loss_sum if acc.scaler is None else acc.scaler.scale(loss_sum)
         with torch.autocast(acc._device_type(), enabled=False) if acc.autocast_dtype is not None else _nullcontext():
             loss.backward()
         if acc._fp32_params:
@@ -182,7 +174,7 @@ class AccumulationStep:
             return
         self.loss = loss_total / items_total
         # DDP averages over ranks; the manual path (and a single process) sums.
-        factor = 1.0 if self._prescaled else (self._world if self._mode == "ddp" else 1) / items_total
+        factor = (self._world if self._mode == "ddp" else 1) / items_total
         found_inf = False
         if acc.scaler is not None:
             acc.scaler.unscale_(acc.optimizer)

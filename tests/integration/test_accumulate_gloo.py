@@ -123,7 +123,7 @@ def _worker(rank, world, port, out_dir, resume_from):
     )
     try:
         results = {"ddp": _train(rank, world, steps=list(range(STEPS)), save_after=RESUME_AT - 1)}
-        # One micro-batch per rank (k=1): the loss is normalised before its only backward.
+        # One micro-batch per rank (k=1): no no_sync at all, the count reduce still overlaps.
         results["k1"] = _train(rank, world, steps=list(range(STEPS)), batch_cfg=BATCH_K1)
         if resume_from is not None:
             state = torch.load(resume_from, weights_only=False)["ddp"]["state"]
