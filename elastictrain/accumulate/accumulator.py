@@ -135,7 +135,7 @@ class AccumulationStep:
             self._launch_stats(async_op=True)
         acc = self._acc
         loss = loss_sum if acc.scaler is None else acc.scaler.scale(loss_sum)
-        with torch.autocast(acc._device_type(), enabled=False) if acc.autocast_dtype is not None else _nullcontext():
+        with torch.autocast(acc._device_type(), enabled=False) if acc.autocast_dtype is not None else contextlib.nullcontext():
             loss.backward()
         if acc._fp32_params:
             acc._move_grads_to_fp32()
@@ -194,11 +194,6 @@ class AccumulationStep:
             self.skipped = found_inf
         else:
             acc.optimizer.step()
-
-
-class _nullcontext(contextlib.AbstractContextManager):
-    def __exit__(self, *exc):
-        return False
 
 
 class GradAccumulator:
