@@ -46,3 +46,15 @@ def _no_leaked_ray_session():
     if ray is not None and ray.is_initialized():
         ray.shutdown()
         pytest.fail("a test module left a Ray session running")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local Ray session shared by the tests of one module."""
+    import ray
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

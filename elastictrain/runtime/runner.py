@@ -176,6 +176,11 @@ class Runner:
                 return {"status": "finished", "step": self.committed}
             finally:
                 _set_current(None)
+                if ctx is not None:
+                    ctx._accumulators.clear()
+                ctx = None
+                if self._live is not None:
+                    self._live.release_world()
                 with self._group_lock:
                     self._group_sockets = None
                 destroy_group(self.spec.backend)

@@ -67,6 +67,12 @@ class ElasticState:
         else:
             self._objects[name] = value
 
+    def release_world(self) -> None:
+        """Drop DDP wrappers (they hold the old process group), keeping the modules and their state."""
+        for name, obj in self._objects.items():
+            if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
+                self._objects[name] = obj.module
+
     @property
     def names(self) -> list[str]:
         return sorted(self._objects)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 import elastictrain as et
-from elastictrain.toy import ToyTask, make_train_fn, reference_params
+from elastictrain.toy import ToyTask
 from tests.fault.faults import At, a_follower
+from tests.toy_runs import FAILURE as BASE_FAILURE
+from tests.toy_runs import assert_matches_one_process, fit_toy
 
 pytestmark = pytest.mark.slow
 
-BATCH = et.BatchConfig(global_batch_size=24, micro_batch_size=4)
-FAILURE = et.FailureConfig(collective_timeout_s=4, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.5, startup_wait_s=1.0)
+# Workers that cannot be placed stay pending: the first world should not wait long for them.
+FAILURE = BASE_FAILURE.model_copy(update={"startup_wait_s": 1.0})
 TASK = ToyTask(total_steps=30, step_sleep_s=0.08)
 AWS = {"provider": "aws", "region": "us-east-1"}
 GCP = {"provider": "gcp", "region": "europe-west4"}
@@ -55,18 +56,11 @@ def _node_of(cluster, node_id: str):
 
 
 def _fit(callbacks, *, workers, label_selector=None, task=TASK) -> et.Result:
-    return et.ElasticTrainer(
-        make_train_fn(task),
-        scaling=et.ScalingConfig(min_workers=workers[0], max_workers=workers[1], label_selector=label_selector),
-        batch=BATCH,
-        failure=FAILURE,
-        callbacks=callbacks,
-    ).fit()
+    return fit_toy(task, workers=workers, callbacks=callbacks, failure=FAILURE, label_selector=label_selector)
 
 
 def _assert_same_model(result: et.Result, task: ToyTask = TASK) -> None:
-    assert result.steps == task.total_steps
-    torch.testing.assert_close(torch.tensor(result.metrics["params"]), reference_params(task, BATCH), atol=2e-5, rtol=0)
+    assert_matches_one_process(result, task)
 
 
 def _world_sizes(result: et.Result) -> list[int]:

@@ -5,41 +5,26 @@ from __future__ import annotations
 import signal
 import time
 
-import torch
-
-import elastictrain as et
-from elastictrain.toy import ToyTask, make_train_fn, reference_params
+from elastictrain.toy import ToyTask
 from tests.fault.faults import At, a_follower, kill_follower, kill_leader
+from tests.toy_runs import FAILURE, assert_matches_one_process, fit_toy, kinds
 
-BATCH = et.BatchConfig(global_batch_size=24, micro_batch_size=4)
-FAILURE = et.FailureConfig(collective_timeout_s=4, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.5)
 TASK = ToyTask(total_steps=30, step_sleep_s=0.05)
 
 
-def _fit(callbacks, workers=(2, 3), failure=FAILURE) -> et.Result:
-    return et.ElasticTrainer(
-        make_train_fn(TASK),
-        scaling=et.ScalingConfig(min_workers=workers[0], max_workers=workers[1]),
-        batch=BATCH,
-        failure=failure,
-        callbacks=callbacks,
-    ).fit()
+def _fit(callbacks, workers=(2, 3)):
+    return fit_toy(TASK, workers=workers, callbacks=callbacks)
 
 
-def _assert_same_model(result: et.Result) -> None:
-    assert result.steps == TASK.total_steps
-    torch.testing.assert_close(torch.tensor(result.metrics["params"]), reference_params(TASK, BATCH), atol=2e-5, rtol=0)
-
-
-def _kinds(result: et.Result) -> list[str]:
-    return [e["kind"] for e in result.events]
+def _assert_same_model(result) -> None:
+    assert_matches_one_process(result, TASK)
 
 
 def test_sigkill_a_worker(ray_session):
     fault = At(8, kill_follower, min_members=3)
     result = _fit([fault])
     assert fault.fired_at is not None
-    assert _kinds(result).count("worker_lost") == 1
+    assert kinds(result).count("worker_lost") == 1
     assert result.recoveries, "no recovery was reported"
     assert result.steps_redone <= 1
     _assert_same_model(result)
@@ -67,7 +52,7 @@ def test_second_loss_during_a_rebuild(ray_session):
     fault = At(8, kill_two, min_members=4)
     result = _fit([fault], workers=(2, 4))
     assert fault.fired_at is not None
-    assert _kinds(result).count("worker_lost") == 2
+    assert kinds(result).count("worker_lost") == 2
     assert result.steps_redone <= 2
     _assert_same_model(result)
 

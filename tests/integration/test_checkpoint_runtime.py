@@ -6,15 +6,12 @@ import base64
 import signal
 
 import pytest
-import torch
 
 import elastictrain as et
 from elastictrain.checkpoint import CheckpointManager
-from elastictrain.toy import ToyTask, make_train_fn, reference_params
+from elastictrain.toy import ToyTask
 from tests.fault.faults import At, a_follower
-
-BATCH = et.BatchConfig(global_batch_size=24, micro_batch_size=4)
-FAILURE = et.FailureConfig(collective_timeout_s=4, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.5)
+from tests.toy_runs import assert_matches_one_process, fit_toy
 
 
 @pytest.fixture
@@ -25,18 +22,11 @@ def key_spec(tmp_path):
 
 
 def _fit(task, ckpt, *, workers=(2, 2), callbacks=()):
-    return et.ElasticTrainer(
-        make_train_fn(task),
-        scaling=et.ScalingConfig(min_workers=workers[0], max_workers=workers[1]),
-        batch=BATCH,
-        checkpoint=ckpt,
-        failure=FAILURE,
-        callbacks=list(callbacks),
-    ).fit()
+    return fit_toy(task, workers=workers, callbacks=callbacks, checkpoint=ckpt)
 
 
 def _assert_reference(result, task):
-    torch.testing.assert_close(torch.tensor(result.metrics["params"]), reference_params(task, BATCH), atol=2e-5, rtol=0)
+    assert_matches_one_process(result, task)
 
 
 def test_resubmitted_job_resumes_from_its_encrypted_checkpoint(ray_session, tmp_path, key_spec):

@@ -8,22 +8,13 @@ import pytest
 import torch
 
 import elastictrain as et
-from elastictrain.toy import ToyTask, make_train_fn, reference_params
+from elastictrain.toy import ToyTask
 from tests.fault.faults import At, a_follower
-
-BATCH = et.BatchConfig(global_batch_size=24, micro_batch_size=4)
-FAILURE = et.FailureConfig(collective_timeout_s=5, heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0)
+from tests.toy_runs import FAILURE, assert_matches_one_process, fit_toy
 
 
-def _fit(task: ToyTask, *, workers=(2, 2), callbacks=(), **kwargs) -> et.Result:
-    return et.ElasticTrainer(
-        make_train_fn(task),
-        scaling=et.ScalingConfig(min_workers=workers[0], max_workers=workers[1]),
-        batch=BATCH,
-        failure=FAILURE,
-        callbacks=list(callbacks),
-        **kwargs,
-    ).fit()
+def _fit(task: ToyTask, *, workers=(2, 2), callbacks=()) -> et.Result:
+    return fit_toy(task, workers=workers, callbacks=callbacks)
 
 
 def test_uninterrupted_run_matches_one_process(ray_session):
@@ -32,13 +23,13 @@ def test_uninterrupted_run_matches_one_process(ray_session):
     assert result.steps == 12
     assert [h["step"] for h in result.history] == list(range(12))
     assert not [e for e in result.events if e["kind"] in ("worker_lost", "world_changed")]
-    torch.testing.assert_close(torch.tensor(result.metrics["params"]), reference_params(task, BATCH), atol=2e-5, rtol=0)
+    assert_matches_one_process(result, task)
 
 
 def test_user_error_fails_the_run_with_its_reason(ray_session):
     def train_fn(ctx):
         model = ctx.prepare_model(torch.nn.Linear(2, 1))
-        state = ctx.state(model=model)
+        ctx.state(model=model)
         for step in ctx.steps(total_steps=10):
             if step == 3:
                 raise ValueError("bad batch at step 3")
@@ -73,7 +64,7 @@ def test_sigterm_notice_leaves_at_a_step_boundary_costing_no_step(ray_session):
     assert "worker_left" in kinds and "preemption_notice" in kinds
     assert "worker_lost" not in kinds
     assert result.steps == 30 and result.steps_redone == 0
-    torch.testing.assert_close(torch.tensor(result.metrics["params"]), reference_params(task, BATCH), atol=2e-5, rtol=0)
+    assert_matches_one_process(result, task)
 
 
 def test_ray_kv_one_leader_per_term_under_concurrent_candidates(ray_session):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import itertools
-import os
 import uuid
 
 import pytest
@@ -15,7 +14,7 @@ from elastictrain.checkpoint import CheckpointManager
 from elastictrain.checkpoint.cli import export_checkpoint, list_checkpoints, verify_checkpoints
 from elastictrain.checkpoint.storage import FsspecStorage, with_retries
 from elastictrain.config import CheckpointConfig, EncryptionConfig
-from elastictrain.errors import CheckpointCorrupt, CheckpointNotFound, StaleTerm, WrongKey
+from elastictrain.errors import CheckpointNotFound, StaleTerm, WrongKey
 from elastictrain.statetree import flatten_state, unflatten_state
 
 KEY_A = base64.b64encode(bytes(range(32))).decode()
