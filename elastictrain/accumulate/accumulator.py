@@ -41,7 +41,7 @@ class AccumulationStep:
     the normalised gradient before clipping, when ``max_grad_norm`` is set).
     """
 
-    def __init__(self, acc: "GradAccumulator", num_micro_batches: Optional[int]):
+    def __init__(self, acc: "GradAccumulator", num_micro_batches: Optional[int], extra: Optional[torch.Tensor] = None):
         if num_micro_batches is not None and num_micro_batches < 1:
             raise ValueError(f"num_micro_batches={num_micro_batches} must be at least 1 (or None if unknown)")
         self._acc = acc
@@ -59,6 +59,8 @@ class AccumulationStep:
         self._items_local: Union[Number, torch.Tensor] = 0
         self._stats: Optional[torch.Tensor] = None
         self._stats_work: Any = None
+        self._extra_local = None if extra is None else extra.detach().reshape(-1).to(torch.float64)
+        self.extra: Optional[torch.Tensor] = None
 
     @property
     def grad_norm(self) -> Optional[float]:
@@ -149,6 +151,8 @@ class AccumulationStep:
         items = self._items_local
         items_t = items.to(device) if isinstance(items, torch.Tensor) else torch.tensor(float(items), device=device)
         self._stats = torch.stack([self._loss_local.to(device), items_t.to(torch.float64)])
+        if self._extra_local is not None:
+            self._stats = torch.cat([self._stats, self._extra_local.to(device)])
         if self._world > 1:
             self._stats_work = dist.all_reduce(self._stats, group=self._acc._group(), async_op=async_op)
 
@@ -167,7 +171,10 @@ class AccumulationStep:
         self._stats_work = None
         if self._mode == "manual" and self._world > 1:
             all_reduce_grads(acc._grads_for_reduce(), acc._group())
-        loss_total, items_total = self._stats.tolist()
+        stats = self._stats.tolist()
+        loss_total, items_total = stats[0], stats[1]
+        if self._extra_local is not None:
+            self.extra = torch.tensor(stats[2:], dtype=torch.float64)
         self.num_items = int(items_total) if float(items_total).is_integer() else items_total
         if items_total <= 0:
             self.loss, self.skipped = math.nan, True
@@ -263,7 +270,7 @@ class GradAccumulator:
         self._fp32_bufs: list[torch.Tensor] = []
         self._active: Optional[AccumulationStep] = None
 
-    def step(self, num_micro_batches: Optional[int] = None) -> AccumulationStep:
+    def step(self, num_micro_batches: Optional[int] = None, *, extra: Optional[torch.Tensor] = None) -> AccumulationStep:
         """Open one optimizer step of ``num_micro_batches`` micro-steps.
 
         Args:
@@ -273,11 +280,14 @@ class GradAccumulator:
                 without synchronisation and the gradients are all-reduced once at the end
                 in one coalesced call (same math, no overlap of communication with the
                 last backward). Every rank must pass an int, or every rank None.
+            extra: a small vector summed over ranks in the same all-reduce as the item
+                count (no extra collective); the sum is ``s.extra`` after the block. The
+                elastic runtime sends its step-boundary vote this way.
 
         Returns:
             The step, to use as ``with acc.step(k) as s: ... s.backward(loss_sum, num_items=n)``.
         """
-        return AccumulationStep(self, num_micro_batches)
+        return AccumulationStep(self, num_micro_batches, extra)
 
     # --- helpers used by AccumulationStep ---------------------------------
 

@@ -54,6 +54,7 @@ class Context:
         self.device = device
         self._state: Optional[ElasticState] = None
         self._accumulators: dict[tuple[int, int], Any] = {}
+        self._vote_carrier: Optional[Any] = None  # the step whose all-reduce carries the next boundary vote
 
     # --- identity -----------------------------------------------------------
 
@@ -120,7 +121,9 @@ class Context:
         if total_steps < 0:
             raise ValueError(f"total_steps={total_steps} must be >= 0")
         while state.step < total_steps:
-            self._runner.at_step_boundary(state, self._world)
+            carrier, self._vote_carrier = self._vote_carrier, None
+            carried = carrier.extra if carrier is not None and carrier._finished else None
+            self._runner.at_step_boundary(state, self._world, carried_vote=carried)
             step = state.step
             yield step
             state.step = step + 1
@@ -143,7 +146,10 @@ class Context:
             self._accumulators[key] = acc
         batch = self._runner.spec.batch
         plan = plan_rank(batch.global_batch_size, batch.micro_batch_size, self.world_size, self.rank)
-        return acc.step(num_micro_batches=plan.num_micro_batches)
+        # The boundary vote rides on the step's item-count all-reduce: no collective of its own.
+        step = acc.step(num_micro_batches=plan.num_micro_batches, extra=self._runner.vote(self._world))
+        self._vote_carrier = step
+        return step
 
     def micro_batches(self, dataset: Any, step: int, collate_fn: Optional[Callable] = None) -> Iterator[Any]:
         """This rank's micro-batches of global step `step` (the same samples at any world size)."""

@@ -227,24 +227,35 @@ class Runner:
         self.emit({"kind": "restored_from_checkpoint", "time": time.time(), "step": state.step,
                    "checkpoint": str(getattr(loaded, "manifest_uri", ""))})
 
-    def at_step_boundary(self, state: ElasticState, world: WorldInfo) -> None:
+    def vote(self, world: WorldInfo) -> torch.Tensor:
+        """This rank's boundary vote: a leave flag per rank, then the leader's grow flag."""
+        n = world.world_size
+        votes = torch.zeros(n + 1, dtype=torch.float64)
+        votes[world.rank] = float(self._leave.is_set())
+        votes[n] = float(world.is_leader and self._grow.is_set())
+        return votes
+
+    def at_step_boundary(self, state: ElasticState, world: WorldInfo, carried_vote: Optional[torch.Tensor] = None) -> None:
         """Agree with every rank whether the world changes before the next step.
 
         Leaving a gloo group does not close its sockets, so a rank that simply left
         would stall its peers for the whole collective timeout. Instead all ranks
-        vote (one tiny all-reduce: a leave flag per rank, and a grow flag) and stop
-        together at the same boundary. When someone leaves, the lowest leaving rank
+        vote and stop together at the same boundary. The vote usually rode on the
+        last step's item-count all-reduce (`carried_vote`); otherwise one tiny
+        all-reduce carries it here. When someone leaves, the lowest leaving rank
         saves a checkpoint first, while this term is still current, and a barrier
         holds the others until it has committed.
         """
         n = world.world_size
-        votes = torch.zeros(n + 1, dtype=torch.float32, device=self._vote_device())
-        votes[world.rank] = float(self._leave.is_set())
-        votes[n] = float(world.is_leader and self._grow.is_set())
-        if n > 1:
-            dist.all_reduce(votes)
-        leaving = [r for r in range(n) if votes[r].item() > 0]
-        if not leaving and votes[n].item() == 0:
+        if carried_vote is not None and carried_vote.numel() == n + 1:
+            votes = carried_vote
+        else:
+            votes = self.vote(world).to(self._vote_device())
+            if n > 1:
+                dist.all_reduce(votes)
+        votes = votes.tolist()
+        leaving = [r for r in range(n) if votes[r] > 0]
+        if not leaving and votes[n] == 0:
             return
         self._grow.clear()
         if leaving:

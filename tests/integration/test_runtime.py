@@ -97,3 +97,70 @@ def test_fit_releases_every_worker_it_started(ray_session):
     while ray_session.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ray_session.available_resources().get("CPU", 0) == total, "a finished run still holds worker resources"
+
+
+def _count_all_reduces_per_step(ctx, use_accumulate: bool) -> list[int]:
+    """Steps of a tiny model, counting Python-level all-reduces (DDP's bucket reduce runs in C++)."""
+    import torch.distributed as dist
+
+    counts, original = [0], dist.all_reduce
+
+    def counting(*args, **kwargs):
+        counts[0] += 1
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        model = ctx.prepare_model(torch.nn.Linear(4, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ctx.state(model=model, optimizer=opt)
+        per_step, seen = [], 0
+        for step in ctx.steps(total_steps=6):
+            x = torch.ones(3, 4) * (ctx.rank + 1)
+            if use_accumulate:
+                with ctx.accumulate(model, opt) as acc:
+                    acc.backward(model(x).sum(), num_items=3)
+            else:
+                opt.zero_grad()
+                model(x).sum().backward()
+                opt.step()
+            # From the end of one step to the end of the next: the boundary vote is counted too.
+            per_step.append(counts[0] - seen)
+            seen = counts[0]
+        return per_step
+    finally:
+        dist.all_reduce = original
+
+
+def test_boundary_vote_rides_on_the_accumulator_all_reduce(ray_session):
+    def train_fn(ctx):
+        with_acc = _count_all_reduces_per_step(ctx, use_accumulate=True)
+        ctx.report({"per_step": with_acc})
+
+    result = et.ElasticTrainer(train_fn, scaling=et.ScalingConfig(min_workers=2, max_workers=2),
+                               batch=et.BatchConfig(global_batch_size=2, micro_batch_size=1), failure=FAILURE).fit()
+    # Each step: the item-count all-reduce, which also carries the vote, and nothing else.
+    # (The vote before the first step has nothing to ride on; the count is taken after it.)
+    assert result.metrics["per_step"][1:] == [1] * 5, result.metrics["per_step"]
+
+
+def test_plain_loop_without_accumulate_still_votes_and_leaves_cleanly(ray_session):
+    def train_fn(ctx):
+        import time as _time
+
+        model = ctx.prepare_model(torch.nn.Linear(4, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        state = ctx.state(model=model, optimizer=opt)
+        for step in ctx.steps(total_steps=40):
+            opt.zero_grad()
+            model(torch.ones(2, 4)).sum().backward()
+            opt.step()
+            _time.sleep(0.05)
+            ctx.report({"step": step, "w": float(state.model.module.weight.sum()) if ctx.world_size > 1 else 0.0})
+
+    notice = At(8, lambda view: view.signal(a_follower(view), signal.SIGTERM), min_members=3)
+    result = et.ElasticTrainer(train_fn, scaling=et.ScalingConfig(min_workers=2, max_workers=3),
+                               failure=FAILURE, callbacks=[notice]).fit()
+    kinds = [e["kind"] for e in result.events]
+    assert "worker_left" in kinds and "worker_lost" not in kinds
+    assert result.steps == 40 and result.steps_redone == 0
