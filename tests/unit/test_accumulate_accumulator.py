@@ -222,3 +222,17 @@ def test_constructor_rejects_bad_settings():
         GradAccumulator(model, opt, scaler=torch.amp.GradScaler("cpu"), fp32_grad_accum=True)
     with pytest.raises(ValueError, match="num_micro_batches=0"):
         GradAccumulator(model, opt).step(0)
+
+
+def test_extra_vector_comes_back_after_the_step_in_one_process():
+    from elastictrain.accumulate import GradAccumulator
+
+    model = torch.nn.Linear(3, 1)
+    acc = GradAccumulator(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with acc.step(num_micro_batches=2, extra=torch.tensor([0.0, 1.0, 0.0])) as s:
+        for _ in range(2):
+            s.backward(model(torch.ones(2, 3)).sum(), num_items=2)
+    assert s.extra.tolist() == [0.0, 1.0, 0.0] and s.num_items == 4
+    with acc.step(num_micro_batches=1) as plain:
+        plain.backward(model(torch.ones(1, 3)).sum(), num_items=1)
+    assert plain.extra is None
