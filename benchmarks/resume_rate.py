@@ -383,6 +383,7 @@ class _RayTrainInjector(threading.Thread):
         self.kinds, self.log_dir, self.nodes, self.a = list(kinds), log_dir, nodes, a
         self.fired: list[dict] = []
         self.skipped: dict[str, str] = {}
+        self.restart_wait_s = 90.0
         self._halt = threading.Event()
 
     def stop(self) -> None:
@@ -395,7 +396,11 @@ class _RayTrainInjector(threading.Thread):
         for r in recs:
             newest[r["rank"]] = r
         last_fault = self.fired[-1]["time"] if self.fired else 0.0
-        live = {rk: r for rk, r in newest.items() if r["t"] > last_fault}
+        # Every fault restarts Ray Train's whole worker group: wait for processes started after it
+        # (or, should none come, for any progress after `restart_wait_s`).
+        old = {r["pid"] for r in recs if r["t"] <= last_fault} if self.fired else set()
+        patient = time.time() - last_fault > self.restart_wait_s
+        live = {rk: r for rk, r in newest.items() if r["t"] > last_fault and (patient or r["pid"] not in old)}
         return live, max((r["step"] for r in recs), default=-1)
 
     def _node_of(self, pid: int) -> Optional[str]:
@@ -425,10 +430,11 @@ class _RayTrainInjector(threading.Thread):
             if not self.kinds:
                 continue
             live, newest = self._current()
-            if len(live) < self.a.workers or newest < steps_at_fire + self.a.gap_steps:
+            if len(live) < self.a.workers:
                 continue
             if min(r["step"] for r in live.values()) < steps_at_fire + self.a.gap_steps:
                 continue
+            newest = max(r["step"] for r in live.values())
             kind = self.kinds[0]
             if kind == "kill_in_checkpoint" and (newest + 1) % self.a.ckpt_every != 0:
                 continue
@@ -451,6 +457,7 @@ class _RayTrainInjector(threading.Thread):
                     os.kill(leader, signal.SIGKILL)
                 elif kind == "node_loss":
                     node_id = self._node_of(follower)
+                    entry["node_id"] = node_id
                     if node_id is None:
                         os.kill(follower, signal.SIGKILL)
                         entry["note"] = "node not found; worker killed instead"
@@ -470,8 +477,10 @@ def run_raytrain(a: argparse.Namespace, work: Path) -> dict:
         return {"skipped": f"ray[train] is not available: {type(exc).__name__}: {exc}"}
     d = work / "raytrain"
     d.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "benchmarks.resume_rate", "--trial", "raytrain", "--trial-dir", str(d),
-           *_forward_args(a)]
+    fwd = _forward_args(a)
+    fwd[fwd.index("--faults") + 1] = str(a.raytrain_faults)
+    fwd[fwd.index("--steps") + 1] = str(a.raytrain_steps)
+    cmd = [sys.executable, "-m", "benchmarks.resume_rate", "--trial", "raytrain", "--trial-dir", str(d), *fwd]
     # Ray Train notices a hung worker when its health check times out: 600 s by default; the
     # arm uses --raytrain-health-timeout (10 s, near elastictrain's heartbeat + collective timeouts).
     env = C.child_env({"RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S": a.raytrain_health_timeout})
@@ -493,14 +502,14 @@ def run_raytrain(a: argparse.Namespace, work: Path) -> dict:
                      "recovery_s": (first["t"] - f["time"]) if first else None, "steps_redone": len(redone),
                      **({"note": f["note"]} if "note" in f else {})})
     done = {r["step"] for r in recs}
-    finished = bool(status.get("ok")) and all(s in done for s in range(a.steps))
+    finished = bool(status.get("ok")) and all(s in done for s in range(a.raytrain_steps))
     firsts: dict[int, float] = {}
     for r in recs:
         if r["rank"] == 0:
             firsts.setdefault(r["step"], r["t"])
     step_s = undisturbed_step_s(sorted(firsts.items()), [f["time"] for f in faults])
-    summary = summarise(rows, scheduled=a.faults, total_steps=a.steps, steps_done=max(done) + 1 if done else -1,
-                        finished=finished, wall_s=status.get("wall_s") or run["wall_s"], step_s=step_s,
+    summary = summarise(rows, scheduled=a.raytrain_faults, total_steps=a.raytrain_steps,
+                        steps_done=max(done) + 1 if done else -1, finished=finished, wall_s=status.get("wall_s") or run["wall_s"], step_s=step_s,
                         param_diff=status.get("max_param_diff_vs_reference"),
                         steps_redone_total=sum(r["steps_redone"] for r in rows))
     t0 = status.get("t0", recs[0]["t"] if recs else 0.0)
@@ -543,6 +552,7 @@ def markdown(report: dict) -> str:
             continue
         s = res["summary"]
         rate = f"{s['faults_resumed']}/{s['faults_fired']}" + (f" ({100 * s['resume_rate']:.0f}%)" if s["resume_rate"] is not None else "")
+        rate += f"; {s['faults_fired']} of {s['faults_scheduled']} fired"
         rows.append([arm, rate, C.fmt(s["recovery_median_s"], 2, " s"), C.fmt(s["recovery_p95_s"], 2, " s"),
                      f"{s['steps_redone_total']} (max {s['steps_redone_max_per_fault']}/fault)",
                      C.fmt(s["goodput"] * 100 if s["goodput"] is not None else None, 0, "%"),
@@ -633,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild-delay", type=float, default=0.03, help="seconds between the two kills of kill_in_rebuild")
     p.add_argument("--global-batch", type=int, default=24)
     p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--raytrain-faults", type=int, default=None,
+                   help="faults for the Ray Train arm (default: min(--faults, 7), one of each kind: "
+                        "its recoveries take tens of seconds each)")
     p.add_argument("--raytrain-health-timeout", type=float, default=10.0,
                    help="RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S of the Ray Train arm (Ray's default: 600)")
     p.add_argument("--raytrain-timeout", type=float, default=None, help="deadline of the Ray Train arm (seconds)")
@@ -650,8 +663,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         a.arms = "elastictrain" if "--arms" not in argv else a.arms
     if a.steps is None:
         a.steps = 100 * a.faults + 50
+    if a.raytrain_faults is None:
+        a.raytrain_faults = min(a.faults, 7)
+    a.raytrain_steps = a.steps if (a.trial or a.raytrain_faults == a.faults) else 100 * a.raytrain_faults + 50
     if a.raytrain_timeout is None:
-        a.raytrain_timeout = 60 + 30 * a.faults + a.steps * 0.3
+        a.raytrain_timeout = 120 + 60 * a.raytrain_faults + a.raytrain_steps * 0.2
     if a.trial == "raytrain":
         trial_raytrain(a, Path(a.trial_dir))
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -86,7 +87,7 @@ FAULT_KINDS = (
     "kill_follower",       # SIGKILL a follower
     "kill_leader",         # SIGKILL the leader
     "node_loss",           # a follower's whole node vanishes; capacity comes back later
-    "preempt",             # SIGTERM a follower: a spot notice
+    "preempt",             # SIGTERM a follower (a spot notice); its process is killed once it has left
     "hang",                # SIGSTOP a follower: a hung process
     "kill_in_checkpoint",  # SIGKILL the leader right after a step that starts a checkpoint save
     "kill_in_rebuild",     # SIGKILL a follower, then another member ~30 ms later, during the rebuild
@@ -124,6 +125,8 @@ class ChaosSchedule:
     `full_world_wait_s`, with enough members for its kind). Node losses need
     `node_ops`; their capacity is added back `readd_after_s` later. Checkpoint-time
     kills fire on the first step seen whose commit triggers a save (`checkpoint_every`).
+    A preempted member's process is SIGKILLed once the world has moved on without it
+    (the machine goes away after its notice), which frees its slot.
     Runs on the driver's thread (Ray's add_node must).
     """
 
@@ -138,7 +141,9 @@ class ChaosSchedule:
         readd_after_s: float = 1.0,
         full_world_wait_s: float = 20.0,
         rebuild_delay_s: float = 0.03,
+        preempt_grace_s: float = 30.0,
         clock: Callable[[], float] = time.time,
+        kill: Callable[[int, int], None] = os.kill,
     ) -> None:
         for f in faults:
             if f.kind not in FAULT_KINDS:
@@ -155,8 +160,11 @@ class ChaosSchedule:
         self.readd_after_s = readd_after_s
         self.full_world_wait_s = full_world_wait_s
         self.rebuild_delay_s = rebuild_delay_s
+        self.preempt_grace_s = preempt_grace_s
         self.clock = clock
+        self.kill = kill
         self.fired: list[ChaosFault] = []
+        self._terminate: list[tuple[ChaosFault, str, int]] = []
         self.readds: list[float] = []
         self._readd_due: list[float] = []
         self._ready_since: Optional[float] = None
@@ -183,6 +191,7 @@ class ChaosSchedule:
             self._readd_due.pop(0)
             self.node_ops.add()
             self.readds.append(self.clock())
+        self._end_preempted(view, now)
         new_step = view.step != self._seen_step
         self._seen_step = view.step
         pending = self.pending
@@ -204,6 +213,21 @@ class ChaosSchedule:
             return
         self._fire(fault, view, members)
         self._ready_since = None
+
+    def _end_preempted(self, view: RunView, now: float) -> None:
+        """A spot notice is followed by the machine going away: once the world moved on without
+        the member (it saved and left), or after `preempt_grace_s`, its process is killed."""
+        members = view.members()
+        for entry in list(self._terminate):
+            fault, member, pid = entry
+            if member in members and now - fault.fired_at < self.preempt_grace_s:
+                continue
+            self._terminate.remove(entry)
+            try:
+                self.kill(pid, signal.SIGKILL)
+                fault.detail["terminated_after_s"] = now - fault.fired_at
+            except ProcessLookupError:
+                fault.detail["terminated_after_s"] = None
 
     def _recovered(self, view: RunView) -> bool:
         if not self.fired:
@@ -229,6 +253,7 @@ class ChaosSchedule:
             self._readd_due.append(fault.fired_at + self.readd_after_s)
         elif kind == "preempt":
             fault.fired_at = view.signal(target, signal.SIGTERM)
+            self._terminate.append((fault, target, members[target]["pid"]))
         elif kind == "hang":
             fault.fired_at = view.signal(target, signal.SIGSTOP)
         elif kind == "kill_in_rebuild":

@@ -113,6 +113,22 @@ def test_checkpoint_kill_fires_on_a_save_step_and_node_capacity_returns():
     assert len({m for m, _ in view.sent[-2:]}) == 2  # two different members
 
 
+def test_a_preempted_member_is_terminated_once_the_world_moved_on():
+    killed = []
+    view = FakeView()
+    s = ChaosSchedule([ChaosFault("preempt", 0)], full_world=3, gap_steps=1, clock=lambda: 0.0,
+                      kill=lambda pid, sig: killed.append((pid, sig)))
+    view.step = 1
+    s.on_progress(view)
+    assert view.sent == [("w1", signal.SIGTERM)] and not killed
+    s.on_progress(view)
+    assert not killed  # still in the world: saving and leaving
+    view._members.pop("w1")
+    view.term = 2
+    s.on_progress(view)
+    assert killed == [(101, signal.SIGKILL)]
+
+
 def test_chaos_report_counts_resumes_recovery_and_steps_redone():
     s = ChaosSchedule([], full_world=2)
     s.fired = [ChaosFault("kill_leader", 0, fired_at=10.0, fired_step=4, term=1),
