@@ -235,8 +235,12 @@ class _Driver:
         self._spawn(self.pool.start().spawn)
         failure: Optional[str] = None
         next_pull = next_health = 0.0
+        ended_at: Optional[float] = None
+        # Once the run is over, workers return on their own (the leader after its final
+        # save); only a hung one is still running after this long.
+        end_grace = self.spec.failure.rendezvous_timeout_s + self.spec.failure.heartbeat_timeout_s
         try:
-            while True:
+            while self.refs:
                 ready, _ = ray.wait(list(self.refs), num_returns=1, timeout=self.POLL_S)
                 for ref in ready:
                     decision = self._on_return(ref)
@@ -258,9 +262,10 @@ class _Driver:
                 if failure is not None:
                     self.election.set_outcome(f"failed:{failure}")
                     break
-                if self.pool.ended and not self.pool.active:
-                    break
-                if outcome == "done" and self._wait_stragglers():
+                if ended_at is None and (outcome == "done" or self.pool.ended):
+                    ended_at = now
+                if ended_at is not None and now - ended_at > end_grace:
+                    self.record({"kind": "stragglers_killed", "time": time.time(), "members": sorted(self.refs.values())})
                     break
             self._ingest(ray.get(self.hub.pull.remote()))
         finally:
@@ -271,15 +276,6 @@ class _Driver:
         if failure is not None:
             raise TrainingFailed(f"run {self.spec.run_id} failed: {failure}")
         return self._result()
-
-    def _wait_stragglers(self) -> bool:
-        """After 'done', give the remaining workers a moment to return, then stop them."""
-        deadline = time.monotonic() + max(5.0, self.spec.failure.heartbeat_timeout_s * 2)
-        while self.refs and time.monotonic() < deadline:
-            ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=0.1)
-            for ref in ready:
-                self._on_return(ref)
-        return True
 
     def _kill_hub(self) -> None:
         try:

@@ -290,15 +290,19 @@ class Runner:
                 self._save(state, world, wait=False)
 
     def _finish(self, state: Optional[ElasticState], world: WorldInfo) -> None:
-        """train_fn returned: the leader writes the final checkpoint, then ends the run."""
-        deadline = time.monotonic() + self.spec.failure.heartbeat_timeout_s * 2
+        """train_fn returned: the leader writes the final checkpoint, then ends the run.
+
+        A follower waits for that; it takes over only if the leader died meanwhile.
+        """
         if not world.is_leader:
-            # The leader ends the run; take over only if it is gone.
+            deadline = time.monotonic() + self.spec.failure.rendezvous_timeout_s
             while self.election.outcome() is None and time.monotonic() < deadline:
                 if self.election.liveness(world.leader_id).dead:
                     break
                 time.sleep(0.02)
-        if self.election.outcome() is None and state is not None:
+            if self.election.outcome() is not None or not self.election.liveness(world.leader_id).dead:
+                return
+        if state is not None:
             self._save(state, world, wait=True)
         self.election.set_outcome("done")
 
