@@ -299,6 +299,7 @@ class _Driver:
         except (self.ray.exceptions.RayActorError, self.ray.exceptions.WorkerCrashedError) as exc:
             return self._lost(member_id, type(exc).__name__)
         self._returns[member_id] = out
+        self._kill(member_id)  # its run is over; free its resources for a replacement now
         if out["status"] == "left":
             self.record({"kind": "worker_left", "time": time.time(), "member": member_id, "step": out.get("step")})
             return self.pool.left(member_id)
