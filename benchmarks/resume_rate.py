@@ -108,6 +108,19 @@ class ClusterNodes:
         self.removed.append(self.labels.get(node_id, LABELS[0]))
         self.cluster.remove_node(node, allow_graceful=False)
 
+    def protected(self) -> set[str]:
+        """Nodes not to remove: the one holding the run's Hub actor.
+
+        ElasticTrainer places its driver-side Hub actor (num_cpus=0) on any node and the
+        run fails when that node dies; on a real cluster it would sit on the head node.
+        """
+        try:
+            from ray.util.state import list_actors
+
+            return {a.node_id for a in list_actors(filters=[("class_name", "=", "Hub"), ("state", "=", "ALIVE")])}
+        except Exception:  # noqa: BLE001 - no state API: protect nothing
+            return set()
+
     def add(self) -> None:
         """Capacity comes back: a node with the labels of the oldest removed one (returns at once)."""
         self._add(self.removed.pop(0) if self.removed else LABELS[0], wait=False)

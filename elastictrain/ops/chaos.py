@@ -110,7 +110,10 @@ class ChaosFault:
 
 
 class NodeOps(Protocol):
-    """What a schedule needs to take a node away and give capacity back (a local multi-node cluster)."""
+    """What a schedule needs to take a node away and give capacity back (a local multi-node cluster).
+
+    It may also have `protected() -> set[str]`: node ids never to remove.
+    """
 
     def remove(self, node_id: str) -> None: ...
 
@@ -246,6 +249,15 @@ class ChaosSchedule:
             target = followers[len(self.fired) % len(followers)]
         fault.members = [target]
         if kind == "node_loss":
+            protected = getattr(self.node_ops, "protected", lambda: set())()
+            removable = [m for m in [*followers, leader] if members[m]["node_id"] not in protected]
+            if not removable:
+                fault.detail["note"] = "every member's node is protected; killed the process instead"
+                fault.fired_at = view.signal(target, signal.SIGKILL)
+                self.fired.append(fault)
+                return
+            target = removable[0] if target not in removable else target
+            fault.members = [target]
             node_id = members[target]["node_id"]
             fault.fired_at = self.clock()
             self.node_ops.remove(node_id)
