@@ -182,7 +182,11 @@ class _Driver:
             run=trainer.run,
         )
         self.election = Election(RayKVStore(self.spec.namespace))
-        self.hub = Hub.remote()
+        # The hub lives with the driver: a worker node that vanishes must not take it along.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        self.hub = Hub.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
         self.pool = PoolController(trainer.scaling.max_workers, trainer.failure.max_failures)
         self.actors: dict[str, Any] = {}
         self.refs: dict[Any, str] = {}

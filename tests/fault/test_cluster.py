@@ -160,3 +160,21 @@ def test_draining_node_worker_leaves_cleanly(cluster):
     assert "worker_lost" not in kinds
     assert result.steps_redone == 0
     _assert_same_model(result)
+
+
+def test_driver_side_actors_stay_on_the_driver_node(cluster):
+    """Losing every worker node must never take the run's own bookkeeping with it."""
+    import ray
+
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, labels=AWS)
+    cluster.wait_for_nodes()
+    placed = {}
+
+    def record(view):
+        hub = view._driver.hub
+        placed["hub"] = ray.get(hub.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+
+    result = _fit([At(2, record, min_members=2)], workers=(2, 2))
+    assert placed["hub"] == cluster.head_node.node_id
+    assert result.steps == TASK.total_steps
