@@ -8,7 +8,7 @@ import torch
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 from elastictrain.checkpoint import CheckpointManager  # noqa: E402
 from elastictrain.checkpoint.cli import export_checkpoint, list_checkpoints  # noqa: E402
@@ -25,24 +25,15 @@ def fsspec_loop():
 
 
 @pytest.fixture
-def moto_endpoint(monkeypatch, fsspec_loop):
+def moto_endpoint(monkeypatch, fsspec_loop, s3_server):
     from concurrent.futures import ThreadPoolExecutor
 
     executor = ThreadPoolExecutor(4, thread_name_prefix="test-s3-executor")
     fsspec_loop.call_soon_threadsafe(fsspec_loop.set_default_executor, executor)  # stopped at teardown
-    for var, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-        yield endpoint
+        yield s3_server
     finally:
-        server.stop()
         executor.shutdown(wait=True)
 
 

@@ -81,24 +81,12 @@ def test_char_gpt_encrypted_and_resumes_where_it_stopped(tmp_path):
 
 
 @pytest.fixture
-def moto_s3(monkeypatch):
+def moto_s3(s3_server):
     boto3 = pytest.importorskip("boto3")
     pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    for var, value in creds.items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        client = boto3.client("s3", endpoint_url=endpoint)
-        client.create_bucket(Bucket="runs")
-        yield endpoint, client
-    finally:
-        server.stop()
+    client = boto3.client("s3", endpoint_url=s3_server)
+    client.create_bucket(Bucket="runs")
+    return s3_server, client
 
 
 def test_char_gpt_on_s3_resumes(tmp_path, moto_s3):
