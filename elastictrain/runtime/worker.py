@@ -41,6 +41,21 @@ def warm_up(backend: str) -> None:
         dist.destroy_process_group()
 
 
+def restore_priority() -> bool:
+    """Run at normal CPU priority: Ray starts workers at nice 15, which hands the
+    cores to Ray's own daemons and the driver whenever they compete with training.
+
+    Lowering niceness needs privilege (root or CAP_SYS_NICE); without it the worker
+    keeps Ray's priority. Returns whether the priority is now normal.
+    """
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        return os.getpriority(os.PRIO_PROCESS, 0) <= 0
+    except (OSError, AttributeError):
+        return False
+
+
 def node_identity() -> dict:
     ctx = ray.get_runtime_context()
     labels = ctx.get_node_labels() or {}
@@ -62,6 +77,7 @@ class WorkerActor:
         self.runner: Runner | None = None
         self._notice = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.node["normal_priority"] = restore_priority()
         warm_up(spec.backend)
 
     def _on_sigterm(self, signum, frame) -> None:
