@@ -1,4 +1,4 @@
-"""Driver-side decisions: keep the worker pool full, count failures, know when the run ends.
+"""Driver-side decisions: keep the worker pool full, count failures, stop refilling once the run ended.
 
 Pure: the controller is stepped with observations and returns decisions; the
 driver loop in `trainer.py` acts on them (spawn, mark dead, kill, stop).
@@ -14,7 +14,6 @@ from typing import Optional
 class Decision:
     spawn: int = 0
     fail: Optional[str] = None
-    finished: bool = False
 
 
 @dataclass
@@ -30,7 +29,6 @@ class PoolController:
     max_failures: int
     active: set[str] = field(default_factory=set)
     failures: int = 0
-    finished: set[str] = field(default_factory=set)
     ended: bool = False
 
     def start(self) -> Decision:
@@ -53,16 +51,13 @@ class PoolController:
         return self._refill()
 
     def returned(self, member_id: str, status: str) -> Decision:
-        """A worker's run() returned: finished the loop, or saw the run end."""
+        """A worker's run() returned: finished the loop, or saw the run end. No replacement follows."""
         self.active.discard(member_id)
-        if status == "finished":
-            self.finished.add(member_id)
+        if status in ("finished", "ended"):
             self.ended = True
-        elif status == "ended":
-            self.ended = True
-        return Decision(finished=self.ended and not self.active)
+        return Decision()
 
     def _refill(self) -> Decision:
         if self.ended:
-            return Decision(finished=not self.active)
+            return Decision()
         return Decision(spawn=self.max_workers - len(self.active))

@@ -10,7 +10,7 @@ import pytest
 from elastictrain.election.election import Election
 from elastictrain.election.store import MemoryStore
 from elastictrain.election.term import NO_STATE, Member
-from elastictrain.runtime.controller import PoolController
+from elastictrain.runtime.controller import Decision, PoolController
 from elastictrain.runtime.rendezvous import Rendezvous, RendezvousPolicy, RunEnded
 
 POLICY = RendezvousPolicy(
@@ -119,5 +119,5 @@ def test_pool_controller_refills_and_counts_failures():
     assert pool.left("b").spawn == 1  # a clean leave costs no failure
     pool.spawned("e")
     assert pool.lost("c").fail is not None
-    assert pool.returned("d", "finished").finished is False  # e still running
-    assert pool.returned("e", "ended").finished is True
+    assert pool.returned("d", "finished") == Decision() and pool.ended
+    assert pool.lost("e").spawn == 0  # the run is over: no replacement
