@@ -319,17 +319,16 @@ class _Driver:
         """Kill members whose heartbeat lapsed (hung, SIGSTOPped); ask members on draining nodes to leave."""
         now = time.time()
         timeout = self.spec.failure.heartbeat_timeout_s
-        for member in self.election.members():
-            if member.id not in self.pool.active:
-                continue
+        active = [m for m in self.election.members() if m.id in self.pool.active]
+        for member in active:
             live = self.election.liveness(member.id)
             if live.heartbeat is not None and not live.dead and now - live.heartbeat > timeout:
                 self.record({"kind": "heartbeat_lapsed", "time": now, "member": member.id})
                 self._kill(member.id)
         draining = _draining_nodes()
         if draining:
-            for member in self.election.members():
-                if member.node_id in draining and member.id in self.pool.active:
+            for member in active:
+                if member.node_id in draining:
                     if self.election.store.put_if_absent(f"leave/{member.id}", b"drain"):
                         self.record({"kind": "node_draining", "time": now, "member": member.id, "node": member.node_id})
 

@@ -197,11 +197,3 @@ def should_grow(world: WorldPlan, waiting_live: set[str], max_workers: int) -> b
     """A leader rebuilds at a step boundary when live members wait outside and there is room."""
     return bool(waiting_live) and world.world_size < max_workers
 
-
-def candidate_delay(member: Member, others: Iterable[Member], step_s: float = 0.05) -> float:
-    """How long a candidate waits before claiming, so the preferred one usually wins.
-
-    The claim itself is create-if-absent, so any winner is safe; the delay only biases it.
-    """
-    order = leader_preference([member, *[o for o in others if o.id != member.id]])
-    return order.index(member.id) * step_s

@@ -8,7 +8,7 @@ store's create-if-absent (one leader per term) and on `Election.publish`'s fence
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 from elastictrain.election.election import Election
@@ -164,6 +164,3 @@ class Rendezvous:
                 return plan
             time.sleep(p.poll_s)
 
-
-def with_step(member: Member, step: int, detected_at: Optional[float]) -> Member:
-    return replace(member, committed_step=step, detected_at=detected_at)

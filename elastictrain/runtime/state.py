@@ -73,10 +73,6 @@ class ElasticState:
             if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
                 self._objects[name] = obj.module
 
-    @property
-    def names(self) -> list[str]:
-        return sorted(self._objects)
-
     def tree(self, *, with_rng: bool = True) -> dict:
         """The whole state as a tree of tensors and plain values (no copies)."""
         objects = {}
