@@ -69,3 +69,16 @@ def test_hung_worker_is_detected_within_the_timeout(ray_session):
     assert any(e["kind"] == "heartbeat_lapsed" and e["member"] == hung for e in result.events)
     assert result.steps_redone <= 1
     _assert_same_model(result)
+
+
+def test_same_world_size_after_a_loss_is_bitwise_identical(ray_session):
+    """min = max = 2: the run waits for a replacement, so every step runs at world size 2."""
+    import torch
+
+    uninterrupted = fit_toy(TASK, workers=(2, 2))
+    fault = At(8, kill_follower, min_members=2)
+    interrupted = fit_toy(TASK, workers=(2, 2), callbacks=[fault])
+    assert fault.fired_at is not None and kinds(interrupted).count("worker_lost") == 1
+    assert {e["world_size"] for e in interrupted.events if e["kind"] == "world"} == {2}
+    assert interrupted.steps_redone <= 1
+    assert torch.equal(torch.tensor(interrupted.metrics["params"]), torch.tensor(uninterrupted.metrics["params"]))
