@@ -265,25 +265,27 @@ class CheckpointManager:
         named = [(parse_manifest_name(n), n) for n in self.storage.list(MANIFEST_DIR)]
         return [n for key, n in sorted(k for k in named if k[0] is not None)]
 
-    def _load(self, name: str, run: Optional[str]) -> Loaded:
+    def _load(self, name: str, run: Optional[str], into: Optional[dict[str, torch.Tensor]]) -> Loaded:
         opened = open_manifest(self.storage, name, self.keyring, run)
-        return read_tensors(self.storage, opened, self.config.io_threads)
+        return read_tensors(self.storage, opened, self.config.io_threads, into)
 
-    def load_manifest(self, name: str) -> Loaded:
+    def load_manifest(self, name: str, into: Optional[dict[str, torch.Tensor]] = None) -> Loaded:
         """Read and verify the checkpoint of one manifest name (as `list()` gives it).
+
+        `into`: restore into these tensors in place where they match (see `latest`).
 
         Raises:
             CheckpointError: what is wrong with it.
         """
-        return self._load(name, self._expected_run())
+        return self._load(name, self._expected_run(), into)
 
-    def _first_that_verifies(self, names: list[str], what: str) -> Loaded:
+    def _first_that_verifies(self, names: list[str], what: str, into: Optional[dict[str, torch.Tensor]]) -> Loaded:
         run = self._expected_run()
         skipped: list[tuple[str, str]] = []
         errors: list[CheckpointError] = []
         for name in names:
             try:
-                loaded = self._load(name, run)
+                loaded = self._load(name, run, into)
             except CheckpointError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 skipped.append((name, reason))
@@ -296,10 +298,16 @@ class CheckpointManager:
         more = f" (and {len(errors) - 1} older ones failed too)" if len(errors) > 1 else ""
         raise type(first)(f"no {what} verifies under {self.storage.uri}: {first}{more}") from first
 
-    def latest(self) -> Optional[Loaded]:
+    def latest(self, into: Optional[dict[str, torch.Tensor]] = None) -> Optional[Loaded]:
         """The newest checkpoint that verifies; None if there is none at all.
 
         Damaged newer checkpoints are skipped (listed in `.skipped` and `events`).
+
+        `into`: flattened tensors to restore into in place, by name (`flatten_state` of the live state):
+        each contiguous CPU tensor of the stored dtype and shape receives its bytes directly, which
+        saves allocating and copying the state once more. Those tensors are overwritten even by a
+        checkpoint that then fails to verify (an older one, if any verifies, is restored over it);
+        after an error, do not use them.
 
         Raises:
             CheckpointError: checkpoints exist but none verifies (wrong key, all damaged).
@@ -307,10 +315,10 @@ class CheckpointManager:
         names = list(reversed(self._manifest_names()))
         if not names:
             return None
-        return self._first_that_verifies(names, "checkpoint")
+        return self._first_that_verifies(names, "checkpoint", into)
 
-    def load(self, step: int) -> Loaded:
-        """The checkpoint of `step` (its newest term that verifies).
+    def load(self, step: int, into: Optional[dict[str, torch.Tensor]] = None) -> Loaded:
+        """The checkpoint of `step` (its newest term that verifies); `into` as for `latest`.
 
         Raises:
             CheckpointNotFound: no checkpoint of that step.
@@ -320,7 +328,7 @@ class CheckpointManager:
         if not names:
             steps = sorted({parse_manifest_name(n)[0] for n in all_names})
             raise CheckpointNotFound(f"no checkpoint of step {step} under {self.storage.uri}; steps: {steps}")
-        return self._first_that_verifies(names, f"checkpoint of step {step}")
+        return self._first_that_verifies(names, f"checkpoint of step {step}", into)
 
     def list(self) -> list[CheckpointInfo]:
         """Every checkpoint, oldest first, from the manifests alone (no key needed, nothing verified but format)."""

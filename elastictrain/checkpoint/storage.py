@@ -1,4 +1,4 @@
-"""Storage is a small protocol: put (atomic), get, list, delete; one fsspec implementation.
+"""Storage is a small protocol: put (atomic), get, list, delete (and, optionally, view); one fsspec implementation.
 
 Names are '/'-separated paths relative to the checkpoint URI and are checked
 before any call (no '..', no absolute paths). `put` never leaves a partial
@@ -9,12 +9,14 @@ exponential backoff.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import posixpath
 import re
 import secrets
 import time
-from typing import Callable, Iterable, Protocol, Sequence, TypeVar, Union
+from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar, Union
 
 Buffer = Union[bytes, bytearray, memoryview]
 T = TypeVar("T")
@@ -100,29 +102,38 @@ class FsspecStorage:
         path = self._path(name)
         return with_retries(lambda: self.fs.cat_file(path), attempts=self.attempts)
 
-    def get_into(self, name: str, out: memoryview) -> int:
-        """Read the object into `out` (for local files, without an intermediate copy); return its size."""
+    @contextlib.contextmanager
+    def view(self, name: str) -> Iterator[Buffer]:
+        """The object's bytes, valid inside the block. Local files are memory-mapped, not copied.
+
+        Raises FileNotFoundError if absent.
+        """
         path = self._path(name)
         if not self._local:
-            data = self.get(name)
-            if len(data) <= len(out):
-                out[: len(data)] = data
-            return len(data)
+            yield self.get(name)
+            return
 
-        def read() -> int:
-            with open(path, "rb", buffering=0) as fh:
+        def open_map() -> tuple[object, Optional[mmap.mmap]]:
+            fh = open(path, "rb", buffering=0)
+            try:
                 size = os.fstat(fh.fileno()).st_size
-                if size > len(out):
-                    return size
-                got = 0
-                while got < size:
-                    n = fh.readinto(out[got:size])
-                    if not n:
-                        break
-                    got += n
-                return got
+                return fh, (mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) if size else None)
+            except BaseException:
+                fh.close()
+                raise
 
-        return with_retries(read, attempts=self.attempts)
+        fh, mapped = with_retries(open_map, attempts=self.attempts)
+        data = memoryview(mapped) if mapped is not None else memoryview(b"")
+        try:
+            yield data
+        finally:
+            fh.close()
+            try:
+                data.release()
+                if mapped is not None:
+                    mapped.close()
+            except BufferError:  # a view is still alive (say, in a traceback): the map closes when it is freed
+                pass
 
     def list(self, prefix: str) -> dict[str, int]:
         base = self._path(prefix)

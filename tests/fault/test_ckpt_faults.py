@@ -41,8 +41,8 @@ class FailingStorage:
     def get(self, name):
         return self.inner.get(name)
 
-    def get_into(self, name, out):
-        return self.inner.get_into(name, out)
+    def view(self, name):
+        return self.inner.view(name)
 
     def list(self, prefix):
         return self.inner.list(prefix)

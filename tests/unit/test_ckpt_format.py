@@ -71,7 +71,7 @@ def test_chunk_seal_open_round_trip_and_tamper():
     keys = crypto.DataKeys(bytes(range(32)))
     data = os.urandom(1000)
     cid = crypto.chunk_id(data, keys)
-    assert cid != hashlib.sha256(data).hexdigest()  # keyed: plaintext hashes do not leak
+    assert cid not in (hashlib.sha256(data).hexdigest(), crypto.chunk_id(data, None))  # keyed: no plaintext hash leaks
     (sealed,) = crypto.seal_chunk(data, cid, keys)
     sealed = bytes(sealed)
     assert data not in sealed and len(sealed) == crypto.sealed_size(1000, True)
@@ -90,6 +90,7 @@ def test_chunk_seal_open_round_trip_and_tamper():
 
 
 def test_plain_chunk_is_still_hashed():
+    assert crypto.chunk_id(b"", None) == BLAKE3_EMPTY  # standard BLAKE3, so any BLAKE3 tool can check a chunk
     data = b"hello" * 10
     cid = crypto.chunk_id(data, None)
     blob = b"".join(bytes(p) for p in crypto.seal_chunk(data, cid, None))
@@ -151,13 +152,16 @@ def test_golden_manifest_bytes():
     data = bytes(range(256)) * 4
     cid = crypto.chunk_id(data, keys)
     assert cid == GOLDEN_CHUNK_ID
+    assert crypto.chunk_id(data, None) == GOLDEN_PLAIN_CHUNK_ID
     assert hashlib.sha256(bytes(crypto.seal_chunk(data, cid, keys)[0])).hexdigest() == GOLDEN_CHUNK_SHA256
     assert encode_run(RUN) == b'{"format":"elastictrain-checkpoint-run","run":"' + RUN.encode() + b'","version":1}'
 
 
+BLAKE3_EMPTY = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"  # BLAKE3 spec test vector
 GOLDEN_MANIFEST_SHA256 = "8d9f16c76f219ed6d3f56f2f66303f320eb2063c0b7f66a1a29fb5a227600e68"
-GOLDEN_CHUNK_ID = "1e637f364f21f7670f7d7f4eb7076e2363cb6dd2fb5621af4335434c68bf2bb2"
-GOLDEN_CHUNK_SHA256 = "417dd403858eb19907ebed02acaa19de224f33b7d06b0289453836674b696ed1"
+GOLDEN_CHUNK_ID = "009cc4f0aaf684b3b9aa26449406d75e75090e689f62d453cf1a6b2113a94012"
+GOLDEN_CHUNK_SHA256 = "d90aa43ea7390172d539130aeefad9e52a82ca5c40a57091ea445b1cd5aa57f2"
+GOLDEN_PLAIN_CHUNK_ID = "882179b8dbccd285cda241d968cfcccb3156c5edac2fa3761bb6eda7ff8cb172"
 
 
 def test_every_bit_flip_in_a_manifest_is_caught():
