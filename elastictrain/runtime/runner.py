@@ -218,7 +218,10 @@ class Runner:
         manager = self._checkpoint_manager()
         if manager is None:
             return
-        loaded = manager.latest()
+        # Restore straight into the live CPU tensors (no second copy of the state). A failure here ends
+        # the run (CheckpointError propagates), so tensors a damaged checkpoint half-filled are never trained.
+        live, _ = state.flatten()
+        loaded = manager.latest(into={n: t for n, t in live.items() if t.device.type == "cpu"})
         if loaded is None:
             return
         for uri, reason in getattr(loaded, "skipped", []) or []:

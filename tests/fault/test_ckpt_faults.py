@@ -93,8 +93,9 @@ def test_crash_at_every_write_keeps_the_previous_checkpoint(encrypted, truncate)
             assert loaded.step == 3 and all(torch.equal(loaded.tensors[k], v) for k, v in _state(3.0).items())
 
 
-def _saved(encrypted=True):
-    uri = f"memory://fault-{uuid.uuid4().hex}"
+def _saved(encrypted=True, where=None):
+    """Two checkpoints (steps 1 and 2) on memory://, or in the folder `where` (local files are memory-mapped)."""
+    uri = f"memory://fault-{uuid.uuid4().hex}" if where is None else f"file://{where}"
     cfg = CheckpointConfig(uri=uri, encryption=EncryptionConfig(key="env:K") if encrypted else None,
                            chunk_size_mb=1, async_save=False)
     with CheckpointManager(cfg, environ=ENV) as mgr:
@@ -103,9 +104,10 @@ def _saved(encrypted=True):
     return cfg, FsspecStorage(uri)
 
 
+@pytest.mark.parametrize("local", [False, True])
 @pytest.mark.parametrize("encrypted", [True, False])
-def test_bit_flip_in_any_chunk_is_caught(encrypted):
-    cfg, storage = _saved(encrypted)
+def test_bit_flip_in_any_chunk_is_caught(encrypted, local, tmp_path):
+    cfg, storage = _saved(encrypted, tmp_path if local else None)
     chunks = sorted(storage.list("chunks"))
     for name in chunks:
         original = storage.get(name)
@@ -125,9 +127,10 @@ def test_bit_flip_in_any_chunk_is_caught(encrypted):
         assert mgr.latest().step == 2
 
 
+@pytest.mark.parametrize("local", [False, True])
 @pytest.mark.parametrize("damage", ["truncate", "delete", "empty"])
-def test_truncated_or_missing_chunk_falls_back(damage):
-    cfg, storage = _saved()
+def test_truncated_or_missing_chunk_falls_back(damage, local, tmp_path):
+    cfg, storage = _saved(where=tmp_path if local else None)
     step1 = decode_manifest(storage.get("manifests/000000000001-00000000.json")).body
     ids1 = {cid for cid, _ in step1.chunks}
     victims = sorted(c for c in storage.list("chunks") if c.rsplit("/", 1)[-1] not in ids1)  # step 2's own
@@ -144,6 +147,10 @@ def test_truncated_or_missing_chunk_falls_back(damage):
         assert "missing" in loaded.skipped[0][1] or "truncated" in loaded.skipped[0][1]
         with pytest.raises(CheckpointCorrupt):
             mgr.load(2)
+        # restoring in place: the damaged step 2 may have written into the tensors, step 1 then overwrote all
+        into = {k: torch.full_like(v, -7.0) for k, v in _state(1.0).items()}
+        loaded = mgr.latest(into=into)
+        assert loaded.step == 1 and all(torch.equal(into[k], v) for k, v in _state(1.0).items())
 
 
 def test_manifest_from_another_run_or_renamed_is_refused():

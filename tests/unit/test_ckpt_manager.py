@@ -64,6 +64,48 @@ def test_round_trip_restores_the_same_state(enc, async_save):
     assert state["extras"] == {"name": "run", "ratio": 0.5} and state["step"] == 5
 
 
+@pytest.mark.parametrize("enc", [True, False])
+def test_restore_into_live_tensors_in_place(enc, tmp_path):
+    tensors, skeleton = flatten_state(_state(seed=1))
+    with _mgr(f"file://{tmp_path}", enc, async_save=False) as mgr:
+        mgr.save(tensors, skeleton, step=3, term=0)
+        model = torch.nn.Linear(64, 32)  # a fresh model: parameters require grad
+        live = {"model/weight": model.weight, "model/bias": model.bias,
+                "rng": torch.zeros(5, dtype=torch.uint8),  # wrong shape: gets a new tensor
+                "optimizer/state/0/exp_avg": torch.zeros(64, 32).t()}  # not contiguous: new tensor
+        loaded = mgr.latest(into=live)
+    assert _same(loaded.tensors, tensors)
+    assert torch.equal(model.weight.detach(), tensors["model/weight"])
+    assert loaded.tensors["model/weight"].data_ptr() == model.weight.data_ptr()
+    assert loaded.tensors["rng"].data_ptr() != live["rng"].data_ptr() and live["rng"].eq(0).all()
+    assert live["optimizer/state/0/exp_avg"].eq(0).all()
+
+
+def test_restore_into_never_writes_one_memory_twice(tmp_path):
+    with _mgr(f"file://{tmp_path}", async_save=False) as mgr:
+        mgr.save({"a": torch.ones(100), "b": torch.full((100,), 2.0)}, None, step=1, term=0)
+        shared = torch.zeros(100)
+        loaded = mgr.latest(into={"a": shared, "b": shared})  # tied names: one memory
+    assert torch.equal(loaded.tensors["a"], torch.ones(100)) and torch.equal(loaded.tensors["b"], torch.full((100,), 2.0))
+    assert torch.equal(shared, torch.ones(100))  # only the first name restored into it
+
+
+def test_local_storage_view_maps_files(tmp_path):
+    storage = FsspecStorage(f"file://{tmp_path}")
+    storage.put("chunks/x", [b"abc", b"def"])
+    storage.put("chunks/empty", [b""])
+    with storage.view("chunks/x") as data:
+        assert bytes(data) == b"abcdef"
+    with storage.view("chunks/empty") as data:
+        assert len(data) == 0
+    with pytest.raises(FileNotFoundError):
+        with storage.view("chunks/absent"):
+            pass
+    with pytest.raises(ValueError):
+        with storage.view("../escape"):
+            pass
+
+
 def test_async_save_snapshots_before_returning():
     uri = _uri()
     t = {"w": torch.zeros(1000)}
