@@ -16,7 +16,7 @@ import posixpath
 import re
 import secrets
 import time
-from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar, Union
+from typing import Callable, Iterable, Iterator, Optional, Protocol, TypeVar, Union
 
 Buffer = Union[bytes, bytearray, memoryview]
 T = TypeVar("T")
@@ -37,8 +37,12 @@ class Storage(Protocol):
 
     uri: str
 
-    def put(self, name: str, parts: Sequence[Buffer]) -> None:
-        """Write the concatenation of `parts` under `name`, all or nothing."""
+    def put(self, name: str, parts: Iterable[Buffer]) -> None:
+        """Write the concatenation of `parts` under `name`, all or nothing.
+
+        `parts` may be produced lazily and iterated again on a retry; a part is read before the next
+        one is requested (the producer may reuse its memory).
+        """
 
     def get(self, name: str) -> bytes:
         """The object's bytes. Raises FileNotFoundError if absent."""
@@ -90,12 +94,12 @@ class FsspecStorage:
     def _path(self, name: str) -> str:
         return f"{self.root}/{check_name(name)}"
 
-    def put(self, name: str, parts: Sequence[Buffer]) -> None:
+    def put(self, name: str, parts: Iterable[Buffer]) -> None:
         path = self._path(name)
         if self._local:
             with_retries(lambda: _put_local(path, parts), attempts=self.attempts)
             return
-        data = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+        data = b"".join(bytes(p) for p in parts)  # each part copied as it comes: a producer may reuse its buffer
         with_retries(lambda: self.fs.pipe_file(path, data), attempts=self.attempts)
 
     def get(self, name: str) -> bytes:
@@ -176,7 +180,7 @@ def _protocols(fs) -> tuple[str, ...]:
     return (proto,) if isinstance(proto, str) else tuple(proto)
 
 
-def _put_local(path: str, parts: Sequence[Buffer]) -> None:
+def _put_local(path: str, parts: Iterable[Buffer]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}{TMP_MARK}{secrets.token_hex(6)}"
     try:

@@ -52,25 +52,6 @@ class SaveReport:
     seconds: float
 
 
-class _Buffers:
-    """A free list of seal buffers, so sealing allocates nothing after the first save."""
-
-    def __init__(self) -> None:
-        self._free: list[bytearray] = []
-        self._lock = threading.Lock()
-
-    def take(self, size: int) -> bytearray:
-        with self._lock:
-            for i, buf in enumerate(self._free):
-                if len(buf) >= size:
-                    return self._free.pop(i)
-        return bytearray(size)
-
-    def give(self, buf: bytearray) -> None:
-        with self._lock:
-            self._free.append(buf)
-
-
 def content_metadata(skeleton: Any) -> dict[str, str]:
     return {FORMAT_KEY: "1", SKELETON_KEY: skeleton_to_json(skeleton)}
 
@@ -82,7 +63,6 @@ class ChunkWriter:
         self.storage = storage
         self.threads = threads
         self.known: dict[str, int] = {}  # chunk id -> stored size
-        self._buffers = _Buffers()
 
     def refresh(self) -> dict[str, int]:
         """Re-list stored chunks (another process may have removed some); returns the listing by name."""
@@ -137,12 +117,7 @@ class ChunkWriter:
                     stats["reused"] += 1
                     return cid
                 claimed.add(cid)
-            buf = self._buffers.take(size) if keys is not None else None
-            try:
-                self.storage.put(chunk_path(cid), crypto.seal_chunk(view, cid, keys, buf))
-            finally:
-                if buf is not None:
-                    self._buffers.give(buf)
+            self.storage.put(chunk_path(cid), crypto.SealedChunk(view, cid, keys))
             with lock:
                 self.known[cid] = size
                 stats["bytes"] += size

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -72,8 +73,7 @@ def test_chunk_seal_open_round_trip_and_tamper():
     data = os.urandom(1000)
     cid = crypto.chunk_id(data, keys)
     assert cid not in (hashlib.sha256(data).hexdigest(), crypto.chunk_id(data, None))  # keyed: no plaintext hash leaks
-    (sealed,) = crypto.seal_chunk(data, cid, keys)
-    sealed = bytes(sealed)
+    sealed = crypto.seal_chunk(data, cid, keys)
     assert data not in sealed and len(sealed) == crypto.sealed_size(1000, True)
     out = bytearray(1000)
     crypto.open_chunk(sealed, cid, 1000, keys, memoryview(out))
@@ -89,11 +89,23 @@ def test_chunk_seal_open_round_trip_and_tamper():
         crypto.open_chunk(sealed, cid, 1000, crypto.DataKeys(bytes(32)), memoryview(bytearray(1000)))
 
 
+def test_streamed_sealing_equals_one_shot_aes_gcm_and_repeats():
+    keys = crypto.DataKeys(bytes(range(32)))
+    data = os.urandom(2 * crypto.SEAL_PIECE + 12345)  # three pieces, the last one short
+    cid = crypto.chunk_id(data, keys)
+    stream = crypto.SealedChunk(data, cid, keys)
+    first = b"".join(bytes(p) for p in stream)
+    nonce = bytes.fromhex(cid)[:12]
+    one_shot = AESGCM(keys.chunk_seal_key).encrypt(nonce, data, crypto._chunk_aad(cid, len(data)))
+    assert first == crypto.CHUNK_MAGIC + bytes([crypto.SEALED]) + one_shot and len(first) == stream.size
+    assert b"".join(bytes(p) for p in stream) == first  # iterable again: a retried upload sends the same bytes
+
+
 def test_plain_chunk_is_still_hashed():
     assert crypto.chunk_id(b"", None) == BLAKE3_EMPTY  # standard BLAKE3, so any BLAKE3 tool can check a chunk
     data = b"hello" * 10
     cid = crypto.chunk_id(data, None)
-    blob = b"".join(bytes(p) for p in crypto.seal_chunk(data, cid, None))
+    blob = crypto.seal_chunk(data, cid, None)
     out = bytearray(len(data))
     crypto.open_chunk(blob, cid, len(data), None, memoryview(out))
     assert bytes(out) == data
@@ -153,7 +165,7 @@ def test_golden_manifest_bytes():
     cid = crypto.chunk_id(data, keys)
     assert cid == GOLDEN_CHUNK_ID
     assert crypto.chunk_id(data, None) == GOLDEN_PLAIN_CHUNK_ID
-    assert hashlib.sha256(bytes(crypto.seal_chunk(data, cid, keys)[0])).hexdigest() == GOLDEN_CHUNK_SHA256
+    assert hashlib.sha256(crypto.seal_chunk(data, cid, keys)).hexdigest() == GOLDEN_CHUNK_SHA256
     assert encode_run(RUN) == b'{"format":"elastictrain-checkpoint-run","run":"' + RUN.encode() + b'","version":1}'
 
 
