@@ -4,8 +4,10 @@ safetensors and torch.distributed.checkpoint, one run, same disk, medians over r
     python benchmarks/checkpoint.py --size-mb 1024 --repeats 3 --out bench-out
 
 Writes bench-out/checkpoint.json and bench-out/checkpoint.md. Ratios compare figures measured in this run.
-Saves land in the page cache (no arm fsyncs); before each timed arm the benchmark flushes dirty pages
-and warms 2 GiB of free memory (`settle`), and every restore arm runs once untimed first.
+The main arms save into the page cache (elastictrain with fsync=False, like safetensors and torch.save;
+DCP fsyncs its files by default); the durable arms fsync (safetensors followed by fsync of file and folder,
+elastictrain with its default fsync=True). Before each timed arm the benchmark flushes dirty pages and
+warms 2 GiB of free memory (`settle`), and every restore arm runs once untimed first.
 """
 
 from __future__ import annotations
@@ -51,6 +53,17 @@ def settle() -> None:
     del warm
 
 
+def fsynced_save_file(state: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors.save_file, then fsync of the file and its folder: the durable baseline."""
+    save_file(state, str(path))
+    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
+        fd = os.open(target, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def timed(fn) -> float:
     settle()
     start = time.perf_counter()
@@ -80,9 +93,10 @@ def run(args) -> dict:
         p = work / f"{name}-{uuid.uuid4().hex[:8]}"
         return p
 
-    def mgr(uri, encrypted, async_save):
+    def mgr(uri, encrypted, async_save, fsync=False):
+        # fsync off unless asked: safetensors and torch.save leave their files in the page cache too
         enc = EncryptionConfig(key="env:BENCH_KEY") if encrypted else None
-        cfg = CheckpointConfig(uri=uri, encryption=enc, async_save=async_save, keep_last=2,
+        cfg = CheckpointConfig(uri=uri, encryption=enc, async_save=async_save, keep_last=2, fsync=fsync,
                                io_threads=args.threads, storage_options=args.storage_options or {})
         return CheckpointManager(cfg, environ=ENV)
 
@@ -167,6 +181,23 @@ def run(args) -> dict:
         add("et_incremental_sync_bytes", m.reports[-1].bytes_written)
         m.close()
         shutil.rmtree(p)
+        # durable saves: every byte on the disk before the save returns (CheckpointConfig.fsync, the default)
+        p = fresh("st-fsync")
+        add("safetensors_save_fsync_s", timed(lambda: fsynced_save_file(state, p)))
+        p.unlink()
+        p = fresh("enc-fsync")
+        m = mgr(f"file://{p}", True, async_save=False, fsync=True)
+        add("et_enc_save_fsync_s", timed(lambda: m.save(state, None, step=1, term=0)))
+        m.close()
+        shutil.rmtree(p)
+        p = fresh("inc-fsync")
+        m = mgr(f"file://{p}", True, async_save=True, fsync=True)
+        add("et_async_full_fsync_total_s", timed(lambda: (m.save(state, None, step=1, term=0), m.wait())))
+        for n in list(state)[4:6]:
+            state[n].add_(1.0)
+        add("et_incremental_fsync_total_s", timed(lambda: (m.save(state, None, step=2, term=0), m.wait())))
+        m.close()
+        shutil.rmtree(p)
     med = {k: median(v) for k, v in res.items()}
     out = {
         "size_bytes": nbytes, "repeats": args.repeats, "threads": args.threads, "medians": med, "raw": res,
@@ -182,6 +213,12 @@ def run(args) -> dict:
             "incremental_time_vs_first_full_async_save (both async, save() to commit)":
                 med["et_incremental_total_s"] / med["et_async_full_total_s"],
             "incremental_sync_time_vs_full_encrypted_save": med["et_incremental_sync_s"] / med["et_enc_save_s"],
+            "durable: encrypted_save_vs_safetensors_save_fsync (throughput)":
+                med["safetensors_save_fsync_s"] / med["et_enc_save_fsync_s"],
+            "durable: incremental_time_vs_full_sync_encrypted_save (target <= 0.2)":
+                med["et_incremental_fsync_total_s"] / med["et_enc_save_fsync_s"],
+            "durable: incremental_time_vs_first_full_async_save":
+                med["et_incremental_fsync_total_s"] / med["et_async_full_fsync_total_s"],
             "async_stall_vs_cpu_copy (target <= 1.5)": med["et_async_stall_s"] / med["cpu_copy_s"],
             "async_first_stall_vs_cpu_copy": med["et_async_first_stall_s"] / med["cpu_copy_s"],
             "restore_encrypted_vs_safetensors_load_clone (new memory, throughput, target >= 0.8)":
@@ -217,8 +254,9 @@ def run_saves(args) -> dict:
                 res.setdefault(arm, []).append(timed(lambda: save_file(state, str(p / "x.safetensors"))))
             else:
                 enc = EncryptionConfig(key="env:BENCH_KEY") if arm == "et_enc_save_s" else None
-                m = CheckpointManager(CheckpointConfig(uri=f"file://{p}", encryption=enc, async_save=False,
-                                                       io_threads=args.threads), environ=ENV)
+                cfg = CheckpointConfig(uri=f"file://{p}", encryption=enc, async_save=False, fsync=False,
+                                       io_threads=args.threads)
+                m = CheckpointManager(cfg, environ=ENV)
                 res.setdefault(arm, []).append(timed(lambda: m.save(state, None, step=1, term=0)))
                 m.close()
             shutil.rmtree(p)

@@ -127,6 +127,12 @@ class CheckpointConfig(_Config):
     io_threads: int = Field(
         2, ge=1, le=64, description="Threads that hash, seal and upload chunks in parallel (raise for S3)."
     )
+    fsync: bool = Field(
+        True,
+        description="Local disks: fsync chunks, then the manifest, and their folders, before a save counts as "
+        "committed and before retention removes older checkpoints, so a machine that crashes keeps a checkpoint "
+        "that loads. False saves into the page cache only (faster). Object stores are durable either way.",
+    )
 
 
 class RunConfig(_Config):

@@ -82,7 +82,7 @@ class CheckpointManager:
         if config.uri is None and storage is None:
             raise ValueError("CheckpointConfig.uri is unset: give a URI such as file:///tmp/run1 or s3://bucket/run1")
         self.config = config
-        self.storage: Storage = storage or FsspecStorage(config.uri, config.storage_options)
+        self.storage: Storage = storage or FsspecStorage(config.uri, config.storage_options, fsync=config.fsync)
         enc = config.encryption
         self.keyring: Optional[Keyring] = (
             keyring_from_specs(enc.key, enc.old_keys, enc.signing_key, environ, random_bytes) if enc else None

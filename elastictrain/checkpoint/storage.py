@@ -1,4 +1,4 @@
-"""Storage is a small protocol: put (atomic), get, list, delete (and, optionally, view); one fsspec implementation.
+"""Storage is a small protocol: put (atomic), get, list, delete (and, optionally, view and flush); one fsspec implementation.
 
 Names are '/'-separated paths relative to the checkpoint URI and are checked
 before any call (no '..', no absolute paths). `put` never leaves a partial
@@ -15,6 +15,7 @@ import os
 import posixpath
 import re
 import secrets
+import threading
 import time
 from typing import Callable, Iterable, Iterator, Optional, Protocol, TypeVar, Union
 
@@ -53,6 +54,9 @@ class Storage(Protocol):
     def delete(self, names: Iterable[str]) -> None:
         """Remove objects; absent ones are ignored."""
 
+    # Optional: `view(name)`, a context manager giving the object's bytes without a copy where it can,
+    # and `flush()`, which makes every put so far durable; callers check with getattr.
+
 
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: I/O and connection errors, not missing objects or refused access."""
@@ -80,9 +84,14 @@ def with_retries(
 
 
 class FsspecStorage:
-    """Storage on any fsspec filesystem (file://, memory://, s3://, ...)."""
+    """Storage on any fsspec filesystem (file://, memory://, s3://, ...).
 
-    def __init__(self, uri: str, storage_options: dict | None = None, attempts: int = 5):
+    `fsync` (local disks only): each object is fsynced before it is renamed into place, and `flush`
+    fsyncs the folders renamed into, so what `flush` returns for survives the machine crashing.
+    Object stores are durable once a write returns, so `flush` has nothing to do there.
+    """
+
+    def __init__(self, uri: str, storage_options: dict | None = None, attempts: int = 5, fsync: bool = False):
         import fsspec
 
         self.uri = uri
@@ -90,6 +99,10 @@ class FsspecStorage:
         self.root = root.rstrip("/")
         self.attempts = attempts
         self._local = "file" in _protocols(self.fs)
+        self.fsync = fsync and self._local
+        self._unsynced: set[str] = set()  # folders with renames not yet fsynced
+        self._top = os.path.dirname(self.root) or self.root  # the root's own entry counts too
+        self._lock = threading.Lock()
 
     def _path(self, name: str) -> str:
         return f"{self.root}/{check_name(name)}"
@@ -97,7 +110,13 @@ class FsspecStorage:
     def put(self, name: str, parts: Iterable[Buffer]) -> None:
         path = self._path(name)
         if self._local:
-            with_retries(lambda: _put_local(path, parts), attempts=self.attempts)
+            with_retries(lambda: _put_local(path, parts, self.fsync), attempts=self.attempts)
+            if self.fsync:
+                folder = os.path.dirname(path)
+                with self._lock:  # its folder, and the folders above it that the put may have created
+                    while len(folder) >= len(self._top) and folder not in self._unsynced:
+                        self._unsynced.add(folder)
+                        folder = os.path.dirname(folder)
             return
         data = b"".join(bytes(p) for p in parts)  # each part copied as it comes: a producer may reuse its buffer
         with_retries(lambda: self.fs.pipe_file(path, data), attempts=self.attempts)
@@ -138,6 +157,17 @@ class FsspecStorage:
                     mapped.close()
             except BufferError:  # a view is still alive (say, in a traceback): the map closes when it is freed
                 pass
+
+    def flush(self) -> None:
+        """Make every put so far durable: fsync the folders they were renamed into (with `fsync`)."""
+        with self._lock:
+            folders, self._unsynced = sorted(self._unsynced, key=len, reverse=True), set()
+        for folder in folders:  # deepest first, so a new folder's entry is synced after its contents
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def list(self, prefix: str) -> dict[str, int]:
         base = self._path(prefix)
@@ -180,7 +210,7 @@ def _protocols(fs) -> tuple[str, ...]:
     return (proto,) if isinstance(proto, str) else tuple(proto)
 
 
-def _put_local(path: str, parts: Iterable[Buffer]) -> None:
+def _put_local(path: str, parts: Iterable[Buffer], fsync: bool = False) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}{TMP_MARK}{secrets.token_hex(6)}"
     try:
@@ -191,6 +221,8 @@ def _put_local(path: str, parts: Iterable[Buffer]) -> None:
                     # mmap of the file faults less than after 1 MiB writes (restore ~25% faster, measured)
                     n = fh.write(view[:_WRITE_SLICE])
                     view = view[n:]
+            if fsync:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

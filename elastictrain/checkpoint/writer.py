@@ -145,9 +145,14 @@ class ChunkWriter:
         if keys is not None:
             body = replace(body, sealed_table=seal_table(body, table, keys, nonce(12)))
         raw = encode_manifest(body, run_keys.signer)
+        flush = getattr(self.storage, "flush", None)
+        if flush is not None:
+            flush()  # every chunk durable before the manifest that lists them can be
         if fence is not None and not fence(term):
             raise StaleTerm(term, term + 1, f"checkpoint commit of step {step}")
         self.storage.put(body.name, [raw])
+        if flush is not None:
+            flush()  # the commit is durable before retention may remove older checkpoints
         report = SaveReport(
             step, term, body.name, body.content_bytes, stats["bytes"] + len(raw), stats["written"],
             stats["reused"], time.perf_counter() - start,

@@ -106,6 +106,36 @@ def test_local_storage_view_maps_files(tmp_path):
             pass
 
 
+@pytest.mark.parametrize("fsync", [True, False])
+def test_fsync_orders_chunks_before_the_manifest(fsync, tmp_path, monkeypatch):
+    import os
+
+    from elastictrain.checkpoint.storage import TMP_MARK
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}").split(TMP_MARK)[0])
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    root = tmp_path / "run"
+    with _mgr(f"file://{root}", async_save=False, fsync=fsync) as mgr:
+        mgr.save({"a": torch.ones(1000), "b": torch.zeros(10)}, None, step=1, term=0)
+    if not fsync:
+        assert synced == []
+        return
+    chunks = sorted(str(p) for p in (root / "chunks").rglob("*") if p.is_file())
+    manifest = str(root / "manifests" / "000000000001-00000000.json")
+    assert len(chunks) == 2 and all(c in synced for c in chunks) and manifest in synced
+    at = synced.index(manifest)
+    for c in chunks:  # each chunk and the folders it was renamed into are durable before the commit
+        assert synced.index(c) < at and synced.index(os.path.dirname(c)) < at
+    assert synced.index(str(root / "chunks")) < at and str(root.parent) in synced[:at]
+    assert str(root / "manifests") in synced[at + 1 :]  # then the commit itself
+
+
 def test_async_save_snapshots_before_returning():
     uri = _uri()
     t = {"w": torch.zeros(1000)}
