@@ -64,6 +64,48 @@ def fsynced_save_file(state: dict[str, torch.Tensor], path: Path) -> None:
             os.close(fd)
 
 
+def manager(uri: str, args, *, encrypted: bool, async_save: bool, fsync: bool = False) -> CheckpointManager:
+    """An elastictrain manager for one arm; fsync off unless asked, like safetensors and torch.save."""
+    enc = EncryptionConfig(key="env:BENCH_KEY") if encrypted else None
+    cfg = CheckpointConfig(uri=uri, encryption=enc, async_save=async_save, keep_last=2, fsync=fsync,
+                           io_threads=args.threads, storage_options=args.storage_options or {})
+    return CheckpointManager(cfg, environ=ENV)
+
+
+def ratios(med: dict[str, float], table: list[tuple[str, str, str]]) -> dict[str, float]:
+    """{label: med[numerator] / med[denominator]} for each row of `table`."""
+    return {label: med[num] / med[den] for label, num, den in table}
+
+
+# (label, numerator, denominator): for times, baseline over elastictrain gives a throughput ratio
+RATIOS = [
+    ("encrypted_save_vs_safetensors_save (throughput, target >= 0.8)", "safetensors_save_s", "et_enc_save_s"),
+    ("plain_save_vs_safetensors_save (throughput)", "safetensors_save_s", "et_plain_save_s"),
+    ("incremental_bytes_vs_full (target <= 0.12)", "et_incremental_bytes", "et_async_full_bytes"),
+    ("incremental_time_vs_full_sync_encrypted_save (target <= 0.2)", "et_incremental_total_s", "et_enc_save_s"),
+    ("incremental_time_vs_first_full_async_save (both async, save() to commit)",
+     "et_incremental_total_s", "et_async_full_total_s"),
+    ("incremental_sync_time_vs_full_encrypted_save", "et_incremental_sync_s", "et_enc_save_s"),
+    ("durable: encrypted_save_vs_safetensors_save_fsync (throughput)",
+     "safetensors_save_fsync_s", "et_enc_save_fsync_s"),
+    ("durable: incremental_time_vs_full_sync_encrypted_save (target <= 0.2)",
+     "et_incremental_fsync_total_s", "et_enc_save_fsync_s"),
+    ("durable: incremental_time_vs_first_full_async_save",
+     "et_incremental_fsync_total_s", "et_async_full_fsync_total_s"),
+    ("async_stall_vs_cpu_copy (target <= 1.5)", "et_async_stall_s", "cpu_copy_s"),
+    ("async_first_stall_vs_cpu_copy", "et_async_first_stall_s", "cpu_copy_s"),
+    ("restore_encrypted_vs_safetensors_load_clone (new memory, throughput, target >= 0.8)",
+     "safetensors_load_clone_s", "et_enc_restore_s"),
+    ("restore_encrypted_into_vs_safetensors_load_copy (existing tensors, throughput, target >= 0.8)",
+     "safetensors_load_copy_s", "et_enc_restore_into_s"),
+    ("restore_plain_vs_safetensors_load_clone (throughput)", "safetensors_load_clone_s", "et_plain_restore_s"),
+    ("restore_plain_into_vs_safetensors_load_copy (throughput)", "safetensors_load_copy_s", "et_plain_restore_into_s"),
+    ("restore_encrypted_vs_safetensors_load_read (throughput)", "safetensors_load_read_s", "et_enc_restore_s"),
+    ("restore_encrypted_vs_safetensors_load_lazy_mmap (throughput)", "safetensors_load_s", "et_enc_restore_s"),
+]
+SAVE_RATIOS = [row for row in RATIOS if row[1] == "safetensors_save_s"]  # what --saves-only measures
+
+
 def timed(fn) -> float:
     settle()
     start = time.perf_counter()
@@ -93,18 +135,13 @@ def run(args) -> dict:
         p = work / f"{name}-{uuid.uuid4().hex[:8]}"
         return p
 
-    def mgr(uri, encrypted, async_save, fsync=False):
-        # fsync off unless asked: safetensors and torch.save leave their files in the page cache too
-        enc = EncryptionConfig(key="env:BENCH_KEY") if encrypted else None
-        cfg = CheckpointConfig(uri=uri, encryption=enc, async_save=async_save, keep_last=2, fsync=fsync,
-                               io_threads=args.threads, storage_options=args.storage_options or {})
-        return CheckpointManager(cfg, environ=ENV)
-
     resident = {k: torch.zeros_like(v) for k, v in state.items()}  # a model's tensors, already in memory
 
-    def check_resident():
+    def check_and_reset_resident():
         if not all(torch.equal(resident[k], v) for k, v in state.items()):
             raise AssertionError("restore into resident tensors gave wrong values")
+        for t in resident.values():
+            t.zero_()
 
     def restore_arm(key, fn):
         # every restore arm runs once untimed first: this VM backs memory freed a moment ago lazily, and
@@ -122,9 +159,7 @@ def run(args) -> dict:
         # what loading a model costs: into new memory (clone), or into its existing tensors (load_state_dict)
         restore_arm("safetensors_load_clone_s", lambda: [t.clone() for t in load_file(str(p)).values()])
         restore_arm("safetensors_load_copy_s", lambda: [resident[k].copy_(t) for k, t in load_file(str(p)).items()])
-        check_resident()
-        for t in resident.values():
-            t.zero_()
+        check_and_reset_resident()
         p.unlink()
         p = fresh("dcp")
         add("dcp_save_s", timed(lambda: dcp.save(state, checkpoint_id=str(p), no_dist=True)))
@@ -135,20 +170,18 @@ def run(args) -> dict:
         for encrypted in (False, True):
             tag = "enc" if encrypted else "plain"
             p = fresh(tag)
-            m = mgr(f"file://{p}", encrypted, async_save=False)
+            m = manager(f"file://{p}", args, encrypted=encrypted, async_save=False)
             add(f"et_{tag}_save_s", timed(lambda: m.save(state, None, step=1, term=0)))
             saved[tag] = (m, p)
         for tag, (m, p) in saved.items():
             restore_arm(f"et_{tag}_restore_s", lambda: m.latest())
             restore_arm(f"et_{tag}_restore_into_s", lambda: m.latest(into=resident))
-            check_resident()
-            for t in resident.values():
-                t.zero_()
+            check_and_reset_resident()
             m.close()
             shutil.rmtree(p)
         # async + incremental (encrypted): stall = time until save() returns; total = until committed
         p = fresh("inc")
-        m = mgr(f"file://{p}", True, async_save=True)
+        m = manager(f"file://{p}", args, encrypted=True, async_save=True)
         settle()
         t0 = time.perf_counter()
         m.save(state, None, step=1, term=0)
@@ -173,7 +206,7 @@ def run(args) -> dict:
         shutil.rmtree(p)
         # the same save with nothing changed but a sync manager (dedup by hashing only)
         p = fresh("inc-sync")
-        m = mgr(f"file://{p}", True, async_save=False)
+        m = manager(f"file://{p}", args, encrypted=True, async_save=False)
         m.save(state, None, step=1, term=0)
         for n in list(state)[:2]:
             state[n].add_(1.0)
@@ -186,12 +219,12 @@ def run(args) -> dict:
         add("safetensors_save_fsync_s", timed(lambda: fsynced_save_file(state, p)))
         p.unlink()
         p = fresh("enc-fsync")
-        m = mgr(f"file://{p}", True, async_save=False, fsync=True)
+        m = manager(f"file://{p}", args, encrypted=True, async_save=False, fsync=True)
         add("et_enc_save_fsync_s", timed(lambda: m.save(state, None, step=1, term=0)))
         m.close()
         shutil.rmtree(p)
         p = fresh("inc-fsync")
-        m = mgr(f"file://{p}", True, async_save=True, fsync=True)
+        m = manager(f"file://{p}", args, encrypted=True, async_save=True, fsync=True)
         add("et_async_full_fsync_total_s", timed(lambda: (m.save(state, None, step=1, term=0), m.wait())))
         for n in list(state)[4:6]:
             state[n].add_(1.0)
@@ -203,37 +236,7 @@ def run(args) -> dict:
         "size_bytes": nbytes, "repeats": args.repeats, "threads": args.threads, "medians": med, "raw": res,
         "throughput_gb_s": {k[:-2]: gb / v for k, v in med.items() if k.endswith("_save_s") or k.endswith("_load_s")
                             or k.endswith("_restore_s")},
-        "ratios": {
-            "encrypted_save_vs_safetensors_save (throughput, target >= 0.8)":
-                med["safetensors_save_s"] / med["et_enc_save_s"],
-            "plain_save_vs_safetensors_save (throughput)": med["safetensors_save_s"] / med["et_plain_save_s"],
-            "incremental_bytes_vs_full (target <= 0.12)": med["et_incremental_bytes"] / med["et_async_full_bytes"],
-            "incremental_time_vs_full_sync_encrypted_save (target <= 0.2)":
-                med["et_incremental_total_s"] / med["et_enc_save_s"],
-            "incremental_time_vs_first_full_async_save (both async, save() to commit)":
-                med["et_incremental_total_s"] / med["et_async_full_total_s"],
-            "incremental_sync_time_vs_full_encrypted_save": med["et_incremental_sync_s"] / med["et_enc_save_s"],
-            "durable: encrypted_save_vs_safetensors_save_fsync (throughput)":
-                med["safetensors_save_fsync_s"] / med["et_enc_save_fsync_s"],
-            "durable: incremental_time_vs_full_sync_encrypted_save (target <= 0.2)":
-                med["et_incremental_fsync_total_s"] / med["et_enc_save_fsync_s"],
-            "durable: incremental_time_vs_first_full_async_save":
-                med["et_incremental_fsync_total_s"] / med["et_async_full_fsync_total_s"],
-            "async_stall_vs_cpu_copy (target <= 1.5)": med["et_async_stall_s"] / med["cpu_copy_s"],
-            "async_first_stall_vs_cpu_copy": med["et_async_first_stall_s"] / med["cpu_copy_s"],
-            "restore_encrypted_vs_safetensors_load_clone (new memory, throughput, target >= 0.8)":
-                med["safetensors_load_clone_s"] / med["et_enc_restore_s"],
-            "restore_encrypted_into_vs_safetensors_load_copy (existing tensors, throughput, target >= 0.8)":
-                med["safetensors_load_copy_s"] / med["et_enc_restore_into_s"],
-            "restore_plain_vs_safetensors_load_clone (throughput)":
-                med["safetensors_load_clone_s"] / med["et_plain_restore_s"],
-            "restore_plain_into_vs_safetensors_load_copy (throughput)":
-                med["safetensors_load_copy_s"] / med["et_plain_restore_into_s"],
-            "restore_encrypted_vs_safetensors_load_read (throughput)":
-                med["safetensors_load_read_s"] / med["et_enc_restore_s"],
-            "restore_encrypted_vs_safetensors_load_lazy_mmap (throughput)":
-                med["safetensors_load_s"] / med["et_enc_restore_s"],
-        },
+        "ratios": ratios(med, RATIOS),
     }
     shutil.rmtree(work, ignore_errors=True)
     return out
@@ -253,18 +256,13 @@ def run_saves(args) -> dict:
             if arm == "safetensors_save_s":
                 res.setdefault(arm, []).append(timed(lambda: save_file(state, str(p / "x.safetensors"))))
             else:
-                enc = EncryptionConfig(key="env:BENCH_KEY") if arm == "et_enc_save_s" else None
-                cfg = CheckpointConfig(uri=f"file://{p}", encryption=enc, async_save=False, fsync=False,
-                                       io_threads=args.threads)
-                m = CheckpointManager(cfg, environ=ENV)
+                m = manager(f"file://{p}", args, encrypted=arm == "et_enc_save_s", async_save=False)
                 res.setdefault(arm, []).append(timed(lambda: m.save(state, None, step=1, term=0)))
                 m.close()
             shutil.rmtree(p)
     shutil.rmtree(work, ignore_errors=True)
     med = {k: median(v) for k, v in res.items()}
-    return {"medians": med, "raw": res,
-            "encrypted_save_vs_safetensors_save": med["safetensors_save_s"] / med["et_enc_save_s"],
-            "plain_save_vs_safetensors_save": med["safetensors_save_s"] / med["et_plain_save_s"]}
+    return {"medians": med, "raw": res, "ratios": ratios(med, SAVE_RATIOS)}
 
 
 def run_s3(args) -> dict:
@@ -310,7 +308,8 @@ def run_s3(args) -> dict:
                 "async_full_total_s": median(fulls), "incremental_total_s": median(incs),
                 "incremental_time_vs_full": median(incs) / median(fulls),
                 "incremental_bytes_vs_full": median(inc_bytes) / median(full_bytes),
-                "raw": {"save_s": saves, "restore_s": restores, "async_full_total_s": fulls, "incremental_total_s": incs}}
+                "raw": {"save_s": saves, "restore_s": restores, "async_full_total_s": fulls,
+                        "incremental_total_s": incs}}
     finally:
         server.stop()
 
