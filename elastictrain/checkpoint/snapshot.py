@@ -51,32 +51,34 @@ class Snapshotter:
         """Copy `tensors` into the buffers (the caller has waited for the previous save)."""
         for name, t in tensors.items():
             codec.check_name(name)
-            if not isinstance(t, torch.Tensor) or t.dtype not in codec.DTYPES:
-                raise ValueError(f"state entry {name!r} is not a tensor of a storable dtype")
+            if not isinstance(t, torch.Tensor) or t.dtype not in codec.DTYPES or t.layout != torch.strided:
+                raise ValueError(f"state entry {name!r} is not a dense tensor of a storable dtype")
+        # From the first copy on, the buffers no longer hold what the last save stored: forget the ids
+        # now, so a take that fails part-way leaves nothing a later save could reuse wrongly.
+        stored, self._stored = self._stored, {}
         self._buffers = {n: b for n, b in self._buffers.items() if n in tensors}
         reuse: dict[PieceKey, str] = {}
-        cuda = False
+        cuda_devices: set[torch.device] = set()
         for name, live in tensors.items():
             live = live.detach()
             buf = self._buffers.get(name)
             if buf is None or buf.shape != live.shape or buf.dtype != live.dtype:
                 buf = torch.empty(live.shape, dtype=live.dtype, pin_memory=live.is_cuda)
                 self._buffers[name] = buf
-                self._stored = {k: v for k, v in self._stored.items() if k[0] != name}
+                stored = {k: v for k, v in stored.items() if k[0] != name}
             if live.is_cuda:
-                cuda = True
+                cuda_devices.add(live.device)
                 buf.copy_(live, non_blocking=True)
                 continue
             src, dst = _flat_bytes(live.contiguous()), _flat_bytes(buf)
             for k, (off, n) in enumerate(piece_ranges(dst.numel(), self.chunk_size)):
-                cid = self._stored.get((name, k))
+                cid = stored.get((name, k))
                 if cid is not None and _equal_bytes(src[off : off + n], dst[off : off + n]):
                     reuse[(name, k)] = cid
                 else:
                     dst[off : off + n].copy_(src[off : off + n])
-        if cuda:
-            torch.cuda.synchronize()
-        self._stored = {}  # the buffers now hold the new snapshot; ids are known again once it commits
+        for device in cuda_devices:  # each GPU's copies; synchronize() alone waits for the current one only
+            torch.cuda.synchronize(device)
         return Snapshot(dict(self._buffers), reuse)
 
     def committed(self, piece_ids: dict[PieceKey, str]) -> None:

@@ -146,6 +146,31 @@ def test_async_save_snapshots_before_returning():
         assert torch.equal(mgr.latest().tensors["w"], torch.zeros(1000))
 
 
+class _Unreadable(torch.Tensor):
+    """A tensor that fails when the snapshot reads it (as a CUDA error or an interrupt would)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.detach:
+            raise RuntimeError("device lost")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_snapshot_that_fails_part_way_is_never_reused():
+    uri = _uri()
+    with _mgr(uri) as mgr:
+        mgr.save({"a": torch.zeros(1000), "b": torch.ones(1000)}, None, step=1, term=0)
+        mgr.wait()
+        a = torch.full((1000,), 7.0)
+        with pytest.raises(RuntimeError, match="device lost"):  # 'a' is copied aside, then 'b' fails
+            mgr.save({"a": a, "b": torch.ones(1000).as_subclass(_Unreadable)}, None, step=2, term=0)
+        mgr.save({"a": a, "b": torch.ones(1000)}, None, step=3, term=0)
+        mgr.wait()
+        assert _same(mgr.latest().tensors, {"a": a, "b": torch.ones(1000)})
+    with pytest.raises(ValueError, match="dense tensor"):
+        _mgr(_uri()).save({"s": torch.zeros(4).to_sparse()}, None, step=1, term=0)
+
+
 def test_incremental_save_writes_only_changed_chunks_and_survives_resubmission():
     uri = _uri()
     t = {f"layer{i}": torch.randn(128 * 1024) for i in range(10)}  # 10 x 512 KiB
