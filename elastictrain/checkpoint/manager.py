@@ -143,6 +143,7 @@ class CheckpointManager:
             self._save_now(cpu, skeleton, step, term, {}, from_snapshot=False)
             return
         snap = self._snapshotter.take(tensors)
+        self._error = None  # an earlier background save's failure stays in `events`; wait() reports this one's
         self._thread = threading.Thread(
             target=self._save_background, args=(snap.tensors, skeleton, step, term, snap.reuse),
             name=f"et-ckpt-save-{step}", daemon=True,
@@ -150,7 +151,10 @@ class CheckpointManager:
         self._thread.start()
 
     def wait(self) -> None:
-        """Block until the save in flight is committed; re-raise its error."""
+        """Block until the save in flight is committed; re-raise its error.
+
+        Only the last save started is reported here; every failed save is also a `save_failed` event.
+        """
         self._join()
         error, self._error = self._error, None
         if error is not None:
@@ -277,6 +281,7 @@ class CheckpointManager:
         Raises:
             CheckpointError: what is wrong with it.
         """
+        self._join()
         return self._load(name, self._expected_run(), into)
 
     def _first_that_verifies(self, names: list[str], what: str, into: Optional[dict[str, torch.Tensor]]) -> Loaded:
@@ -312,10 +317,18 @@ class CheckpointManager:
         Raises:
             CheckpointError: checkpoints exist but none verifies (wrong key, all damaged).
         """
+        self._join()  # this manager's own save in flight could otherwise commit, and retire what is read
         names = list(reversed(self._manifest_names()))
         if not names:
             return None
-        return self._first_that_verifies(names, "checkpoint", into)
+        try:
+            return self._first_that_verifies(names, "checkpoint", into)
+        except CheckpointError:
+            # another writer may have committed newer checkpoints (and retired the ones listed) meanwhile
+            newer = [n for n in reversed(self._manifest_names()) if n not in names]
+            if not newer:
+                raise
+            return self._first_that_verifies(newer, "checkpoint", into)
 
     def load(self, step: int, into: Optional[dict[str, torch.Tensor]] = None) -> Loaded:
         """The checkpoint of `step` (its newest term that verifies); `into` as for `latest`.
@@ -323,6 +336,7 @@ class CheckpointManager:
         Raises:
             CheckpointNotFound: no checkpoint of that step.
         """
+        self._join()
         all_names = self._manifest_names()
         names = [n for n in reversed(all_names) if parse_manifest_name(n)[0] == step]
         if not names:

@@ -134,15 +134,22 @@ def read_tensors(
             raws[name][off : off + length].zero_()
         dst = _slice(raws, first)
         path = chunk_path(cid)
+        problem = None
         try:
             with view_of(path) if view_of is not None else contextlib.nullcontext(storage.get(path)) as blob:
-                if len(blob) != stored:
-                    raise CheckpointCorrupt(
-                        f"{opened.name}: chunk {cid[:16]} has {len(blob)} bytes, expected {stored} (truncated?)"
-                    )
-                crypto.open_chunk(blob, cid, n, keys, dst)
+                try:
+                    if len(blob) != stored:
+                        raise CheckpointCorrupt(
+                            f"{opened.name}: chunk {cid[:16]} has {len(blob)} bytes, expected {stored} (truncated?)"
+                        )
+                    crypto.open_chunk(blob, cid, n, keys, dst)
+                except CheckpointCorrupt as exc:
+                    # raised again once the view is closed: this traceback holds slices of a memory map
+                    problem = str(exc)
         except FileNotFoundError:
             raise CheckpointCorrupt(f"{opened.name}: chunk {cid[:16]} is missing") from None
+        if problem is not None:
+            raise CheckpointCorrupt(problem)
         for other in rest:
             _slice(raws, other)[:] = dst
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import time
 import uuid
 
 import pytest
@@ -14,7 +15,7 @@ from elastictrain.checkpoint import CheckpointManager
 from elastictrain.checkpoint.cli import export_checkpoint, list_checkpoints, verify_checkpoints
 from elastictrain.checkpoint.storage import FsspecStorage, with_retries
 from elastictrain.config import CheckpointConfig, EncryptionConfig
-from elastictrain.errors import CheckpointNotFound, StaleTerm, WrongKey
+from elastictrain.errors import CheckpointCorrupt, CheckpointNotFound, StaleTerm, WrongKey
 from elastictrain.statetree import flatten_state, unflatten_state
 
 KEY_A = base64.b64encode(bytes(range(32))).decode()
@@ -38,10 +39,10 @@ def _state(seed=0):
             "step": 5, "extras": {"name": "run", "ratio": 0.5}}
 
 
-def _mgr(uri, enc=True, **kw):
+def _mgr(uri, enc=True, storage=None, **kw):
     cfg = dict(uri=uri, chunk_size_mb=1, encryption=EncryptionConfig(key="env:KEY_A") if enc else None)
     cfg.update(kw)
-    return CheckpointManager(CheckpointConfig(**cfg), environ=ENV)
+    return CheckpointManager(CheckpointConfig(**cfg), environ=ENV, storage=storage)
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -104,6 +105,72 @@ def test_local_storage_view_maps_files(tmp_path):
     with pytest.raises(ValueError):
         with storage.view("../escape"):
             pass
+
+
+def test_failed_restore_of_local_chunks_leaves_no_map_open(tmp_path):
+    import gc
+    import os
+
+    root = tmp_path / "run"
+    with _mgr(f"file://{root}", async_save=False) as mgr:
+        mgr.save({"w": torch.randn(3 << 18)}, None, step=1, term=0)  # 3 chunks of 1 MiB
+    for chunk in (p for p in (root / "chunks").rglob("*") if p.is_file()):
+        data = bytearray(chunk.read_bytes())
+        data[100] ^= 1
+        chunk.write_bytes(bytes(data))
+
+    def mapped() -> int:
+        with open("/proc/self/maps") as maps:
+            return sum(str(root / "chunks") in line for line in maps)
+
+    gc.disable()  # what only the cycle collector would free counts as open
+    try:
+        with _mgr(f"file://{root}") as mgr:
+            for _ in range(3):
+                with pytest.raises(CheckpointCorrupt, match="authentication failed"):
+                    mgr.latest()
+            assert mapped() == 0
+    finally:
+        gc.enable()
+
+
+class _SlowCommits(FsspecStorage):
+    def put(self, name, parts):
+        if name.startswith("manifests/"):
+            time.sleep(0.2)  # the commit lands while the restore would be reading
+        return super().put(name, parts)
+
+
+def test_restore_waits_for_the_managers_own_save_in_flight():
+    uri = _uri()
+    with _mgr(uri, keep_last=1, storage=_SlowCommits(uri)) as mgr:
+        mgr.save({"w": torch.zeros(1000)}, None, step=1, term=0)
+        mgr.wait()
+        mgr.save({"w": torch.ones(1000)}, None, step=2, term=0)  # commits step 2, then retires step 1
+        loaded = mgr.latest()
+        assert loaded.step == 2 and torch.equal(loaded.tensors["w"], torch.ones(1000))
+        mgr.save({"w": torch.full((1000,), 3.0)}, None, step=3, term=0)
+        assert torch.equal(mgr.load(3).tensors["w"], torch.full((1000,), 3.0))
+
+
+def test_restore_lists_again_when_another_writer_retires_what_it_read():
+    uri = _uri()
+    with _mgr(uri, async_save=False) as first:
+        first.save({"w": torch.zeros(1000)}, None, step=1, term=0)
+
+    class Raced(FsspecStorage):
+        raced = False
+
+        def get(self, name):
+            if name.startswith("chunks/") and not Raced.raced:
+                Raced.raced = True  # meanwhile, the run's new leader commits step 2 and retires step 1
+                with _mgr(uri, async_save=False, keep_last=1) as other:
+                    other.save({"w": torch.ones(1000)}, None, step=2, term=1)
+            return super().get(name)
+
+    with _mgr(uri, storage=Raced(uri)) as reader:
+        loaded = reader.latest()
+    assert Raced.raced and loaded.step == 2 and torch.equal(loaded.tensors["w"], torch.ones(1000))
 
 
 @pytest.mark.parametrize("fsync", [True, False])
