@@ -22,7 +22,7 @@ import torch
 from elastictrain.checkpoint import crypto
 from elastictrain.checkpoint.keys import Keyring, keyring_from_specs
 from elastictrain.checkpoint.manifest import (
-    MANIFEST_DIR, RUN_FILE, decode_manifest, decode_run, encode_run, parse_manifest_name, wrap_context,
+    CHUNK_DIR, MANIFEST_DIR, RUN_FILE, decode_manifest, decode_run, encode_run, parse_manifest_name, wrap_context,
 )
 from elastictrain.checkpoint.reader import Loaded, open_manifest, read_tensors
 from elastictrain.checkpoint.retention import plan_retention
@@ -34,6 +34,10 @@ from elastictrain.errors import CheckpointError, CheckpointNotFound
 from elastictrain.statetree import skeleton_to_json
 
 log = logging.getLogger("elastictrain.checkpoint")
+
+# A temporary file of a local put this much older than now belongs to a writer that died: no chunk
+# or manifest write of a live one takes an hour.
+STALE_TEMP_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,7 @@ class CheckpointManager:
         self._event("saved", step=step, term=term, bytes_written=report.bytes_written, seconds=report.seconds)
         try:
             self._apply_retention(run_keys.run)
-        except (CheckpointError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the save is committed; retention tries again next time
             self._event("retention_failed", reason=f"{type(exc).__name__}: {exc}")
 
     def _apply_retention(self, run: str) -> None:
@@ -217,6 +221,11 @@ class CheckpointManager:
             self._writer.known.pop(name.rsplit("/", 1)[-1], None)
         if plan.manifests:
             self._event("retention", deleted=list(plan.manifests), chunks_deleted=len(plan.chunks))
+        sweep = getattr(self.storage, "remove_stale_temporaries", None)
+        if sweep is not None:  # left by a writer killed mid-put: no listing shows them, nothing else removes them
+            removed = sweep([CHUNK_DIR, MANIFEST_DIR], STALE_TEMP_S)
+            if removed:
+                self._event("retention", temporaries_deleted=removed)
 
     # --- the run's identity and data key -------------------------------------
 

@@ -66,6 +66,12 @@ def chunk_path(cid: str) -> str:
     return f"{CHUNK_DIR}/{cid[:2]}/{cid}"
 
 
+def is_chunk_path(name: str) -> bool:
+    """True for a name `chunk_path` could have made (anything else under chunks/ is not ours)."""
+    parts = name.split("/")
+    return len(parts) == 3 and parts[0] == CHUNK_DIR and bool(_CHUNK_RE.match(parts[2])) and parts[1] == parts[2][:2]
+
+
 def canonical(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from elastictrain.checkpoint.manifest import Body, chunk_path, parse_manifest_name
+from elastictrain.checkpoint.manifest import Body, chunk_path, is_chunk_path, parse_manifest_name
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ def plan_retention(
 
     Args:
         bodies: every manifest name -> its decoded body, or None if it does not decode.
-        chunk_files: every stored chunk name -> size.
+        chunk_files: every stored name under chunks/ -> size; only names of chunks are ever deleted.
         keep_last: how many of this run's decodable manifests survive.
         run: this run's id; other runs' manifests are never deleted and their chunks are kept.
     """
@@ -43,4 +43,5 @@ def plan_retention(
     if any(b is None for b in remaining):
         return RetentionPlan(tuple(sorted(doomed)), ())  # cannot tell which chunks a damaged one needs
     referenced = {chunk_path(cid) for b in remaining for cid, _ in b.chunks}
-    return RetentionPlan(tuple(sorted(doomed)), tuple(sorted(set(chunk_files) - referenced)))
+    unreferenced = {n for n in chunk_files if is_chunk_path(n)} - referenced
+    return RetentionPlan(tuple(sorted(doomed)), tuple(sorted(unreferenced)))

@@ -1,4 +1,4 @@
-"""Storage is a small protocol: put (atomic), get, list, delete (and, optionally, view and flush); one fsspec implementation.
+"""Storage: a small protocol (atomic put, get, list, delete, and optional extras) and one fsspec implementation.
 
 Names are '/'-separated paths relative to the checkpoint URI and are checked
 before any call (no '..', no absolute paths). `put` never leaves a partial
@@ -54,8 +54,9 @@ class Storage(Protocol):
     def delete(self, names: Iterable[str]) -> None:
         """Remove objects; absent ones are ignored."""
 
-    # Optional: `view(name)`, a context manager giving the object's bytes without a copy where it can,
-    # and `flush()`, which makes every put so far durable; callers check with getattr.
+    # Optional: `view(name)`, a context manager giving the object's bytes without a copy where it can;
+    # `flush()`, which makes every put so far durable; `remove_stale_temporaries(prefixes, older_than_s)`,
+    # which deletes what puts killed mid-write left behind. Callers check with getattr.
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -159,15 +160,47 @@ class FsspecStorage:
                 pass
 
     def flush(self) -> None:
-        """Make every put so far durable: fsync the folders they were renamed into (with `fsync`)."""
+        """Make every put so far durable: fsync the folders they were renamed into (with `fsync`).
+
+        A folder whose fsync fails stays pending, with those not reached yet, for the next flush.
+        """
         with self._lock:
             folders, self._unsynced = sorted(self._unsynced, key=len, reverse=True), set()
-        for folder in folders:  # deepest first, so a new folder's entry is synced after its contents
-            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        for i, folder in enumerate(folders):  # deepest first, so a new folder's entry is synced after its contents
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except BaseException:
+                with self._lock:
+                    self._unsynced.update(folders[i:])
+                raise
+
+    def remove_stale_temporaries(self, prefixes: Iterable[str], older_than_s: float) -> int:
+        """Delete temporary files of local puts under `prefixes` last modified over `older_than_s` ago.
+
+        A put killed between its write and its rename leaves one; listings hide them. Returns how many
+        were deleted (always 0 off local disks, where puts leave none).
+        """
+        if not self._local:
+            return 0
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for prefix in prefixes:
+            for folder, _, files in os.walk(self._path(prefix)):
+                for file in files:
+                    if TMP_MARK not in file:
+                        continue
+                    path = os.path.join(folder, file)
+                    try:
+                        if os.stat(path).st_mtime < cutoff:
+                            os.unlink(path)
+                            removed += 1
+                    except FileNotFoundError:
+                        pass
+        return removed
 
     def list(self, prefix: str) -> dict[str, int]:
         base = self._path(prefix)

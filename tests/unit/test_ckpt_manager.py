@@ -356,6 +356,77 @@ def test_retention_keeps_last_and_removes_unshared_chunks():
             mgr.load(2)
 
 
+def test_retention_spares_foreign_files_and_sweeps_dead_writers_temporaries(tmp_path):
+    import os
+
+    from elastictrain.checkpoint.manager import STALE_TEMP_S
+    from elastictrain.checkpoint.storage import TMP_MARK
+
+    root = tmp_path / "run"
+    (root / "chunks" / "ab").mkdir(parents=True)
+    stray = root / "chunks" / "ab" / "notes copy.txt"  # not a name storage would make: left alone
+    stray.write_text("kept")
+    dead = root / "chunks" / "ab" / f"{'ab' * 32}{TMP_MARK}0123456789ab"  # a put killed before its rename
+    young = root / "manifests" / f"000000000009-00000000.json{TMP_MARK}0123456789ab"  # a put in progress
+    young.parent.mkdir()
+    for path in (dead, young):
+        path.write_bytes(b"partial")
+    old = time.time() - STALE_TEMP_S - 60
+    os.utime(dead, (old, old))
+    with _mgr(f"file://{root}", keep_last=1) as mgr:
+        for step in (1, 2, 3):
+            mgr.save({"w": torch.full((1000,), float(step))}, None, step=step, term=0)
+            mgr.wait()  # raises if retention broke the save
+        assert [i.step for i in mgr.list()] == [3]
+        assert not any(e["event"] == "retention_failed" for e in mgr.events)
+        assert any(e.get("temporaries_deleted") == 1 for e in mgr.events)
+    chunks = [p for p in (root / "chunks").rglob("*") if p.is_file() and p != stray]
+    assert len(chunks) == 1 and stray.read_text() == "kept" and young.exists() and not dead.exists()
+
+
+def test_flush_keeps_a_folder_whose_fsync_failed_pending(tmp_path, monkeypatch):
+    import os
+
+    storage = FsspecStorage(f"file://{tmp_path}/run", fsync=True)
+    for name in ("chunks/aa/x", "chunks/bb/y"):
+        storage.put(name, [b"data"])
+    real_fsync, synced = os.fsync, []
+
+    def failing_once(fd):
+        if not synced:
+            synced.append(None)
+            raise OSError(5, "EIO")
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_once)
+    with pytest.raises(OSError):
+        storage.flush()
+    storage.flush()
+    for folder in ("chunks/aa", "chunks/bb", "chunks", ""):
+        assert str(tmp_path / "run" / folder).rstrip("/") in synced
+
+
+def test_wait_reports_the_last_save_and_earlier_failures_stay_in_events():
+    uri = _uri()
+
+    class FailsOnce(FsspecStorage):
+        failed = False
+
+        def put(self, name, parts):
+            if name.startswith("chunks/") and not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise PermissionError("bucket policy")
+            return super().put(name, parts)
+
+    with _mgr(uri, storage=FailsOnce(uri)) as mgr:
+        mgr.save({"w": torch.zeros(1000)}, None, step=1, term=0)
+        mgr.save({"w": torch.ones(1000)}, None, step=2, term=0)
+        mgr.wait()
+        assert [e["step"] for e in mgr.events if e["event"] == "save_failed"] == [1]
+        assert mgr.latest().step == 2
+
+
 def test_damaged_newest_falls_back_with_an_event(monkeypatch):
     uri = _uri()
     storage = FsspecStorage(uri)
