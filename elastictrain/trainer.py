@@ -375,10 +375,13 @@ class _Driver:
         commits = sorted({(r["term"], r["step"]) for r in records if r.get("kind") == "commit"})
         steps = max((out.get("step", -1) for out in self._returns.values() if out["status"] == "finished"), default=-1)
         events = [r for r in records if r.get("kind") not in NON_EVENT_KINDS]
-        worlds = {}
+        worlds: dict[int, dict] = {}
         for r in records:
             if r.get("kind") == "joined":
-                worlds.setdefault(r["term"], {"kind": "world", "time": r["time"], "term": r["term"], "world_size": r["world_size"]})
+                world = worlds.setdefault(r["term"], {"kind": "world", "time": r["time"], "term": r["term"],
+                                                      "world_size": r["world_size"], "leader": None})
+                if r.get("leader"):
+                    world["leader"] = r["member"]
         events = sorted(events + list(worlds.values()), key=lambda r: r.get("time", 0.0))
         return Result(
             metrics=history[-1] if history else {},

@@ -245,9 +245,11 @@ class Runner:
         would stall its peers for the whole collective timeout. Instead all ranks
         vote and stop together at the same boundary. The vote usually rode on the
         last step's item-count all-reduce (`carried_vote`); otherwise one tiny
-        all-reduce carries it here. When someone leaves, the lowest leaving rank
-        saves a checkpoint first, while this term is still current, and a barrier
-        holds the others until it has committed.
+        all-reduce carries it here. When someone leaves, the leader saves a
+        checkpoint first, while this term is still current, and a barrier holds the
+        others until it has committed. The leader saves because it is the run's
+        one writer: a second one would race its retention against the leader's
+        save in flight.
         """
         n = world.world_size
         if carried_vote is not None and carried_vote.numel() == n + 1:
@@ -264,6 +266,7 @@ class Runner:
         if leaving:
             if world.rank == leaving[0]:
                 self.emit({"kind": "preemption_notice", "time": time.time(), "term": world.term, "step": state.step})
+            if world.is_leader:
                 self._save(state, world, wait=True)
             if n > 1:
                 dist.all_reduce(torch.zeros(1, device=self._vote_device()))  # barrier: the save has committed
@@ -332,7 +335,11 @@ class Runner:
     def _save(self, state: ElasticState, world: WorldInfo, *, wait: bool) -> None:
         """Save through the checkpoint manager; a failed save is an event, not the end of training."""
         manager = self._checkpoint_manager()
-        if manager is None or self._last_saved_step == state.step:
+        if manager is None:
+            return
+        if self._last_saved_step == state.step:  # already saving this step: wait for it if asked
+            if wait:
+                self._surface_checkpoint_error(manager)
             return
         self._surface_checkpoint_error(manager)
         try:

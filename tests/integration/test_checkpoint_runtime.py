@@ -66,7 +66,13 @@ def test_preemption_notice_saves_before_leaving(ray_session, tmp_path):
     notice = At(7, lambda view: view.signal(a_follower(view), signal.SIGTERM), min_members=3)
     result = _fit(task, ckpt, workers=(2, 3), callbacks=[notice])
     saved = sorted(c.step for c in CheckpointManager(ckpt).list())
-    left_at = next(e["step"] for e in result.events if e["kind"] == "preemption_notice")
+    notice_event = next(e for e in result.events if e["kind"] == "preemption_notice")
+    left_at = notice_event["step"]
     assert left_at in saved and saved[-1] == 24
+    # the run has one writer: every save comes from the leader of its term, never from the member leaving
+    leaders = {(e["term"], e["leader"]) for e in result.events if e["kind"] == "world"}
+    saves = [(e["term"], e["member"]) for e in result.events if e["kind"] == "checkpoint"]
+    assert saves and all(s in leaders for s in saves)
+    assert (notice_event["term"], notice_event["member"]) not in saves
     assert result.steps_redone == 0
     _assert_reference(result, task)
