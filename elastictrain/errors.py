@@ -65,7 +65,14 @@ class CheckpointNotFound(CheckpointError):
 
 
 class CheckpointCorrupt(CheckpointError):
-    """Stored bytes do not verify: tampered, truncated or missing."""
+    """Stored bytes do not verify: tampered, truncated or missing.
+
+    `chunk_id`: the damaged chunk's id, when the damage is in one chunk.
+    """
+
+    def __init__(self, message: str = "", chunk_id: str | None = None):
+        super().__init__(message)
+        self.chunk_id = chunk_id
 
 
 class WrongKey(CheckpointError):

@@ -60,6 +60,10 @@ def check_name(name: object) -> str:
     """Return `name` if it can name a tensor; raise ValueError otherwise."""
     if not isinstance(name, str) or not name or name == METADATA_KEY or "\x00" in name:
         raise ValueError(f"tensor name {name!r} is not allowed: use a non-empty string without NUL")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"tensor name {name!r} is not valid UTF-8 (a lone surrogate?)") from None
     return name
 
 

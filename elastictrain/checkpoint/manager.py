@@ -301,6 +301,8 @@ class CheckpointManager:
             try:
                 loaded = self._load(name, run, into)
             except CheckpointError as exc:
+                if getattr(exc, "chunk_id", None):  # rewrite it when a save needs it: content addressing
+                    self._writer.damaged.add(exc.chunk_id)  # repairs every checkpoint that shares it
                 reason = f"{type(exc).__name__}: {exc}"
                 skipped.append((name, reason))
                 errors.append(exc)

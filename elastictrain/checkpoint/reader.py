@@ -147,9 +147,9 @@ def read_tensors(
                     # raised again once the view is closed: this traceback holds slices of a memory map
                     problem = str(exc)
         except FileNotFoundError:
-            raise CheckpointCorrupt(f"{opened.name}: chunk {cid[:16]} is missing") from None
+            raise CheckpointCorrupt(f"{opened.name}: chunk {cid[:16]} is missing", cid) from None
         if problem is not None:
-            raise CheckpointCorrupt(problem)
+            raise CheckpointCorrupt(problem, cid)
         for other in rest:
             _slice(raws, other)[:] = dst
 

@@ -63,11 +63,14 @@ class ChunkWriter:
         self.storage = storage
         self.threads = threads
         self.known: dict[str, int] = {}  # chunk id -> stored size
+        self.damaged: set[str] = set()  # ids a restore found damaged: written again when next needed
 
     def refresh(self) -> dict[str, int]:
         """Re-list stored chunks (another process may have removed some); returns the listing by name."""
         listing = self.storage.list("chunks")
         self.known = {name.rsplit("/", 1)[-1]: size for name, size in listing.items()}
+        for cid in self.damaged:  # listed with the right size, yet its bytes do not verify
+            self.known.pop(cid, None)
         return listing
 
     def write(
@@ -120,6 +123,7 @@ class ChunkWriter:
             self.storage.put(chunk_path(cid), crypto.SealedChunk(view, cid, keys))
             with lock:
                 self.known[cid] = size
+                self.damaged.discard(cid)
                 stats["bytes"] += size
                 stats["written"] += 1
             return cid

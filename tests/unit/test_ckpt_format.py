@@ -49,7 +49,7 @@ def test_codec_prefix_plus_bytes_is_a_safetensors_file_with_metadata():
     assert [e.name for e in parsed if e.nbytes] == [e.name for e in entries if e.nbytes]
 
 
-@pytest.mark.parametrize("name", ["", "__metadata__", "a\x00b"])
+@pytest.mark.parametrize("name", ["", "__metadata__", "a\x00b", "a\udc80b"])
 def test_codec_rejects_bad_names(name):
     with pytest.raises(ValueError):
         codec.plan_entries({name: torch.zeros(1)})
