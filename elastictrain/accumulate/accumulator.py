@@ -61,6 +61,7 @@ class AccumulationStep:
         self._stats_work: Any = None
         self._extra_local = None if extra is None else extra.detach().reshape(-1).to(torch.float64)
         self.extra: Optional[torch.Tensor] = None
+        self._used: set[int] = set()  # indices into the accumulator's parameters
 
     @property
     def grad_norm(self) -> Optional[float]:
@@ -74,16 +75,22 @@ class AccumulationStep:
             raise RuntimeError("an AccumulationStep is entered once; call acc.step() for the next step")
         acc = self._acc
         acc._begin_step(self)
+        try:
+            self._world = acc._world_size()
+            self._mode = acc._reduce_mode(self.num_micro_batches, self._world)
+            if acc.autocast_dtype is not None:
+                self._autocast.enter_context(torch.autocast(acc._device_type(), dtype=acc.autocast_dtype))
+            # DDP's own all-reduce runs in the last backward only; every earlier forward
+            # and backward stays inside no_sync so the reducer sees nothing to reduce.
+            if self._mode == "manual" or (self._mode == "ddp" and self.num_micro_batches > 1):
+                if acc._ddp:
+                    self._no_sync.enter_context(acc.model.no_sync())
+        except BaseException:
+            self._no_sync.close()
+            self._autocast.close()
+            acc._end_step(self)
+            raise
         self._open = True
-        self._world = acc._world_size()
-        self._mode = acc._reduce_mode(self.num_micro_batches, self._world)
-        if acc.autocast_dtype is not None:
-            self._autocast.enter_context(torch.autocast(acc._device_type(), dtype=acc.autocast_dtype))
-        # DDP's own all-reduce runs in the last backward only; every earlier forward
-        # and backward stays inside no_sync so the reducer sees nothing to reduce.
-        if self._mode == "manual" or (self._mode == "ddp" and self.num_micro_batches > 1):
-            if acc._ddp:
-                self._no_sync.enter_context(acc.model.no_sync())
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -121,6 +128,8 @@ class AccumulationStep:
                 f"backward() called more than num_micro_batches={k} times in one step: "
                 "pass the rank's plan_rank(...).num_micro_batches"
             )
+        if not isinstance(num_items, torch.Tensor) and not (math.isfinite(num_items) and num_items >= 0):
+            raise ValueError(f"num_items={num_items!r} must be a finite count >= 0")
         self.micro_steps_done += 1
         detached = loss_sum.detach().to(torch.float64)
         self._loss_local = detached if self._loss_local is None else self._loss_local + detached
@@ -139,6 +148,8 @@ class AccumulationStep:
         loss = loss_sum if acc.scaler is None else acc.scaler.scale(loss_sum)
         with torch.autocast(acc._device_type(), enabled=False) if acc.autocast_dtype is not None else contextlib.nullcontext():
             loss.backward()
+        if self._mode != "ddp":  # which parameters got a gradient: the others keep None, as in one process
+            self._used.update(i for i, p in enumerate(acc._params) if p.grad is not None)
         if acc._fp32_params:
             acc._move_grads_to_fp32()
         if self._mode == "ddp" and self.micro_steps_done == k - 1:
@@ -150,7 +161,9 @@ class AccumulationStep:
         device = collective_device(self._acc._group(), self._acc._param_device())
         items = self._items_local
         items_t = items.to(device) if isinstance(items, torch.Tensor) else torch.tensor(float(items), device=device)
-        self._stats = torch.stack([self._loss_local.to(device), items_t.to(torch.float64)])
+        items_t = items_t.to(torch.float64)
+        bad = (~torch.isfinite(items_t) | (items_t < 0)).to(torch.float64)  # checked after the reduce: no host sync
+        self._stats = torch.stack([self._loss_local.to(device), items_t, bad])
         if self._extra_local is not None:
             self._stats = torch.cat([self._stats, self._extra_local.to(device)])
         if self._world > 1:
@@ -169,32 +182,50 @@ class AccumulationStep:
         elif self._stats_work is not None:
             self._stats_work.wait()
         self._stats_work = None
-        if self._mode == "manual" and self._world > 1:
-            all_reduce_grads(acc._grads_for_reduce(), acc._group())
         stats = self._stats.tolist()
-        loss_total, items_total = stats[0], stats[1]
+        loss_total, items_total, bad = stats[0], stats[1], stats[2]
         if self._extra_local is not None:
-            self.extra = torch.tensor(stats[2:], dtype=torch.float64)
+            self.extra = torch.tensor(stats[3:], dtype=torch.float64)
+        if bad > 0 or not math.isfinite(items_total):
+            raise ValueError(
+                f"num_items must be a finite count >= 0 on every rank; {int(bad)} rank(s) passed one that is "
+                "negative, inf or nan: the step is not applied"
+            )
         self.num_items = int(items_total) if float(items_total).is_integer() else items_total
-        if items_total <= 0:
+        if items_total <= 0:  # every rank sees the same total, so every rank skips
             self.loss, self.skipped = math.nan, True
             return
         self.loss = loss_total / items_total
-        # DDP averages over ranks; the manual path (and a single process) sums.
-        factor = (self._world if self._mode == "ddp" else 1) / items_total
+        used = self._used
+        if self._mode == "manual" and self._world > 1:
+            # Normalise before the sum (fp16 gradients would overflow summed first); the parameters
+            # used anywhere ride along as flags, so unused ones keep None on every rank.
+            grads, flags = acc._grads_for_reduce(used)
+            torch._foreach_mul_(grads, 1.0 / items_total)
+            all_reduce_grads(grads + [flags], acc._group())
+            used = {i for i, f in enumerate(flags.tolist()) if f > 0}
+            acc._drop_unused_grads(used)
+            factor = 1.0
+        else:  # DDP averages over ranks; a single process sums
+            factor = (self._world if self._mode == "ddp" else 1) / items_total
         found_inf = False
         if acc.scaler is not None:
             acc.scaler.unscale_(acc.optimizer)
             found_inf = agree_found_inf(acc.scaler, acc.optimizer, acc._group(), self._world)
-        grads = acc._grads_to_step()
+        grads = acc._grads_to_step(used if self._mode != "ddp" else None)
         if acc.max_grad_norm is not None and grads:
-            norm = torch.nn.utils.get_total_norm(grads, 2.0) * factor
+            # per-tensor norms in fp32: an fp16 norm of the summed gradient overflows to inf
+            low = [g for g in grads if g.dtype in _LOW_PRECISION]
+            rest = [g for g in grads if g.dtype not in _LOW_PRECISION]
+            norms = (list(torch._foreach_norm(low, 2, dtype=torch.float32)) if low else []) + (
+                list(torch._foreach_norm(rest, 2)) if rest else [])
+            norm = torch.nn.utils.get_total_norm(norms, 2.0) * factor
             self._grad_norm = norm
             coef = torch.clamp(acc.max_grad_norm / (norm + 1e-6), max=1.0) * factor
             torch._foreach_mul_(grads, coef)
         elif factor != 1.0 and grads:
             torch._foreach_mul_(grads, factor)
-        acc._write_back_fp32_grads()
+        acc._write_back_fp32_grads(used if self._mode != "ddp" else None)
         if acc.scaler is not None:
             acc.scaler.step(acc.optimizer)
             acc.scaler.update()
@@ -266,6 +297,7 @@ class GradAccumulator:
         self._process_group = process_group
         self._ddp = isinstance(model, DistributedDataParallel)
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._index = {id(p): i for i, p in enumerate(self._params)}
         self._fp32_params = [p for p in self._params if fp32_grad_accum and p.dtype in _LOW_PRECISION]
         self._fp32_bufs: list[torch.Tensor] = []
         self._active: Optional[AccumulationStep] = None
@@ -337,9 +369,12 @@ class GradAccumulator:
         for p in self._fp32_params:
             p.grad = None
 
-    def _grads_for_reduce(self) -> list[torch.Tensor]:
-        # Every rank must reduce the same tensors in the same order: a gradient that
-        # is None here (a parameter this rank did not use) becomes zeros.
+    def _grads_for_reduce(self, used: set[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The gradients to all-reduce, and a flag per parameter: 1 where this rank gave it a gradient.
+
+        Every rank must reduce the same tensors in the same order: a gradient that is None here (a
+        parameter this rank did not use) becomes zeros until the flags say whether any rank used it.
+        """
         fp32 = {id(p) for p in self._fp32_params}
         out = []
         for p in self._params:
@@ -348,13 +383,24 @@ class GradAccumulator:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             out.append(p.grad)
-        return out + list(self._fp32_bufs)
+        flags = torch.zeros(len(self._params), dtype=torch.float32, device=self._param_device())
+        if used:
+            flags[sorted(used)] = 1.0
+        return out + list(self._fp32_bufs), flags
 
-    def _grads_to_step(self) -> list[torch.Tensor]:
+    def _drop_unused_grads(self, used: set[int]) -> None:
+        for i, p in enumerate(self._params):
+            if i not in used:
+                p.grad = None
+
+    def _grads_to_step(self, used: Optional[set[int]]) -> list[torch.Tensor]:
         fp32 = {id(p) for p in self._fp32_params}
         grads = [p.grad for p in self._params if id(p) not in fp32 and p.grad is not None]
-        return grads + list(self._fp32_bufs)
+        return grads + [b for b, p in zip(self._fp32_bufs, self._fp32_params) if self._is_used(p, used)]
 
-    def _write_back_fp32_grads(self) -> None:
+    def _is_used(self, p: torch.Tensor, used: Optional[set[int]]) -> bool:
+        return used is None or self._index[id(p)] in used
+
+    def _write_back_fp32_grads(self, used: Optional[set[int]]) -> None:
         for p, buf in zip(self._fp32_params, self._fp32_bufs):
-            p.grad = buf.to(p.dtype)
+            p.grad = buf.to(p.dtype) if self._is_used(p, used) else None

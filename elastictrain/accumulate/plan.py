@@ -52,6 +52,10 @@ class RankPlan:
 
 
 def _check(global_batch_size: int, micro_batch_size: int, world_size: int) -> None:
+    for name, value in (("global_batch_size", global_batch_size), ("micro_batch_size", micro_batch_size),
+                        ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}={value!r} must be an int")
     if global_batch_size < 1:
         raise ValueError(f"global_batch_size={global_batch_size} must be at least 1")
     if micro_batch_size < 1:
@@ -89,7 +93,7 @@ def plan_rank(global_batch_size: int, micro_batch_size: int, world_size: int, ra
         (4, (2, 1))
     """
     _check(global_batch_size, micro_batch_size, world_size)
-    if not 0 <= rank < world_size:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} is outside [0, {world_size}) for world_size={world_size}")
     base, extra = divmod(global_batch_size, world_size)
     num_samples = base + (1 if rank < extra else 0)

@@ -236,3 +236,93 @@ def test_extra_vector_comes_back_after_the_step_in_one_process():
     with acc.step(num_micro_batches=1) as plain:
         plain.backward(model(torch.ones(1, 3)).sum(), num_items=1)
     assert plain.extra is None
+
+
+def test_bad_item_counts_are_refused_and_nothing_is_applied():
+    for bad in (math.nan, math.inf, -1):
+        model = torch.nn.Linear(3, 1)
+        before = [p.detach().clone() for p in model.parameters()]
+        acc = GradAccumulator(model, torch.optim.SGD(model.parameters(), lr=1.0))
+        with pytest.raises(ValueError, match="finite count"):
+            with acc.step(1) as s:
+                s.backward(model(torch.ones(2, 3)).sum(), num_items=bad)
+        with pytest.raises(ValueError, match="on every rank"):  # a tensor count is checked without a sync
+            with acc.step(1) as s:
+                s.backward(model(torch.ones(2, 3)).sum(), num_items=torch.tensor(float(bad)))
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        with acc.step(1) as s:  # and the accumulator is usable again
+            s.backward(model(torch.ones(2, 3)).sum(), num_items=2)
+        assert not s.skipped
+
+
+def test_clipping_fp16_parameters_measures_the_norm_in_fp32():
+    p = torch.nn.Parameter(torch.zeros(10000, dtype=torch.float16))
+    acc = GradAccumulator(torch.nn.ParameterList([p]), torch.optim.SGD([p], lr=1.0), max_grad_norm=1000.0)
+    with acc.step(1) as s:  # 1000 items, each with gradient 1 everywhere: the summed fp16 norm overflows
+        s.backward((p * torch.ones_like(p)).sum() * 1000, num_items=1000)
+    assert s.grad_norm == pytest.approx(100.0, rel=1e-4)
+    assert torch.all(p == -1.0)  # not clipped to nothing
+
+
+def test_unused_parameter_keeps_no_gradient_with_fp32_accumulation():
+    used, unused = (torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16)) for _ in range(2))
+    opt = torch.optim.AdamW([used, unused], lr=0.1, weight_decay=0.5)
+    acc = GradAccumulator(torch.nn.ParameterList([used, unused]), opt, fp32_grad_accum=True)
+    with acc.step(1) as s:
+        s.backward(used.float().sum(), num_items=1)
+    assert unused.grad is None and torch.equal(unused, torch.ones(4, dtype=torch.bfloat16))
+    assert used.grad is not None
+
+
+def test_a_step_that_fails_to_open_does_not_stay_open():
+    model = torch.nn.Linear(2, 1)
+    acc = GradAccumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), process_group=object())
+    for _ in range(2):  # the same clear error each time, not "a step is still open"
+        with pytest.raises(RuntimeError, match="not initialised"):
+            with acc.step(1):
+                pass
+
+
+def _two_rank_run(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"file://{store}")
+    try:
+        torch.save(_side_branch_run(rank, 2), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _side_branch_run(rank: int, world: int) -> dict:
+    """AdamW with weight decay on a model whose `side` layer only step 0 uses (float64, 3 steps)."""
+    from elastictrain.accumulate import plan_rank
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(6, 1, generator=g, dtype=torch.float64)
+    weights = torch.tensor([1.0, 0.0, 2.0, 3.0, 0.0, 1.0], dtype=torch.float64)
+    torch.manual_seed(1)
+    main, side = torch.nn.Linear(4, 1).double(), torch.nn.Linear(4, 1).double()
+    model = torch.nn.ModuleDict({"main": main, "side": side})
+    acc = GradAccumulator(model, torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1), max_grad_norm=100.0)
+    plan = plan_rank(6, 2, world, rank)
+    norms = []
+    for step in range(3):
+        with acc.step(plan.num_micro_batches) as s:
+            for b, e in plan.micro_ranges():
+                pred = main(x[b:e]) + (side(x[b:e]) if step == 0 else 0)
+                s.backward((((pred - y[b:e]) ** 2).squeeze(1) * weights[b:e]).sum(), num_items=weights[b:e].sum())
+        norms.append(s.grad_norm)
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "norms": norms}
+
+
+def test_two_gloo_ranks_match_one_process_with_a_parameter_unused_in_later_steps(tmp_path):
+    import torch.multiprocessing as mp
+
+    reference = _side_branch_run(0, 1)
+    out = str(tmp_path / "out")
+    mp.spawn(_two_rank_run, args=(str(tmp_path / "store"), out), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(f"{out}.{rank}")
+        for name, value in reference["state"].items():
+            assert torch.allclose(got["state"][name], value, rtol=0, atol=1e-12), name
+        assert got["norms"] == pytest.approx(reference["norms"], rel=1e-12)

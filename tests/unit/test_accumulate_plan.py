@@ -57,7 +57,8 @@ def test_global_batch_smaller_than_world_says_what_to_change():
 @pytest.mark.parametrize(
     "args, match",
     [((8, 2, 2, 2), "rank=2 is outside"), ((8, 2, 2, -1), "rank=-1"), ((0, 1, 1, 0), "global_batch_size"),
-     ((8, 0, 1, 0), "micro_batch_size"), ((8, 1, 0, 0), "world_size")],
+     ((8, 0, 1, 0), "micro_batch_size"), ((8, 1, 0, 0), "world_size"), ((10, 2, 2, 0.5), "rank=0.5"),
+     ((10.0, 2, 2, 0), "must be an int"), ((10, True, 2, 0), "micro_batch_size=True")],
 )
 def test_bad_arguments_raise(args, match):
     with pytest.raises(ValueError, match=match):
