@@ -23,7 +23,10 @@ class ScalingConfig(_Config):
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1.0}, description="Ray resources each worker actor reserves."
     )
-    use_gpu: bool = Field(False, description="One GPU per worker, NCCL backend; gloo on CPU otherwise.")
+    use_gpu: bool = Field(
+        False, description="Train on a GPU per worker (NCCL; resources_per_worker['GPU'] may set a fraction "
+        "or more); gloo on CPU otherwise."
+    )
     label_selector: Optional[dict[str, str]] = Field(
         None, description="Ray node labels a worker's node must carry, e.g. {'provider': 'aws'}."
     )
@@ -38,6 +41,12 @@ class ScalingConfig(_Config):
         for name, amount in self.resources_per_worker.items():
             if amount < 0:
                 raise ValueError(f"resources_per_worker[{name!r}]={amount} is negative: use 0 or more")
+        gpus = self.resources_per_worker.get("GPU")
+        if gpus is not None and (gpus > 0) != self.use_gpu:
+            raise ValueError(
+                f"resources_per_worker['GPU']={gpus} with use_gpu={self.use_gpu}: set use_gpu=True to train "
+                "on GPUs (a worker drives one, cuda:0 of what Ray gives it), or drop the 'GPU' entry"
+            )
         return self
 
 

@@ -97,6 +97,19 @@ class Callback(Protocol):
     def on_progress(self, view: RunView) -> None: ...
 
 
+def actor_options(scaling: ScalingConfig) -> dict[str, Any]:
+    """Ray actor options of one worker: its CPUs, GPUs (one with `use_gpu`, unless
+    `resources_per_worker` names another amount), custom resources and node labels."""
+    resources = dict(scaling.resources_per_worker)
+    gpus = resources.pop("GPU", 1.0 if scaling.use_gpu else 0.0)
+    options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 0), "num_gpus": gpus}
+    if resources:
+        options["resources"] = resources
+    if scaling.label_selector:
+        options["label_selector"] = dict(scaling.label_selector)
+    return options
+
+
 class ElasticTrainer:
     """Runs `train_fn(ctx)` on elastic Ray workers until it finishes.
 
@@ -133,6 +146,12 @@ class ElasticTrainer:
         self.failure = failure or FailureConfig()
         self.run = run or RunConfig()
         self.callbacks = list(callbacks or [])
+        if self.batch.global_batch_size < self.scaling.max_workers:
+            raise ValueError(
+                f"global_batch_size={self.batch.global_batch_size} is smaller than max_workers="
+                f"{self.scaling.max_workers}, so a full world would leave some worker no sample: raise "
+                f"global_batch_size to at least {self.scaling.max_workers} or lower max_workers"
+            )
 
     def fit(self) -> Result:
         """Train to the end; returns the Result.
@@ -207,14 +226,7 @@ class _Driver:
     def _spawn(self, count: int) -> None:
         from elastictrain.runtime.worker import WorkerActor
 
-        scaling = self.spec.scaling
-        resources = dict(scaling.resources_per_worker)
-        options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 0), "num_gpus": 1 if scaling.use_gpu else 0}
-        resources.pop("GPU", None)
-        if resources:
-            options["resources"] = resources
-        if scaling.label_selector:
-            options["label_selector"] = dict(scaling.label_selector)
+        options = actor_options(self.spec.scaling)
         for _ in range(count):
             self._spawned += 1
             member_id = f"w{self._spawned:03d}-{uuid.uuid4().hex[:6]}"
@@ -277,9 +289,19 @@ class _Driver:
             for member_id in list(self.actors):
                 self._kill(member_id)
             self._kill_hub()
+            self._clear_election()
         if failure is not None:
             raise TrainingFailed(f"run {self.spec.run_id} failed: {failure}")
         return self._result()
+
+    def _clear_election(self) -> None:
+        """Delete the run's keys from the cluster's KV store: a shared cluster keeps them otherwise."""
+        store = self.election.store
+        try:
+            for key in store.keys(""):
+                store.delete(key)
+        except Exception as exc:  # noqa: BLE001 - the run is over either way
+            self.record({"kind": "cleanup_failed", "time": time.time(), "reason": f"{type(exc).__name__}: {exc}"})
 
     def _kill_hub(self) -> None:
         try:

@@ -166,8 +166,11 @@ class Context:
         )
 
     def report(self, metrics: dict[str, Any]) -> None:
-        """Send metrics to the driver (rank 0's are kept; the call does not block)."""
+        """Send metrics to the driver (rank 0's are kept; the call does not block).
+
+        Inside the loop body of step s they are stamped with step s (unless `metrics` has a "step").
+        """
         if self.rank != 0:
             return
-        step = self._state.step - 1 if self._state is not None else None
+        step = self._state.step if self._state is not None else None
         self._runner.emit({"kind": "metrics", "time": time.time(), "step": step, "term": self.generation, **metrics})

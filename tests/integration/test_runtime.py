@@ -48,9 +48,20 @@ def test_context_is_a_value_per_world(ray_session):
                         "is_leader": ctx.is_leader, "device": str(ctx.device), "tokens": state.tokens,
                         "ddp": isinstance(state.model, torch.nn.parallel.DistributedDataParallel)})
 
-    result = et.ElasticTrainer(train_fn, scaling=et.ScalingConfig(min_workers=2, max_workers=2), failure=FAILURE).fit()
+    class Namespace:
+        name = None
+
+        def on_progress(self, view):
+            Namespace.name = view._driver.spec.namespace
+
+    result = et.ElasticTrainer(train_fn, scaling=et.ScalingConfig(min_workers=2, max_workers=2), failure=FAILURE,
+                               callbacks=[Namespace()]).fit()
+    from ray.experimental import internal_kv
+
+    assert Namespace.name and internal_kv._internal_kv_list(b"", namespace=Namespace.name) == []  # nothing left behind
     m = result.metrics
     assert (m["rank"], m["world_size"], m["generation"], m["device"], m["tokens"], m["ddp"]) == (0, 2, 1, "cpu", 15, True)
+    assert [h["step"] for h in result.history] == [0, 1, 2]  # stamped with the step being run
     with pytest.raises(et.errors.NotInWorker):
         et.get_context()
 
