@@ -26,7 +26,7 @@ from elastictrain.runtime.process_group import (
 )
 from elastictrain.runtime.rendezvous import Rendezvous, RunEnded
 from elastictrain.runtime.spec import RunSpec
-from elastictrain.runtime.state import ElasticState, broadcast_tree
+from elastictrain.runtime.state import ElasticState, broadcast_tree, copy_plain, rng_state
 from elastictrain.runtime.world import WorldInfo
 from elastictrain.statetree import unflatten_state
 
@@ -80,6 +80,10 @@ class Runner:
         self._last_saved_step: Optional[int] = None
         self._group_sockets: Optional[GroupSockets] = None
         self._group_lock = threading.Lock()
+        # What the last committed step left besides tensors: (plain entries, RNG states).
+        self._at_commit: Optional[tuple[dict, dict]] = None
+        self._stepped = False  # an optimizer of the state stepped since the last commit
+        self._step_hooks: list = []
         self.rendezvous = Rendezvous(election, member_id, spec.rendezvous_policy(), self._open_store)
 
     # --- signals from outside ---------------------------------------------------
@@ -162,6 +166,7 @@ class Runner:
                     raise TrainingFailed(reason) from exc
                 self.detected_at = time.time()
                 self._sever_group()
+                self._keep_stepped_step(plan.term)
                 rebuilds_without_progress = 0 if self.committed > committed_before else rebuilds_without_progress + 1
                 self.emit({"kind": "world_changed", "time": self.detected_at, "term": plan.term,
                            "step": self.committed, "reason": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})
@@ -176,6 +181,9 @@ class Runner:
                 return {"status": "finished", "step": self.committed}
             finally:
                 _set_current(None)
+                for hook in self._step_hooks:
+                    hook.remove()
+                self._step_hooks.clear()
                 if ctx is not None:
                     ctx._accumulators.clear()
                 ctx = None
@@ -185,6 +193,28 @@ class Runner:
                     self._group_sockets = None
                 destroy_group(self.spec.backend)
                 self.rendezvous.store_handle = None
+
+    def _keep_stepped_step(self, term: int) -> None:
+        """A world change after the optimizer stepped (say, in a collective the loop body issues after
+        `optimizer.step()`, to log a metric): the parameters already hold the next step, so that step
+        counts as committed rather than being applied twice. Its counters and RNG stay as they are."""
+        if not self._stepped or self._live is None:
+            return
+        self._stepped = False
+        step = self._live.step
+        self._live.step = step + 1
+        self.committed = self._live.step
+        self._at_commit = (self._live.plain(), rng_state())
+        rank = self.world.rank if self.world is not None else None
+        self.emit({"kind": "commit", "time": time.time(), "term": term, "step": step, "rank": rank})
+        self.emit({"kind": "in_flight_step_kept", "time": time.time(), "term": term, "step": step})
+
+    def _watch_optimizers(self, state: ElasticState) -> None:
+        def stepped(*_: Any) -> None:
+            self._stepped = True
+
+        for optimizer in state.optimizers():
+            self._step_hooks.append(optimizer.register_step_post_hook(stepped))
 
     def _sever_group(self) -> None:
         """Spread a failure: peers blocked on this rank fail now instead of at the timeout."""
@@ -203,7 +233,12 @@ class Runner:
         """Bring `state` to the world's committed step: from memory, a peer, or storage."""
         plan = world.plan
         if self._live is not None and self.committed != NO_STATE:
-            state.load_tree(self._live.tree())
+            tree = self._live.tree()
+            if self._at_commit is not None:  # a step lost in flight leaves no counter or random draw behind
+                plain, rng = self._at_commit
+                tree["objects"].update(copy_plain(plain))
+                tree["rng"] = rng
+            state.load_tree(tree)
         elif plan.restore_from_storage and world.rank == 0:
             self._restore_from_checkpoint(state)
         if world.world_size > 1 and (plan.needs_sync or plan.restore_from_storage):
@@ -212,6 +247,8 @@ class Runner:
                 state.load_tree(tree)
         self._live = state
         self.committed = state.step
+        self._at_commit, self._stepped = (state.plain(), rng_state()), False
+        self._watch_optimizers(state)
         self._restored_at = time.time()
 
     def _restore_from_checkpoint(self, state: ElasticState) -> None:
@@ -280,6 +317,7 @@ class Runner:
 
     def on_commit(self, state: ElasticState, world: WorldInfo, step: int) -> None:
         self.committed = state.step
+        self._at_commit, self._stepped = (state.plain(), rng_state()), False
         now = time.time()
         self.emit({"kind": "commit", "time": now, "term": world.term, "step": step, "rank": world.rank})
         if self._first_commit_of_term:

@@ -1,8 +1,10 @@
 """The elastic state: what `ctx.state(...)` registers, restores and hands to new members.
 
-State is never copied per step. A survivor keeps the objects of its last entry;
+Tensors are never copied per step. A survivor keeps the objects of its last entry;
 on re-entry their state is loaded into the new objects once. Members behind the
-newest one (or new) receive rank 0's state by broadcast.
+newest one (or new) receive rank 0's state by broadcast. What is copied at each
+commit is small: the plain entries' containers and the RNG states, so a step lost
+in flight does not leave its counters or random draws behind.
 """
 
 from __future__ import annotations
@@ -23,6 +25,19 @@ def _unwrap(obj: Any) -> Any:
 
 def _is_stateful(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def copy_plain(value: Any) -> Any:
+    """Copy the containers (dict, list, tuple, set) of a plain value; keep what they hold by reference."""
+    if isinstance(value, dict):
+        return {k: copy_plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [copy_plain(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(copy_plain(v) for v in value)
+    if isinstance(value, set):
+        return set(value)
+    return value
 
 
 def rng_state() -> dict:
@@ -66,6 +81,14 @@ class ElasticState:
             raise AttributeError(f"state entry {name!r} is a stateful object; mutate it, don't replace it")
         else:
             self._objects[name] = value
+
+    def plain(self) -> dict[str, Any]:
+        """The plain (not stateful) entries, copied so later reassignments and list/dict edits do not
+        reach the copy; tensors and other objects inside are shared, not copied."""
+        return {n: copy_plain(v) for n, v in self._objects.items() if not _is_stateful(_unwrap(v))}
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in self._objects.values() if isinstance(o, torch.optim.Optimizer)]
 
     def release_world(self) -> None:
         """Drop DDP wrappers (they hold the old process group), keeping the modules and their state."""
