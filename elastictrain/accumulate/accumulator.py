@@ -180,7 +180,10 @@ class AccumulationStep:
         if self._stats is None:
             self._launch_stats(async_op=False)
         elif self._stats_work is not None:
-            self._stats_work.wait()
+            try:
+                self._stats_work.wait()
+            except RuntimeError as exc:  # torch raises a lost peer here as a plain RuntimeError: say what it is
+                raise dist.DistNetworkError(f"all-reduce of the step's item count failed: {exc}") from exc
         self._stats_work = None
         stats = self._stats.tolist()
         loss_total, items_total, bad = stats[0], stats[1], stats[2]

@@ -7,6 +7,7 @@ term its own store (hosted by the term's leader) rules that out.
 from __future__ import annotations
 
 import os
+import traceback
 from datetime import timedelta
 
 import torch
@@ -72,8 +73,19 @@ def destroy_group(backend: str) -> None:
                 pass
 
 
+# Where torch raises what its communication layer reports: collectives, and DDP's reducer inside backward.
+_COMM_SOURCES = tuple(
+    os.sep + os.path.join("torch", part) + os.sep for part in ("distributed", "autograd", os.path.join("nn", "parallel"))
+)
+
+
 def is_collective_failure(exc: BaseException) -> bool:
-    """True when `exc` comes from the communication layer rather than from the user's code."""
+    """True when `exc` comes from the communication layer rather than from the user's code.
+
+    torch raises a lost gloo peer as a plain RuntimeError, so one counts when its message names a
+    transport problem and it was raised inside torch's distributed or autograd code; the same words
+    raised by the user's code (a data loader that "timed out") stay the user's error.
+    """
     dist_errors = tuple(
         getattr(dist, name) for name in ("DistError", "DistBackendError", "DistNetworkError") if hasattr(dist, name)
     )
@@ -81,7 +93,10 @@ def is_collective_failure(exc: BaseException) -> bool:
         return True
     if isinstance(exc, RuntimeError):
         text = str(exc).lower()
-        return any(marker in text for marker in _FAILURE_MARKERS)
+        if not any(marker in text for marker in _FAILURE_MARKERS):
+            return False
+        frames = traceback.extract_tb(exc.__traceback__)
+        return bool(frames) and any(source in frames[-1].filename for source in _COMM_SOURCES)
     return False
 
 
