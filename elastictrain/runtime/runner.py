@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from elastictrain.election.election import Election
 from elastictrain.election.term import NO_STATE, Member, should_grow
-from elastictrain.errors import LeaveWorld, TrainingFailed, WorldChanged
+from elastictrain.errors import LeaveWorld, StaleTerm, TrainingFailed, WorldChanged
 from elastictrain.runtime.context import Context, _set_current
 from elastictrain.runtime.process_group import (
     GroupSockets,
@@ -78,6 +78,7 @@ class Runner:
         self._restored_at = 0.0
         self._checkpoints = None
         self._last_saved_step: Optional[int] = None
+        self._pending_save: Optional[tuple[int, int]] = None  # (term, step) of the save in flight
         self._group_sockets: Optional[GroupSockets] = None
         self._group_lock = threading.Lock()
         # What the last committed step left besides tensors: (plain entries, RNG states).
@@ -177,8 +178,13 @@ class Runner:
                 continue
             else:
                 state = ctx._state if ctx is not None else None
-                self._finish(state, world)
-                return {"status": "finished", "step": self.committed}
+                if self._finish(state, world):
+                    return {"status": "finished", "step": self.committed}
+                self.detected_at = time.time()
+                rebuilds_without_progress += 1
+                self.emit({"kind": "world_changed", "time": self.detected_at, "term": plan.term,
+                           "step": self.committed, "reason": "the leader was lost before the run ended"})
+                continue
             finally:
                 _set_current(None)
                 for hook in self._step_hooks:
@@ -333,22 +339,24 @@ class Runner:
             if manager is not None and manager.should_save(state.step):
                 self._save(state, world, wait=False)
 
-    def _finish(self, state: Optional[ElasticState], world: WorldInfo) -> None:
+    def _finish(self, state: Optional[ElasticState], world: WorldInfo) -> bool:
         """train_fn returned: the leader writes the final checkpoint, then ends the run.
 
-        A follower waits for that; it takes over only if the leader died meanwhile.
+        A follower waits for that as long as the leader lives. Returns False when this member must
+        join a new world instead: the leader died (or a newer term began) before the run ended, so
+        the survivors elect a leader again, which finds every step done and writes the final
+        checkpoint under its own term.
         """
         if not world.is_leader:
-            deadline = time.monotonic() + self.spec.failure.rendezvous_timeout_s
-            while self.election.outcome() is None and time.monotonic() < deadline:
-                if self.election.liveness(world.leader_id).dead:
-                    break
+            while self.election.outcome() is None:
+                if not self.rendezvous._leader_alive(world.term) or self.election.newest_term() > world.term:
+                    return False
                 time.sleep(0.02)
-            if self.election.outcome() is not None or not self.election.liveness(world.leader_id).dead:
-                return
-        if state is not None:
-            self._save(state, world, wait=True)
+            return True
+        if state is not None and isinstance(self._save(state, world, wait=True), StaleTerm):
+            return False  # a newer world leads now; its leader writes the final checkpoint
         self.election.set_outcome("done")
+        return True
 
     # --- checkpoints ------------------------------------------------------------------
 
@@ -370,39 +378,50 @@ class Runner:
             )
         return self._checkpoints
 
-    def _save(self, state: ElasticState, world: WorldInfo, *, wait: bool) -> None:
-        """Save through the checkpoint manager; a failed save is an event, not the end of training."""
+    def _save(self, state: ElasticState, world: WorldInfo, *, wait: bool) -> Optional[BaseException]:
+        """Save through the checkpoint manager; a failed save is an event, not the end of training.
+
+        Returns the error of the save when `wait` (or of the previous one, settled first), else None.
+        The `checkpoint` event is emitted once a save has committed, not when it starts.
+        """
         manager = self._checkpoint_manager()
         if manager is None:
-            return
+            return None
         if self._last_saved_step == state.step:  # already saving this step: wait for it if asked
-            if wait:
-                self._surface_checkpoint_error(manager)
-            return
-        self._surface_checkpoint_error(manager)
+            return self._settle_save(manager) if wait else None
+        error = self._settle_save(manager)
         try:
             tensors, skeleton = state.flatten()
             manager.save(tensors, skeleton, step=state.step, term=world.term)
-            self._last_saved_step = state.step
-            self.emit({"kind": "checkpoint", "time": time.time(), "term": world.term, "step": state.step})
         except Exception as exc:  # noqa: BLE001 - storage trouble must not stop training
-            self.emit({"kind": "checkpoint_failed", "time": time.time(), "step": state.step,
+            self.emit({"kind": "checkpoint_failed", "time": time.time(), "term": world.term, "step": state.step,
                        "reason": f"{type(exc).__name__}: {exc}"})
-            return
-        if wait:
-            self._surface_checkpoint_error(manager)
+            return exc
+        self._last_saved_step = state.step
+        self._pending_save = (world.term, state.step)
+        if wait or not manager.config.async_save:
+            return self._settle_save(manager)
+        return error
 
-    def _surface_checkpoint_error(self, manager) -> None:
-        """Wait for the save in flight (there is at most one) and report it if it failed."""
+    def _settle_save(self, manager) -> Optional[BaseException]:
+        """Wait for the save in flight (there is at most one) and report how it ended."""
+        pending, self._pending_save = self._pending_save, None
+        term, step = pending if pending is not None else (None, None)
         try:
             manager.wait()
         except Exception as exc:  # noqa: BLE001
-            self.emit({"kind": "checkpoint_failed", "time": time.time(), "reason": f"{type(exc).__name__}: {exc}"})
+            self.emit({"kind": "checkpoint_failed", "time": time.time(), "term": term, "step": step,
+                       "reason": f"{type(exc).__name__}: {exc}"})
+            return exc
+        if pending is not None:
+            saved = [e["time"] for e in manager.events if e["event"] == "saved" and e.get("step") == step]
+            self.emit({"kind": "checkpoint", "time": saved[-1] if saved else time.time(), "term": term, "step": step})
+        return None
 
     def _close_checkpoints(self) -> None:
         if self._checkpoints is not None:
             try:
-                self._surface_checkpoint_error(self._checkpoints)
+                self._settle_save(self._checkpoints)
                 self._checkpoints.close()
             finally:
                 self._checkpoints = None

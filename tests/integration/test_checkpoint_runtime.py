@@ -6,12 +6,13 @@ import base64
 import signal
 
 import pytest
+import torch
 
 import elastictrain as et
 from elastictrain.checkpoint import CheckpointManager
 from elastictrain.toy import ToyTask
 from tests.fault.faults import At, a_follower
-from tests.toy_runs import assert_matches_one_process, fit_toy
+from tests.toy_runs import FAILURE, assert_matches_one_process, fit_toy
 
 
 @pytest.fixture
@@ -76,3 +77,63 @@ def test_preemption_notice_saves_before_leaving(ray_session, tmp_path):
     assert (notice_event["term"], notice_event["member"]) not in saves
     assert result.steps_redone == 0
     _assert_reference(result, task)
+
+
+FINAL = 12
+
+
+def _slow_final_save_fn(save_s: float):
+    def train_fn(ctx):
+        import time as _time
+
+        from elastictrain.checkpoint import manager as manager_module
+
+        real = manager_module.CheckpointManager._save_now
+
+        def slow(self, tensors, skeleton, step, term, reuse, *, from_snapshot):
+            if step == FINAL:
+                _time.sleep(save_s)  # a large model on remote storage
+            return real(self, tensors, skeleton, step, term, reuse, from_snapshot=from_snapshot)
+
+        manager_module.CheckpointManager._save_now = slow
+        model = ctx.prepare_model(torch.nn.Linear(2, 1))
+        ctx.state(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+        for _ in ctx.steps(total_steps=FINAL):
+            _time.sleep(0.05)
+
+    return train_fn
+
+
+def _final_run(tmp_path, save_s, failure, callbacks=()):
+    ckpt = et.CheckpointConfig(uri=f"file://{tmp_path}/run", every_steps=100)
+    result = et.ElasticTrainer(_slow_final_save_fn(save_s), scaling=et.ScalingConfig(min_workers=2, max_workers=3),
+                               failure=failure, checkpoint=ckpt, callbacks=list(callbacks)).fit()
+    return result, [c.step for c in CheckpointManager(ckpt).list()]
+
+
+def test_a_final_save_slower_than_the_rendezvous_timeout_still_commits(ray_session, tmp_path):
+    failure = et.FailureConfig(collective_timeout_s=4, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.5,
+                               rendezvous_timeout_s=1.0)
+    result, steps = _final_run(tmp_path, 4.0, failure)
+    assert steps == [FINAL] and result.steps == FINAL
+    assert "stragglers_killed" not in [e["kind"] for e in result.events]
+    assert [e["step"] for e in result.events if e["kind"] == "checkpoint"] == [FINAL]  # emitted on commit
+
+
+def test_leader_lost_during_the_final_save_a_new_leader_writes_it(ray_session, tmp_path):
+    class KillLeaderWhileSaving:
+        fired = False
+
+        def on_progress(self, view):
+            if not self.fired and view.step >= FINAL - 1 and len(view.members()) == 3:
+                self.fired = True
+                import time as _time
+
+                _time.sleep(1.0)  # the leader is inside its 3 s final save now
+                view.signal(view.leader(), signal.SIGKILL)
+
+    result, steps = _final_run(tmp_path, 3.0, FAILURE, [KillLeaderWhileSaving()])
+    assert steps == [FINAL] and result.steps == FINAL
+    saves = [(e["term"], e["member"]) for e in result.events if e["kind"] == "checkpoint"]
+    leaders = {(e["term"], e["leader"]) for e in result.events if e["kind"] == "world"}
+    assert len(saves) == 1 and saves[0] in leaders and saves[0][0] > 1  # one writer, the new term's leader
