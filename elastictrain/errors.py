@@ -42,7 +42,14 @@ class TrainingFailed(ElasticTrainError):
     def __init__(self, message: str, *, cause: str | None = None):
         super().__init__(message if cause is None else f"{message}\n{cause}")
         self.reason = message
-        self.cause = cause
+        self.cause = cause  # the worker's traceback of the user's error, when there is one
+
+    def __reduce__(self):  # keep `reason` and `cause` apart across processes (Ray pickles errors)
+        return (_rebuild_training_failed, (type(self), self.reason, self.cause))
+
+
+def _rebuild_training_failed(cls: type, reason: str, cause: str | None) -> "TrainingFailed":
+    return cls(reason, cause=cause)
 
 
 class TooFewWorkers(TrainingFailed):

@@ -289,10 +289,21 @@ class _Driver:
             for member_id in list(self.actors):
                 self._kill(member_id)
             self._kill_hub()
+            where = self._failure_traceback() if failure is not None else None
             self._clear_election()
         if failure is not None:
-            raise TrainingFailed(f"run {self.spec.run_id} failed: {failure}")
+            raise TrainingFailed(f"run {self.spec.run_id} failed: {failure}", cause=where)
         return self._result()
+
+    def _failure_traceback(self) -> Optional[str]:
+        """Where the user's code raised, as the worker's traceback (None when no user error ended the run)."""
+        from elastictrain.runtime.runner import FAILURE_TRACEBACK_KEY
+
+        try:
+            raw = self.election.store.get(FAILURE_TRACEBACK_KEY)
+        except Exception:  # noqa: BLE001 - the reason alone still says what failed
+            return None
+        return raw.decode(errors="replace") if raw is not None else None
 
     def _clear_election(self) -> None:
         """Delete the run's keys from the cluster's KV store: a shared cluster keeps them otherwise."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from typing import Any, Callable, Optional
 
 import torch
@@ -31,6 +32,7 @@ from elastictrain.runtime.world import WorldInfo
 from elastictrain.statetree import unflatten_state
 
 MAX_REBUILDS_WITHOUT_PROGRESS = 20
+FAILURE_TRACEBACK_KEY = "failure/traceback"  # the first user error's traceback, for the driver
 GROW_CHECK_INTERVAL_S = 0.5
 
 
@@ -162,9 +164,11 @@ class Runner:
             except BaseException as exc:  # noqa: BLE001 - sorted into world changes and user errors below
                 if not (isinstance(exc, WorldChanged) or is_collective_failure(exc)):
                     reason = f"train_fn raised {type(exc).__name__}: {exc}"
+                    where = "".join(traceback.format_exception(exc)).rstrip()
+                    self.election.store.put_if_absent(FAILURE_TRACEBACK_KEY, where.encode())
                     self.election.set_outcome(f"failed:{reason}")
                     self.emit({"kind": "error", "time": time.time(), "term": plan.term, "reason": reason})
-                    raise TrainingFailed(reason) from exc
+                    raise TrainingFailed(reason, cause=where) from exc
                 self.detected_at = time.time()
                 self._sever_group()
                 self._keep_stepped_step(plan.term)

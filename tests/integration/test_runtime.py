@@ -40,6 +40,8 @@ def test_user_error_fails_the_run_with_its_reason(ray_session, error):
     with pytest.raises(et.TrainingFailed, match=re.escape(f"{type(error).__name__}: {error}")) as failed:
         et.ElasticTrainer(train_fn, scaling=et.ScalingConfig(min_workers=2, max_workers=2), failure=FAILURE).fit()
     assert "rebuilds without a committed step" not in str(failed.value)
+    assert failed.value.reason.endswith(f"{type(error).__name__}: {error}")
+    assert "test_runtime.py" in failed.value.cause and "raise error" in failed.value.cause  # the worker's traceback
 
 
 def test_context_is_a_value_per_world(ray_session):
