@@ -32,7 +32,7 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 def _pin(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_pinned() else t.pin_memory()
+    return t if t.device.type != "cpu" or t.is_pinned() else t.pin_memory()  # a tensor on a GPU already: as is
 
 
 def prefetch_to_device(batches: Iterable[Any], device: Any) -> Iterator[Any]:
@@ -62,6 +62,7 @@ class _CudaPrefetcher:
         self._stream = torch.cuda.Stream(device=device)
         self._next: Optional[Any] = None
         self._done = False
+        self._error: Optional[BaseException] = None  # the source's, raised once the batch before it is used
         self._load()
 
     def _load(self) -> None:
@@ -80,6 +81,10 @@ class _CudaPrefetcher:
         return self
 
     def __next__(self) -> Any:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._done = True
+            raise error
         if self._done:
             raise StopIteration
         current = torch.cuda.current_stream(self._device)
@@ -93,5 +98,8 @@ class _CudaPrefetcher:
             return t
 
         batch = map_tensors(batch, keep_alive)
-        self._load()
+        try:
+            self._load()
+        except Exception as exc:  # noqa: BLE001 - raised on the next call: this batch is already on the device
+            self._error, self._next = exc, None
         return batch

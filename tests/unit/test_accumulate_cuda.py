@@ -33,6 +33,21 @@ def test_prefetch_copies_from_pinned_memory_on_a_side_stream():
     assert type(it).__name__ == "_CudaPrefetcher"
 
 
+def test_prefetch_hands_out_the_batch_before_a_source_error_and_takes_gpu_tensors():
+    def source():
+        yield {"x": torch.ones(4)}
+        yield {"x": torch.full((4,), 2.0, device="cuda")}  # already on the GPU: not pinned, passed on
+        raise OSError("shard unreadable")
+
+    it = prefetch_to_device(source(), "cuda")
+    assert next(it)["x"].sum().item() == 4.0
+    assert next(it)["x"].sum().item() == 8.0  # copied before the source failed: not lost
+    with pytest.raises(OSError, match="shard unreadable"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+
+
 def test_micro_batches_to_cuda_match_host_order():
     data = [torch.tensor([float(i)]) for i in range(32)]
     cfg = BatchConfig(global_batch_size=8, micro_batch_size=3, seed=5)
