@@ -117,6 +117,9 @@ class Election:
             raise StaleTerm(plan.term, newest, f"world publication by non-leader {member_id}")
         if not self.store.put_if_absent(f"world/{_term_key(plan.term)}", plan.to_json()):
             raise StaleTerm(plan.term, newest, "second world publication")
+        newest = self.newest_term()  # a newer term claimed between the check and the write: this world is stale
+        if newest > plan.term:
+            raise StaleTerm(plan.term, newest, "world publication (a newer term was claimed meanwhile)")
 
     def world(self, term: int) -> Optional[WorldPlan]:
         raw = self.store.get(f"world/{_term_key(term)}")

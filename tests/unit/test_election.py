@@ -73,6 +73,21 @@ def test_stale_leader_publication_is_refused():
     assert election.world(4).leader == "b"
 
 
+def test_a_newer_term_claimed_during_the_publication_makes_it_stale():
+    class ClaimDuringWrite(MemoryStore):
+        def put_if_absent(self, key, value):
+            written = super().put_if_absent(key, value)
+            if key.startswith("world/"):  # between the leader's check and its write, "b" claims term 4
+                election.claim(4, "b")
+            return written
+
+    election = Election(ClaimDuringWrite())
+    assert election.claim(3, "a")
+    with pytest.raises(StaleTerm, match="newer term was claimed meanwhile") as err:
+        election.publish(_plan(3, "a"), "a")
+    assert err.value.newest == 4
+
+
 def test_publication_by_a_non_leader_or_twice_is_refused():
     election = Election(MemoryStore())
     election.claim(1, "a")
