@@ -214,7 +214,7 @@ class AccumulationStep:
         found_inf = False
         if acc.scaler is not None:
             acc.scaler.unscale_(acc.optimizer)
-            found_inf = agree_found_inf(acc.scaler, acc.optimizer, acc._group(), self._world)
+            found_inf = agree_found_inf(acc.scaler, acc.optimizer, acc._group(), self._world, acc._param_device())
         grads = acc._grads_to_step(used if self._mode != "ddp" else None)
         if acc.max_grad_norm is not None and grads:
             # per-tensor norms in fp32: an fp16 norm of the summed gradient overflows to inf
@@ -385,6 +385,11 @@ class GradAccumulator:
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+            elif p.grad.layout != torch.strided:
+                raise ValueError(
+                    "a parameter has a sparse gradient (say, nn.Embedding(sparse=True)), which GradAccumulator "
+                    "cannot all-reduce without DDP: wrap the model in DistributedDataParallel, or use a dense embedding"
+                )
             out.append(p.grad)
         flags = torch.zeros(len(self._params), dtype=torch.float32, device=self._param_device())
         if used:

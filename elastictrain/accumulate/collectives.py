@@ -62,7 +62,10 @@ def _reduce_bucket(bucket: list[torch.Tensor], group: Any) -> None:
         t.copy_(reduced)
 
 
-def agree_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, group: Any, world: int) -> bool:
+def agree_found_inf(
+    scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, group: Any, world: int,
+    param_device: torch.device = torch.device("cpu"),
+) -> bool:
     """Make the GradScaler's inf/nan verdict the same on every rank; True when the step is skipped.
 
     All-reduced gradients give every rank the same verdict already; this reduce makes
@@ -74,7 +77,8 @@ def agree_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimiz
     local = sum(float(v.item()) for v in per_device.values())
     if world <= 1:
         return local > 0
-    device = next(iter(per_device.values())).device if per_device else torch.device("cpu")
+    # a rank with no gradient at all has no verdict tensor: the flag then lives where the parameters do (NCCL)
+    device = next(iter(per_device.values())).device if per_device else param_device
     flag = torch.tensor([local], dtype=torch.float32, device=collective_device(group, device))
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     agreed = float(flag.item())

@@ -326,3 +326,30 @@ def test_two_gloo_ranks_match_one_process_with_a_parameter_unused_in_later_steps
         for name, value in reference["state"].items():
             assert torch.allclose(got["state"][name], value, rtol=0, atol=1e-12), name
         assert got["norms"] == pytest.approx(reference["norms"], rel=1e-12)
+
+
+def _sparse_rank(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"file://{store}")
+    try:
+        emb = torch.nn.Embedding(10, 3, sparse=True)
+        acc = GradAccumulator(emb, torch.optim.SparseAdam(emb.parameters()))
+        try:
+            with acc.step(1) as s:
+                s.backward(emb(torch.tensor([1, 2])).sum(), num_items=2)
+            message = "no error"
+        except ValueError as exc:
+            message = str(exc)
+        torch.save(message, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sparse_gradients_without_ddp_get_a_clear_error_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "out")
+    mp.spawn(_sparse_rank, args=(str(tmp_path / "store"), out), nprocs=2)
+    for rank in (0, 1):
+        assert "sparse gradient" in torch.load(f"{out}.{rank}")
