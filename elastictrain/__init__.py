@@ -29,6 +29,7 @@ _EXPORTS = {
     "CheckpointCorrupt": "elastictrain.errors",
     "CheckpointNotFound": "elastictrain.errors",
     "WrongKey": "elastictrain.errors",
+    "KeyServiceError": "elastictrain.errors",
     "UnsupportedFormat": "elastictrain.errors",
     "errors": "elastictrain.errors",
 }

@@ -53,6 +53,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ElasticTrainError, OSError, ValueError) as exc:
         print(f"elastictrain {args.command}: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - `ckpt` reaches storage backends, whose errors share no base
+        if args.command != "ckpt":
+            raise
+        print(f"elastictrain ckpt: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"elastictrain {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -118,7 +118,11 @@ class EncryptionConfig(_Config):
         for spec in [self.key, *self.old_keys, *([self.signing_key] if self.signing_key else [])]:
             scheme = spec.split(":", 1)[0]
             if ":" not in spec or scheme not in ("env", "file", "kms"):
-                raise ValueError(f"key spec {spec!r} is not 'env:VAR', 'file:PATH' or 'kms:KEY_ID'")
+                # the text is not echoed: a key pasted in place of a spec must not reach logs
+                raise ValueError(
+                    f"a key spec ({len(spec)} characters, not shown) is not 'env:VAR', 'file:PATH' or "
+                    "'kms:KEY_ID': put the key itself in a variable or a file and name that"
+                )
         return self
 
 

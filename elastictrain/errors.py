@@ -82,6 +82,10 @@ class CheckpointCorrupt(CheckpointError):
         self.chunk_id = chunk_id
 
 
+class KeyServiceError(ElasticTrainError):
+    """The key service (KMS) failed for a reason that says nothing about the checkpoint (throttling, network)."""
+
+
 class WrongKey(CheckpointError):
     """The key given cannot open this checkpoint."""
 

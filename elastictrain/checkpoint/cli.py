@@ -18,8 +18,12 @@ from elastictrain.config import CheckpointConfig, EncryptionConfig
 from elastictrain.errors import CheckpointError
 
 
-def _manager(uri: str, keys: Optional[Sequence[str]], storage_options: Optional[dict] = None) -> CheckpointManager:
-    enc = EncryptionConfig(key=keys[0], old_keys=list(keys[1:])) if keys else None
+def _manager(
+    uri: str, keys: Optional[Sequence[str]], storage_options: Optional[dict] = None, signing_key: Optional[str] = None
+) -> CheckpointManager:
+    if signing_key and not keys:
+        raise ValueError("--signing-key goes with --key: the checkpoint's own key opens its data key")
+    enc = EncryptionConfig(key=keys[0], old_keys=list(keys[1:]), signing_key=signing_key) if keys else None
     return CheckpointManager(
         CheckpointConfig(uri=uri, encryption=enc, async_save=False, storage_options=storage_options or {})
     )
@@ -35,10 +39,11 @@ def list_checkpoints(uri: str, storage_options: Optional[dict] = None) -> list[C
 
 
 def verify_checkpoints(
-    uri: str, keys: Optional[Sequence[str]] = None, storage_options: Optional[dict] = None
+    uri: str, keys: Optional[Sequence[str]] = None, storage_options: Optional[dict] = None,
+    signing_key: Optional[str] = None,
 ) -> list[tuple[str, Optional[str]]]:
     """Fully read and check every checkpoint: [(manifest name, None if good else the reason)]."""
-    mgr = _manager(uri, keys, storage_options)
+    mgr = _manager(uri, keys, storage_options, signing_key)
     results = []
     try:
         for info in mgr.list():
@@ -54,10 +59,10 @@ def verify_checkpoints(
 
 def export_checkpoint(
     uri: str, out: str, step: Optional[int] = None, keys: Optional[Sequence[str]] = None,
-    storage_options: Optional[dict] = None,
+    storage_options: Optional[dict] = None, signing_key: Optional[str] = None,
 ) -> Loaded:
     """Write a verified checkpoint as one plain .safetensors file (`safetensors.torch.load_file` reads it)."""
-    mgr = _manager(uri, keys, storage_options)
+    mgr = _manager(uri, keys, storage_options, signing_key)
     try:
         loaded = mgr.latest() if step is None else mgr.load(step)
     finally:
@@ -95,11 +100,13 @@ def add_ckpt_parser(subparsers) -> None:
     verify = sub.add_parser("verify", help="read and check every checkpoint under a URI")
     verify.add_argument("uri")
     verify.add_argument("--key", action="append", help="key spec (env:VAR, file:PATH, kms:KEY_ID); repeat for old keys")
+    verify.add_argument("--signing-key", default=None, help="key spec of the run's own signing key, if it had one")
     export = sub.add_parser("export", help="write a checkpoint as one plain .safetensors file")
     export.add_argument("uri")
     export.add_argument("out")
     export.add_argument("--step", type=int, default=None, help="the step to export (default: newest that verifies)")
     export.add_argument("--key", action="append", help="key spec; repeat for old keys")
+    export.add_argument("--signing-key", default=None, help="key spec of the run's own signing key, if it had one")
     sub.add_parser("keygen", help="print a new random 32-byte key, base64 (for env: or file: specs)")
 
 
@@ -124,11 +131,14 @@ def run_ckpt(args: argparse.Namespace) -> int:
             if i.error:
                 print(f"{i.step:>10} {i.term:>6} {'-':<20} {'-':>12} {'-':<9} DAMAGED: {i.error}")
                 continue
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(i.time_ns / 1e9))
+            try:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(i.time_ns / 1e9))
+            except (OverflowError, OSError, ValueError):  # a forged or damaged time: shown, not fatal
+                when = "?"
             print(f"{i.step:>10} {i.term:>6} {when:<20} {i.size:>12} {str(i.encrypted).lower():<9} {i.key_id or '-'}")
         return 0
     if cmd == "verify":
-        results = verify_checkpoints(args.uri, args.key)
+        results = verify_checkpoints(args.uri, args.key, signing_key=args.signing_key)
         if not results:
             raise CheckpointError(f"no checkpoints under {args.uri}")
         for name, problem in results:
@@ -140,7 +150,7 @@ def run_ckpt(args: argparse.Namespace) -> int:
             return 1
         return 0
     if cmd == "export":
-        loaded = export_checkpoint(args.uri, args.out, args.step, args.key)
+        loaded = export_checkpoint(args.uri, args.out, args.step, args.key, signing_key=args.signing_key)
         print(f"exported step {loaded.step} ({len(loaded.tensors)} tensors) to {args.out}")
         return 0
     raise ValueError(f"unknown ckpt command {cmd!r}")

@@ -126,9 +126,9 @@ def decode_header(prefix: bytes) -> tuple[list[TensorEntry], dict[str, str], int
         try:
             check_name(name)
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            if dtype not in CODES or not all(isinstance(d, int) and d >= 0 for d in shape):
+            if dtype not in CODES or not isinstance(shape, list) or not all(_count(d) for d in shape):
                 raise ValueError("bad dtype or shape")
-            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            if not (_count(begin) and _count(end) and begin <= end):
                 raise ValueError("bad offsets")
         except (ValueError, TypeError, KeyError) as exc:
             raise CheckpointCorrupt(f"tensor table entry {name!r} is malformed: {exc}") from None
@@ -136,7 +136,7 @@ def decode_header(prefix: bytes) -> tuple[list[TensorEntry], dict[str, str], int
         numel = 1
         for d in entry.shape:
             numel *= d
-        if numel * torch.empty((), dtype=CODES[dtype]).element_size() != entry.nbytes:
+        if not _count(numel) or numel * torch.empty((), dtype=CODES[dtype]).element_size() != entry.nbytes:
             raise CheckpointCorrupt(f"tensor {name!r}: shape and byte length disagree")
         entries.append(entry)
     entries.sort(key=lambda e: (e.begin, e.end))
@@ -146,6 +146,11 @@ def decode_header(prefix: bytes) -> tuple[list[TensorEntry], dict[str, str], int
             raise CheckpointCorrupt(f"tensor {e.name!r} does not follow the previous one (hole or overlap)")
         offset = e.end
     return entries, metadata, offset
+
+
+def _count(value: object) -> bool:
+    """An int a tensor size or offset can be: not a bool, 0 <= value < 2**63 (what torch can hold)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def empty_tensor(entry: TensorEntry) -> torch.Tensor:

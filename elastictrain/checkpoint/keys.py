@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from elastictrain.checkpoint import crypto
-from elastictrain.errors import KeySpecError, WrongKey
+from elastictrain.errors import KeyServiceError, KeySpecError, WrongKey
 
 
 class KeySource(Protocol):
@@ -43,7 +43,10 @@ def decode_key(text: str, where: str) -> bytes:
     except (binascii.Error, ValueError):
         raise KeySpecError(f"{where} is not base64: generate one with `elastictrain ckpt keygen`") from None
     if len(raw) != crypto.KEY_BYTES:
-        raise KeySpecError(f"{where} decodes to {len(raw)} bytes; a key is {crypto.KEY_BYTES} bytes (base64)")
+        hint = ""
+        if len(text.strip()) == 2 * crypto.KEY_BYTES and all(c in "0123456789abcdefABCDEF" for c in text.strip()):
+            hint = " (it looks like hex: convert it with `xxd -r -p | base64`)"
+        raise KeySpecError(f"{where} decodes to {len(raw)} bytes; a key is {crypto.KEY_BYTES} bytes (base64){hint}")
     return raw
 
 
@@ -103,12 +106,33 @@ class KmsKey:
             reply = self._kms().decrypt(
                 CiphertextBlob=wrapped, KeyId=self.kms_key_id, EncryptionContext={"elastictrain": context.hex()}
             )
-        except Exception as exc:
-            raise WrongKey(f"KMS key {self.kms_key_id!r} cannot open the data key: {type(exc).__name__}") from None
+        except Exception as exc:  # noqa: BLE001 - sorted by KMS's error code below
+            code = _kms_code(exc)
+            if code in _KMS_REFUSALS:
+                raise WrongKey(f"KMS key {self.kms_key_id!r} cannot open the data key: {code}") from None
+            raise KeyServiceError(
+                f"KMS could not be asked to open the data key with {self.kms_key_id!r} "
+                f"({code or type(exc).__name__}); nothing is known about the checkpoint: try again"
+            ) from None
         return reply["Plaintext"]
 
     def signing_seed(self) -> Optional[bytes]:
         return None
+
+
+# KMS answers that say this key cannot open this data key (anything else, such as throttling or a
+# network error, says nothing about the checkpoint).
+_KMS_REFUSALS = frozenset({
+    "AccessDeniedException", "IncorrectKeyException", "InvalidCiphertextException", "DisabledException",
+    "NotFoundException", "KMSInvalidStateException", "InvalidKeyUsageException", "InvalidGrantTokenException",
+})
+
+
+def _kms_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
 
 
 def resolve_secret(spec: str, environ: Mapping[str, str] | None = None) -> bytes:
@@ -125,12 +149,19 @@ def resolve_secret(spec: str, environ: Mapping[str, str] | None = None) -> bytes
         return decode_key(environ[ref], f"environment variable {ref}")
     if scheme == "file":
         try:
-            with open(os.path.expanduser(ref), encoding="ascii") as fh:
-                text = fh.read()
-        except (OSError, UnicodeDecodeError) as exc:
+            with open(os.path.expanduser(ref), "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
             raise KeySpecError(f"key file {ref} cannot be read: {type(exc).__name__}") from None
+        try:
+            text = data.decode("utf-8-sig")  # an editor's byte-order mark is not part of the key
+        except UnicodeDecodeError:
+            raise KeySpecError(
+                f"key file {ref} holds {len(data)} raw bytes, not base64 text: store `base64 < {ref}` instead, "
+                "or make a key with `elastictrain ckpt keygen`"
+            ) from None
         return decode_key(text, f"key file {ref}")
-    raise KeySpecError(f"key spec {spec.split(':', 1)[0]!r}: only 'env:VAR' and 'file:PATH' hold raw keys")
+    raise KeySpecError(f"{_unshown(spec)}: only 'env:VAR' and 'file:PATH' hold raw keys")
 
 
 def resolve_key(
@@ -144,7 +175,15 @@ def resolve_key(
         return KmsKey(ref)
     if scheme in ("env", "file"):
         return LocalKey(resolve_secret(spec, environ), random_bytes)
-    raise KeySpecError(f"key spec {spec!r} is not 'env:VAR', 'file:PATH' or 'kms:KEY_ID'")
+    raise KeySpecError(f"{_unshown(spec)} is not 'env:VAR', 'file:PATH' or 'kms:KEY_ID'")
+
+
+def _unshown(spec: str) -> str:
+    """How a bad spec is named in errors: its scheme when it has a known one, never its text (it may be a key)."""
+    scheme, sep, _ = spec.partition(":")
+    if sep and scheme in ("env", "file", "kms"):
+        return f"key spec '{scheme}:...'"
+    return f"a key spec ({len(spec)} characters, not shown)"
 
 
 @dataclass

@@ -66,6 +66,12 @@ def test_decode_header_rejects_holes_and_bad_shapes():
     text = json.dumps(doc).encode()
     with pytest.raises(CheckpointCorrupt, match="shape"):
         codec.decode_header(len(text).to_bytes(8, "little") + text)
+    # forged sizes: beyond what torch holds, booleans for ints, not a list
+    for shape, offsets in (([0, 2**64], [8, 8]), ([True], [8, 12]), ({}, [8, 8]), ([2], [8, 2**64])):
+        doc["b"] = {"dtype": "F32", "shape": shape, "data_offsets": offsets}
+        text = json.dumps(doc).encode()
+        with pytest.raises(CheckpointCorrupt, match="malformed|disagree"):
+            codec.decode_header(len(text).to_bytes(8, "little") + text)
 
 
 def test_chunk_seal_open_round_trip_and_tamper():

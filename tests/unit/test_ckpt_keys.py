@@ -66,3 +66,66 @@ def test_signing_key_given_on_its_own_overrides_derivation():
     given = keyring_from_specs("env:K", signing_key="env:S", environ=env)
     dk = os.urandom(32)
     assert derived.signer_for(derived.current, dk).key_id != given.signer_for(given.current, dk).key_id
+
+
+def test_a_key_given_in_place_of_a_spec_never_appears_in_the_error():
+    from elastictrain.config import EncryptionConfig
+
+    secret = base64.b64encode(os.urandom(32)).decode()
+    for call in (lambda: EncryptionConfig(key=secret), lambda: resolve_key(secret), lambda: resolve_secret(secret),
+                 lambda: resolve_key("x" + secret + ":y")):
+        with pytest.raises((KeySpecError, ValueError)) as err:
+            call()
+        assert secret not in str(err.value) and "not shown" in str(err.value)
+
+
+def test_key_files_with_a_bom_raw_bytes_or_hex(tmp_path):
+    key = os.urandom(32)
+    path = tmp_path / "k"
+    path.write_bytes(b"\xef\xbb\xbf" + base64.b64encode(key) + b"\n")  # saved by an editor that adds a BOM
+    assert resolve_secret(f"file:{path}") == key
+    path.write_bytes(bytes([0xFF]) + key[1:])
+    with pytest.raises(KeySpecError, match="raw bytes, not base64"):
+        resolve_secret(f"file:{path}")
+    path.write_text(key.hex())
+    with pytest.raises(KeySpecError, match="looks like hex"):
+        resolve_secret(f"file:{path}")
+
+
+class _Kms:
+    """Stands in for KMS where moto cannot: answers that it is throttled, or refuses the key."""
+
+    def __init__(self, code=None):
+        self.code = code
+
+    def encrypt(self, KeyId, Plaintext, EncryptionContext):
+        return {"CiphertextBlob": b"wrapped:" + Plaintext}
+
+    def decrypt(self, CiphertextBlob, KeyId, EncryptionContext):
+        if self.code:
+            from botocore.exceptions import ClientError
+
+            raise ClientError({"Error": {"Code": self.code, "Message": "no"}}, "Decrypt")
+        return {"Plaintext": CiphertextBlob.removeprefix(b"wrapped:")}
+
+
+def test_kms_trouble_is_not_taken_for_a_wrong_key():
+    import torch
+
+    from elastictrain.checkpoint import CheckpointManager
+    from elastictrain.config import CheckpointConfig, EncryptionConfig
+    from elastictrain.errors import CheckpointError, KeyServiceError
+
+    cfg = CheckpointConfig(uri="memory://kms-trouble", async_save=False, encryption=EncryptionConfig(key="kms:k"))
+    with CheckpointManager(cfg) as mgr:
+        mgr.keyring.current._client = _Kms()
+        for step in (1, 2):
+            mgr.save({"w": torch.full((4,), float(step))}, None, step=step, term=0)
+    with CheckpointManager(cfg) as mgr:
+        mgr.keyring.current._client = _Kms("ThrottlingException")
+        with pytest.raises(KeyServiceError, match="ThrottlingException"):  # not a fallback to step 1
+            mgr.latest()
+        assert not isinstance(KeyServiceError("x"), CheckpointError)
+        mgr.keyring.current._client = _Kms("AccessDeniedException")
+        with pytest.raises(WrongKey, match="AccessDeniedException"):
+            mgr.latest()

@@ -501,3 +501,24 @@ def test_cli_functions_ls_verify_export(tmp_path, monkeypatch):
     assert main(["ckpt", "export", uri, str(out), "--step", "9", "--key", "env:ET_TEST_KEY"]) == 1
     assert main(["ckpt", "ls", uri]) == 0
     assert main(["ckpt", "keygen"]) == 0
+
+
+def test_cli_with_a_signing_key_of_its_own_and_one_line_errors(tmp_path, monkeypatch, capsys):
+    from elastictrain.cli import main
+
+    monkeypatch.setenv("ET_TEST_KEY", KEY_A)
+    monkeypatch.setenv("ET_SIGN_KEY", KEY_B)
+    uri = f"file://{tmp_path}/run"
+    enc = EncryptionConfig(key="env:ET_TEST_KEY", signing_key="env:ET_SIGN_KEY")
+    with CheckpointManager(CheckpointConfig(uri=uri, encryption=enc, async_save=False)) as mgr:
+        mgr.save({"w": torch.ones(3)}, None, step=1, term=0)
+    assert main(["ckpt", "verify", uri, "--key", "env:ET_TEST_KEY"]) == 1  # signed by another key than derived
+    assert main(["ckpt", "verify", uri, "--key", "env:ET_TEST_KEY", "--signing-key", "env:ET_SIGN_KEY"]) == 0
+    out = tmp_path / "w.safetensors"
+    assert main(["ckpt", "export", uri, str(out), "--key", "env:ET_TEST_KEY", "--signing-key", "env:ET_SIGN_KEY"]) == 0
+    assert torch.equal(load_file(str(out))["w"], torch.ones(3))
+    capsys.readouterr()
+    # a backend error that is none of ours (here: an unknown fsspec protocol) is one line, not a traceback
+    assert main(["ckpt", "ls", "nosuchprotocol://bucket/run"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("elastictrain ckpt: ")
