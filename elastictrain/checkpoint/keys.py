@@ -75,12 +75,30 @@ class KmsKey:
     """An AWS KMS key: the data key is wrapped by KMS Encrypt and opened by KMS Decrypt.
 
     The endpoint, region and credentials come from the usual AWS settings (boto3).
+    Manifests record the ARN of the key that KMS actually used (`wrapped_key_id`), not the
+    spec: an alias moved to a new key then still names the old one, which `old_keys` can
+    hold under any of its names (id, ARN or an alias of its own).
     """
 
     def __init__(self, kms_key_id: str, client: object | None = None):
         self.kms_key_id = kms_key_id
         self.key_id = "kms:" + kms_key_id
+        self.wrapped_key_id: Optional[str] = None  # "kms:<ARN>" once a wrap has told which key it used
         self._client = client
+        self._arn: Optional[str] = None
+
+    def matches(self, key_id: str) -> bool:
+        """Whether a manifest's key id names this key: its spec, or the ARN it resolves to now."""
+        if key_id in (self.key_id, self.wrapped_key_id):
+            return True
+        if not key_id.startswith("kms:arn:"):
+            return False
+        if self._arn is None:
+            try:
+                self._arn = self._kms().describe_key(KeyId=self.kms_key_id)["KeyMetadata"]["Arn"]
+            except Exception:  # noqa: BLE001 - without kms:DescribeKey only exact ids match
+                return False
+        return key_id == "kms:" + self._arn
 
     def __repr__(self) -> str:
         return f"KmsKey({self.kms_key_id})"
@@ -99,13 +117,15 @@ class KmsKey:
             )
         except Exception as exc:  # botocore's errors share no base we can import lazily
             raise KeySpecError(f"KMS key {self.kms_key_id!r} cannot encrypt: {type(exc).__name__}: {exc}") from None
+        if reply.get("KeyId"):
+            self.wrapped_key_id = "kms:" + reply["KeyId"]
         return reply["CiphertextBlob"]
 
     def unwrap(self, wrapped: bytes, context: bytes) -> bytes:
         try:
-            reply = self._kms().decrypt(
-                CiphertextBlob=wrapped, KeyId=self.kms_key_id, EncryptionContext={"elastictrain": context.hex()}
-            )
+            # no KeyId: KMS reads the key from the blob, so a moved alias still opens what its old key wrapped
+            # (which configured key may open which manifest was decided by `matches`)
+            reply = self._kms().decrypt(CiphertextBlob=wrapped, EncryptionContext={"elastictrain": context.hex()})
         except Exception as exc:  # noqa: BLE001 - sorted by KMS's error code below
             code = _kms_code(exc)
             if code in _KMS_REFUSALS:
@@ -197,6 +217,9 @@ class Keyring:
     def find(self, key_id: str) -> KeySource:
         for source in [self.current, *self.old]:
             if source.key_id == key_id:
+                return source
+        for source in [self.current, *self.old]:
+            if isinstance(source, KmsKey) and source.matches(key_id):
                 return source
         known = ", ".join(s.key_id for s in [self.current, *self.old])
         raise WrongKey(

@@ -259,9 +259,10 @@ class CheckpointManager:
                 return self._run_keys
             data_key = data_key or self._random(crypto.KEY_BYTES)
             current = self.keyring.current
+            wrapped = current.wrap(data_key, wrap_context(run))
+            key_id = getattr(current, "wrapped_key_id", None) or current.key_id  # KMS: the key it really used
             self._run_keys = RunKeys(
-                run, crypto.DataKeys(data_key), current.key_id, current.wrap(data_key, wrap_context(run)),
-                self.keyring.signer_for(current, data_key),
+                run, crypto.DataKeys(data_key), key_id, wrapped, self.keyring.signer_for(current, data_key),
             )
             return self._run_keys
 

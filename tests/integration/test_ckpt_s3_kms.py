@@ -94,3 +94,26 @@ def test_s3_plain_with_retention(moto_endpoint):
         assert [i.step for i in mgr.list()] == [3]
         assert len(mgr.storage.list("chunks")) == 2
         assert torch.equal(mgr.latest().tensors["w"], torch.full((10,), 3.0))
+
+
+def test_kms_alias_moved_to_a_new_key_still_opens_what_the_old_key_wrapped(moto_endpoint):
+    kms = boto3.client("kms", endpoint_url=moto_endpoint)
+    first = kms.create_key(Description="first")["KeyMetadata"]
+    second = kms.create_key(Description="second")["KeyMetadata"]
+    kms.create_alias(AliasName="alias/train", TargetKeyId=first["KeyId"])
+    cfg = CheckpointConfig(**_s3_config(moto_endpoint, "alias", async_save=False,
+                                        encryption=EncryptionConfig(key="kms:alias/train")))
+    with CheckpointManager(cfg) as mgr:
+        mgr.save({"w": torch.ones(4)}, None, step=1, term=0)
+    assert [i.key_id for i in list_checkpoints(cfg.uri, cfg.storage_options)] == [f"kms:{first['Arn']}"]
+    kms.update_alias(AliasName="alias/train", TargetKeyId=second["KeyId"])  # the key is rotated
+    with CheckpointManager(cfg) as mgr:  # the alias now names another key: say which one is missing
+        with pytest.raises(WrongKey, match="old_keys"):
+            mgr.latest()
+    rotated = cfg.model_copy(update={"encryption": EncryptionConfig(key="kms:alias/train",
+                                                                    old_keys=[f"kms:{first['KeyId']}"])})
+    with CheckpointManager(rotated) as mgr:
+        assert torch.equal(mgr.latest().tensors["w"], torch.ones(4))
+        mgr.save({"w": torch.full((4,), 2.0)}, None, step=2, term=1)
+    assert [i.key_id for i in list_checkpoints(cfg.uri, cfg.storage_options)] == [
+        f"kms:{first['Arn']}", f"kms:{second['Arn']}"]

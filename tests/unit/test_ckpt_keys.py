@@ -101,7 +101,7 @@ class _Kms:
     def encrypt(self, KeyId, Plaintext, EncryptionContext):
         return {"CiphertextBlob": b"wrapped:" + Plaintext}
 
-    def decrypt(self, CiphertextBlob, KeyId, EncryptionContext):
+    def decrypt(self, CiphertextBlob, EncryptionContext, KeyId=None):
         if self.code:
             from botocore.exceptions import ClientError
 
