@@ -30,7 +30,7 @@ from elastictrain.checkpoint.snapshot import Snapshotter
 from elastictrain.checkpoint.storage import FsspecStorage, Storage
 from elastictrain.checkpoint.writer import ChunkWriter, RunKeys, SaveReport
 from elastictrain.config import CheckpointConfig
-from elastictrain.errors import CheckpointError, CheckpointNotFound
+from elastictrain.errors import CheckpointCorrupt, CheckpointError, CheckpointNotFound, WrongKey
 from elastictrain.statetree import skeleton_to_json
 
 log = logging.getLogger("elastictrain.checkpoint")
@@ -255,6 +255,11 @@ class CheckpointManager:
                     continue
             run = run or self._random(16).hex()
             if self.keyring is None:
+                if self._encrypted_run(run):
+                    raise WrongKey(
+                        f"{self.storage.uri} holds an encrypted run: refusing to write plaintext checkpoints "
+                        "next to it; set CheckpointConfig.encryption to its key"
+                    )
                 self._run_keys = RunKeys(run, None)
                 return self._run_keys
             data_key = data_key or self._random(crypto.KEY_BYTES)
@@ -281,7 +286,25 @@ class CheckpointManager:
 
     def _load(self, name: str, run: Optional[str], into: Optional[dict[str, torch.Tensor]]) -> Loaded:
         opened = open_manifest(self.storage, name, self.keyring, run)
+        if self.keyring is None and not opened.body.encrypted and self._encrypted_run(opened.body.run):
+            # without a key nothing here can be authenticated: a plaintext manifest among encrypted ones is
+            # what someone who can write to the storage would plant
+            raise CheckpointCorrupt(
+                f"manifest {name} is unencrypted but its run's other checkpoints are encrypted: refused "
+                "(pass the run's key to read it)"
+            )
         return read_tensors(self.storage, opened, self.config.io_threads, into)
+
+    def _encrypted_run(self, run: str) -> bool:
+        """Whether any readable manifest of `run` is encrypted."""
+        for name in self._manifest_names():
+            try:
+                body = decode_manifest(self.storage.get(name)).body
+            except (CheckpointError, FileNotFoundError):
+                continue
+            if body.run == run and body.encrypted:
+                return True
+        return False
 
     def load_manifest(self, name: str, into: Optional[dict[str, torch.Tensor]] = None) -> Loaded:
         """Read and verify the checkpoint of one manifest name (as `list()` gives it).

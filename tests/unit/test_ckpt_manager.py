@@ -312,7 +312,7 @@ def test_nothing_in_plaintext_at_rest(tmp_path):
     needles += [b"secret_layer_name", b"other_tensor_bias", b"skeleton_text_x", b"[7,13]", b"F32"]
     needles += [KEY_A.encode(), base64.b64decode(KEY_A)]
     assert [n for n in needles if n in stored] == []
-    with _mgr(uri, enc=False) as plain_mgr:  # the same test finds them when unencrypted
+    with _mgr(f"file://{tmp_path}/plain", enc=False) as plain_mgr:  # the same test finds them when unencrypted
         plain_mgr.save(names, None, step=2, term=0)
     stored = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     assert needles[0] in stored
@@ -522,3 +522,31 @@ def test_cli_with_a_signing_key_of_its_own_and_one_line_errors(tmp_path, monkeyp
     assert main(["ckpt", "ls", "nosuchprotocol://bucket/run"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("elastictrain ckpt: ")
+
+
+def test_plaintext_never_joins_an_encrypted_run(tmp_path):
+    from elastictrain.checkpoint.manifest import encode_manifest
+
+    uri = f"file://{tmp_path}/run"
+    with _mgr(uri, async_save=False) as mgr:
+        mgr.save({"w": torch.ones(3)}, None, step=1, term=0)
+        run = mgr._run_keys.run
+    with _mgr(uri, enc=False, async_save=False) as plain:  # encryption forgotten in the config
+        with pytest.raises(WrongKey, match="holds an encrypted run"):
+            plain.save({"w": torch.ones(3)}, None, step=2, term=0)
+    assert [i.step for i in list_checkpoints(uri)] == [1]  # nothing written in plaintext
+    # a plaintext manifest planted with the run's id by someone who can write to the storage
+    with _mgr(f"file://{tmp_path}/other", enc=False, async_save=False) as other:
+        other.save({"w": torch.full((3,), 666.0)}, None, step=9, term=0)
+    storage = FsspecStorage(uri)
+    for name in FsspecStorage(f"file://{tmp_path}/other").list("chunks"):
+        storage.put(name, [FsspecStorage(f"file://{tmp_path}/other").get(name)])
+    planted = decode_manifest(FsspecStorage(f"file://{tmp_path}/other").get("manifests/000000000009-00000000.json"))
+    import dataclasses
+
+    storage.put("manifests/000000000009-00000000.json", [encode_manifest(dataclasses.replace(planted.body, run=run), None)])
+    with _mgr(uri, enc=False) as keyless:
+        with pytest.raises(CheckpointCorrupt, match="unencrypted but its run.*and 1 older ones failed"):
+            keyless.latest()  # the planted one is refused, and the real one needs its key
+    with _mgr(uri) as keyed:
+        assert torch.equal(keyed.latest().tensors["w"], torch.ones(3))
