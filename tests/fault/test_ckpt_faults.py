@@ -12,7 +12,7 @@ from elastictrain.checkpoint import CheckpointManager
 from elastictrain.checkpoint.manifest import decode_manifest
 from elastictrain.checkpoint.storage import FsspecStorage
 from elastictrain.config import CheckpointConfig, EncryptionConfig
-from elastictrain.errors import CheckpointCorrupt, CheckpointError
+from elastictrain.errors import CheckpointCorrupt, CheckpointError, WrongKey
 
 ENV = {"K": base64.b64encode(bytes(range(32))).decode()}
 
@@ -171,13 +171,27 @@ def test_manifest_from_another_run_or_renamed_is_refused():
 
 
 def test_unencrypted_manifest_in_an_encrypted_run_is_refused():
+    import dataclasses
+
+    from elastictrain.checkpoint.manifest import encode_manifest
+
     cfg, storage = _saved()
     plain_cfg = CheckpointConfig(uri=cfg.uri, chunk_size_mb=1, async_save=False)
     with CheckpointManager(plain_cfg, environ=ENV) as plain:
-        plain.save(_state(9.0), None, step=9, term=0)  # a downgrade attempt in the same run
-    with CheckpointManager(cfg, environ=ENV) as mgr:
+        with pytest.raises(WrongKey, match="holds an encrypted run"):  # a config that forgot its key
+            plain.save(_state(9.0), None, step=9, term=0)
+    other = FsspecStorage(f"memory://ckpt-{uuid.uuid4().hex}")
+    with CheckpointManager(plain_cfg.model_copy(update={"uri": other.uri}), environ=ENV) as plain:
+        plain.save(_state(9.0), None, step=9, term=0)
+    for name in other.list("chunks"):
+        storage.put(name, [other.get(name)])
+    run = decode_manifest(storage.get(sorted(storage.list("manifests"))[0])).body.run
+    body = decode_manifest(other.get("manifests/000000000009-00000000.json")).body
+    storage.put("manifests/000000000009-00000000.json", [encode_manifest(dataclasses.replace(body, run=run), None)])
+    with CheckpointManager(cfg, environ=ENV) as mgr:  # a downgrade planted in the same run
         loaded = mgr.latest()
         assert loaded.step == 2 and "unencrypted" in loaded.skipped[0][1]
+
 
 
 def test_every_manifest_damaged_raises_instead_of_starting_over():
