@@ -61,7 +61,7 @@ class AccumulationStep:
         self._stats_work: Any = None
         self._extra_local = None if extra is None else extra.detach().reshape(-1).to(torch.float64)
         self.extra: Optional[torch.Tensor] = None
-        self._used: set[int] = set()  # indices into the accumulator's parameters
+        self._used: set[int] = set()  # fp32-accumulated parameters (indices) that got a gradient
 
     @property
     def grad_norm(self) -> Optional[float]:
@@ -148,10 +148,8 @@ class AccumulationStep:
         loss = loss_sum if acc.scaler is None else acc.scaler.scale(loss_sum)
         with torch.autocast(acc._device_type(), enabled=False) if acc.autocast_dtype is not None else contextlib.nullcontext():
             loss.backward()
-        if self._mode != "ddp":  # which parameters got a gradient: the others keep None, as in one process
-            self._used.update(i for i, p in enumerate(acc._params) if p.grad is not None)
-        if acc._fp32_params:
-            acc._move_grads_to_fp32()
+        if acc._fp32_params:  # their gradients leave p.grad each micro-step: note which ones had one
+            self._used.update(acc._move_grads_to_fp32())
         if self._mode == "ddp" and self.micro_steps_done == k - 1:
             self._no_sync.close()
 
@@ -199,7 +197,8 @@ class AccumulationStep:
             self.loss, self.skipped = math.nan, True
             return
         self.loss = loss_total / items_total
-        used = self._used
+        # which parameters got a gradient (the others keep None, as in one process); DDP tracks its own
+        used = None if self._mode == "ddp" else self._used | acc._with_grads()
         if self._mode == "manual" and self._world > 1:
             # Normalise before the sum (fp16 gradients would overflow summed first); the parameters
             # used anywhere ride along as flags, so unused ones keep None on every rank.
@@ -215,7 +214,7 @@ class AccumulationStep:
         if acc.scaler is not None:
             acc.scaler.unscale_(acc.optimizer)
             found_inf = agree_found_inf(acc.scaler, acc.optimizer, acc._group(), self._world, acc._param_device())
-        grads = acc._grads_to_step(used if self._mode != "ddp" else None)
+        grads = acc._grads_to_step(used)
         if acc.max_grad_norm is not None and grads:
             # per-tensor norms in fp32: an fp16 norm of the summed gradient overflows to inf
             low = [g for g in grads if g.dtype in _LOW_PRECISION]
@@ -228,7 +227,7 @@ class AccumulationStep:
             torch._foreach_mul_(grads, coef)
         elif factor != 1.0 and grads:
             torch._foreach_mul_(grads, factor)
-        acc._write_back_fp32_grads(used if self._mode != "ddp" else None)
+        acc._write_back_fp32_grads(used)
         if acc.scaler is not None:
             acc.scaler.step(acc.optimizer)
             acc.scaler.update()
@@ -365,12 +364,18 @@ class GradAccumulator:
         if self._active is step:
             self._active = None
 
-    def _move_grads_to_fp32(self) -> None:
+    def _move_grads_to_fp32(self) -> list[int]:
+        """Add the fp32-accumulated parameters' gradients to their buffers; returns the indices of those moved."""
         pairs = [(b, p.grad) for b, p in zip(self._fp32_bufs, self._fp32_params) if p.grad is not None]
+        moved = [self._index[id(p)] for p in self._fp32_params if p.grad is not None]
         if pairs:
             torch._foreach_add_([b for b, _ in pairs], [g.to(torch.float32) for _, g in pairs])
         for p in self._fp32_params:
             p.grad = None
+        return moved
+
+    def _with_grads(self) -> set[int]:
+        return {i for i, p in enumerate(self._params) if p.grad is not None}
 
     def _grads_for_reduce(self, used: set[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The gradients to all-reduce, and a flag per parameter: 1 where this rank gave it a gradient.
