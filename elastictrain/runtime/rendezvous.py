@@ -60,7 +60,8 @@ class Rendezvous:
         self.open_store = open_store
         self.store_handle: Optional[object] = None
 
-    def _leader_alive(self, term: int) -> bool:
+    def leader_alive(self, term: int) -> bool:
+        """Whether `term` has a leader whose heartbeat is current (this member counts as alive)."""
         leader = self.election.leader_of(term)
         if leader is None:
             return False
@@ -101,11 +102,11 @@ class Rendezvous:
                         return world
                     # Left out (late, or beyond max_workers): wait for the leader to grow the world.
                     target, candidate = newest + 1, False
-                elif not self._leader_alive(newest):
+                elif not self.leader_alive(newest):
                     target, candidate = newest + 1, True
                     waiting_since = time.monotonic()
             else:
-                if not candidate and (newest == 0 or not self._leader_alive(newest)):
+                if not candidate and (newest == 0 or not self.leader_alive(newest)):
                     candidate, waiting_since = True, time.monotonic()
                 if candidate:
                     delay = last_rank * self.policy.claim_stagger_s

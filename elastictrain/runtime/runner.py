@@ -353,7 +353,7 @@ class Runner:
         """
         if not world.is_leader:
             while self.election.outcome() is None:
-                if not self.rendezvous._leader_alive(world.term) or self.election.newest_term() > world.term:
+                if not self.rendezvous.leader_alive(world.term) or self.election.newest_term() > world.term:
                     return False
                 time.sleep(0.02)
             return True
