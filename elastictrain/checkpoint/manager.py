@@ -106,6 +106,7 @@ class CheckpointManager:
         self._error: Optional[BaseException] = None
         self._closed = False
         self._last_step: Optional[int] = None
+        self._swept_at: Optional[float] = None  # when temporaries were last swept
         self._last_time = clock()
 
     # --- policy ------------------------------------------------------------
@@ -222,7 +223,11 @@ class CheckpointManager:
         if plan.manifests:
             self._event("retention", deleted=list(plan.manifests), chunks_deleted=len(plan.chunks))
         sweep = getattr(self.storage, "remove_stale_temporaries", None)
-        if sweep is not None:  # left by a writer killed mid-put: no listing shows them, nothing else removes them
+        now = self._clock()
+        # left by a writer killed mid-put: no listing shows them, nothing else removes them. They only
+        # become stale after STALE_TEMP_S, so walking the folders more often than that finds nothing new.
+        if sweep is not None and (self._swept_at is None or now - self._swept_at >= STALE_TEMP_S):
+            self._swept_at = now
             removed = sweep([CHUNK_DIR, MANIFEST_DIR], STALE_TEMP_S)
             if removed:
                 self._event("retention", temporaries_deleted=removed)
@@ -240,14 +245,18 @@ class CheckpointManager:
             except FileNotFoundError:
                 run = None
             data_key = None
+            encrypted = False  # the run has encrypted checkpoints
             for name in reversed(self._manifest_names()):
                 try:
                     body = decode_manifest(self.storage.get(name)).body
                 except (CheckpointError, FileNotFoundError):
                     continue
                 run = run or body.run
-                if body.run != run or self.keyring is None or not body.encrypted:
+                if body.run != run or not body.encrypted:
                     continue
+                encrypted = True
+                if self.keyring is None:
+                    break
                 try:
                     data_key = self.keyring.find(body.key_id).unwrap(body.wrapped_key, body.wrap_context())
                     break
@@ -255,7 +264,7 @@ class CheckpointManager:
                     continue
             run = run or self._random(16).hex()
             if self.keyring is None:
-                if self._encrypted_run(run):
+                if encrypted:
                     raise WrongKey(
                         f"{self.storage.uri} holds an encrypted run: refusing to write plaintext checkpoints "
                         "next to it; set CheckpointConfig.encryption to its key"
@@ -284,15 +293,22 @@ class CheckpointManager:
         named = [(parse_manifest_name(n), n) for n in self.storage.list(MANIFEST_DIR)]
         return [n for key, n in sorted(k for k in named if k[0] is not None)]
 
-    def _load(self, name: str, run: Optional[str], into: Optional[dict[str, torch.Tensor]]) -> Loaded:
+    def _load(
+        self, name: str, run: Optional[str], into: Optional[dict[str, torch.Tensor]], encrypted_runs: dict[str, bool]
+    ) -> Loaded:
+        """Open and read one manifest; `encrypted_runs` caches `_encrypted_run` over one restore."""
         opened = open_manifest(self.storage, name, self.keyring, run)
-        if self.keyring is None and not opened.body.encrypted and self._encrypted_run(opened.body.run):
-            # without a key nothing here can be authenticated: a plaintext manifest among encrypted ones is
-            # what someone who can write to the storage would plant
-            raise CheckpointCorrupt(
-                f"manifest {name} is unencrypted but its run's other checkpoints are encrypted: refused "
-                "(pass the run's key to read it)"
-            )
+        body = opened.body
+        if self.keyring is None and not body.encrypted:
+            if body.run not in encrypted_runs:
+                encrypted_runs[body.run] = self._encrypted_run(body.run)
+            if encrypted_runs[body.run]:
+                # without a key nothing here can be authenticated: a plaintext manifest among encrypted ones
+                # is what someone who can write to the storage would plant
+                raise CheckpointCorrupt(
+                    f"manifest {name} is unencrypted but its run's other checkpoints are encrypted: refused "
+                    "(pass the run's key to read it)"
+                )
         return read_tensors(self.storage, opened, self.config.io_threads, into)
 
     def _encrypted_run(self, run: str) -> bool:
@@ -315,15 +331,16 @@ class CheckpointManager:
             CheckpointError: what is wrong with it.
         """
         self._join()
-        return self._load(name, self._expected_run(), into)
+        return self._load(name, self._expected_run(), into, {})
 
     def _first_that_verifies(self, names: list[str], what: str, into: Optional[dict[str, torch.Tensor]]) -> Loaded:
         run = self._expected_run()
         skipped: list[tuple[str, str]] = []
         errors: list[CheckpointError] = []
+        encrypted_runs: dict[str, bool] = {}
         for name in names:
             try:
-                loaded = self._load(name, run, into)
+                loaded = self._load(name, run, into, encrypted_runs)
             except CheckpointError as exc:
                 if getattr(exc, "chunk_id", None):  # rewrite it when a save needs it: content addressing
                     self._writer.damaged.add(exc.chunk_id)  # repairs every checkpoint that shares it
