@@ -297,13 +297,10 @@ class _Driver:
 
     def _failure_traceback(self) -> Optional[str]:
         """Where the user's code raised, as the worker's traceback (None when no user error ended the run)."""
-        from elastictrain.runtime.runner import FAILURE_TRACEBACK_KEY
-
         try:
-            raw = self.election.store.get(FAILURE_TRACEBACK_KEY)
+            return self.election.outcome_detail()
         except Exception:  # noqa: BLE001 - the reason alone still says what failed
             return None
-        return raw.decode(errors="replace") if raw is not None else None
 
     def _clear_election(self) -> None:
         """Delete the run's keys from the cluster's KV store: a shared cluster keeps them otherwise."""

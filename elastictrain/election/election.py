@@ -127,8 +127,15 @@ class Election:
 
     # --- run outcome ----------------------------------------------------------
 
-    def set_outcome(self, outcome: str) -> None:
+    def set_outcome(self, outcome: str, detail: Optional[str] = None) -> None:
+        """End the run (the first outcome wins); `detail`, say a worker's traceback, goes with a failure."""
+        if detail is not None:
+            self.store.put_if_absent("outcome-detail", detail.encode())
         self.store.put_if_absent("outcome", outcome.encode())
+
+    def outcome_detail(self) -> Optional[str]:
+        raw = self.store.get("outcome-detail")
+        return raw.decode(errors="replace") if raw is not None else None
 
     def outcome(self) -> Optional[str]:
         raw = self.store.get("outcome")

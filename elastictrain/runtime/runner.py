@@ -32,7 +32,6 @@ from elastictrain.runtime.world import WorldInfo
 from elastictrain.statetree import unflatten_state
 
 MAX_REBUILDS_WITHOUT_PROGRESS = 20
-FAILURE_TRACEBACK_KEY = "failure/traceback"  # the first user error's traceback, for the driver
 GROW_CHECK_INTERVAL_S = 0.5
 
 
@@ -165,8 +164,7 @@ class Runner:
                 if not (isinstance(exc, WorldChanged) or is_collective_failure(exc)):
                     reason = f"train_fn raised {type(exc).__name__}: {exc}"
                     where = "".join(traceback.format_exception(exc)).rstrip()
-                    self.election.store.put_if_absent(FAILURE_TRACEBACK_KEY, where.encode())
-                    self.election.set_outcome(f"failed:{reason}")
+                    self.election.set_outcome(f"failed:{reason}", detail=where)
                     self.emit({"kind": "error", "time": time.time(), "term": plan.term, "reason": reason})
                     raise TrainingFailed(reason, cause=where) from exc
                 self.detected_at = time.time()
@@ -417,9 +415,10 @@ class Runner:
             self.emit({"kind": "checkpoint_failed", "time": time.time(), "term": term, "step": step,
                        "reason": f"{type(exc).__name__}: {exc}"})
             return exc
-        if pending is not None:
-            saved = [e["time"] for e in manager.events if e["event"] == "saved" and e.get("step") == step]
-            self.emit({"kind": "checkpoint", "time": saved[-1] if saved else time.time(), "term": term, "step": step})
+        if pending is not None:  # stamped with the commit's time, from the manager's newest events
+            saved = next((e["time"] for e in reversed(manager.events) if e["event"] == "saved" and e.get("step") == step),
+                         time.time())
+            self.emit({"kind": "checkpoint", "time": saved, "term": term, "step": step})
         return None
 
     def _close_checkpoints(self) -> None:
