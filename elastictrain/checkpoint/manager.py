@@ -102,6 +102,7 @@ class CheckpointManager:
         self._run_lock = threading.Lock()
         self._run_keys: Optional[RunKeys] = None
         self._run_file_written = False
+        self._run_seen: Optional[str] = None  # the run id run.json gave the first restore
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._closed = False
@@ -244,6 +245,7 @@ class CheckpointManager:
                 self._run_file_written = True
             except FileNotFoundError:
                 run = None
+            run = self._run_seen or run  # what an earlier restore read (see _expected_run)
             data_key = None
             encrypted = False  # the run has encrypted checkpoints
             for name in reversed(self._manifest_names()):
@@ -281,10 +283,19 @@ class CheckpointManager:
             return self._run_keys
 
     def _expected_run(self) -> Optional[str]:
-        try:
-            return decode_run(self.storage.get(RUN_FILE))
-        except FileNotFoundError:
-            return self._run_keys.run if self._run_keys else None
+        """The run whose checkpoints this manager reads: its own once it has one, else what run.json names.
+
+        A run's id, once known (read once, or made by the first save), is not read from storage again: run.json is not signed, so someone who can
+        write to the storage could otherwise swap in another run under the same key in mid-run.
+        """
+        if self._run_keys is not None:
+            return self._run_keys.run
+        if self._run_seen is None:
+            try:
+                self._run_seen = decode_run(self.storage.get(RUN_FILE))
+            except FileNotFoundError:
+                return None
+        return self._run_seen
 
     # --- reading -------------------------------------------------------------
 

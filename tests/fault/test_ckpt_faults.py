@@ -170,6 +170,39 @@ def test_manifest_from_another_run_or_renamed_is_refused():
         assert "renamed" in reasons["manifests/000000000008-00000000.json"]
 
 
+def test_run_file_swapped_while_the_run_goes_on_is_ignored():
+    """Another run under the same key, planted whole (run.json too) next to a live manager's run:
+    the manager keeps restoring its own run, whose id it already knows."""
+    cfg, storage = _saved()
+    other_cfg, other = _saved()
+    with CheckpointManager(other_cfg, environ=ENV) as foreign:
+        foreign.save(_state(9.0), None, step=9, term=0)
+    with CheckpointManager(cfg, environ=ENV) as mgr:
+        assert mgr.latest().step == 2  # the manager now knows its run
+        mgr.save(_state(3.0), None, step=3, term=0)
+        for name in [*other.list("chunks"), *other.list("manifests")]:
+            storage.put(name, [other.get(name)])
+        storage.put("run.json", [other.get("run.json")])
+        loaded = mgr.latest()
+        assert loaded.step == 3 and torch.equal(loaded.tensors["a"], _state(3.0)["a"])
+        assert all("another run" in reason for _, reason in loaded.skipped) and loaded.skipped
+
+
+def test_run_file_swapped_after_the_first_restore_is_ignored():
+    cfg, storage = _saved()
+    other_cfg, other = _saved()
+    with CheckpointManager(other_cfg, environ=ENV) as foreign:
+        foreign.save(_state(9.0), None, step=9, term=0)
+    with CheckpointManager(cfg, environ=ENV) as mgr:
+        assert mgr.latest().step == 2  # read run.json; nothing saved yet
+        storage.put("run.json", [other.get("run.json")])
+        storage.put("manifests/000000000009-00000000.json", [other.get("manifests/000000000009-00000000.json")])
+        for name in other.list("chunks"):
+            storage.put(name, [other.get(name)])
+        assert mgr.latest().step == 2
+        mgr.save(_state(3.0), None, step=3, term=0)  # saved into the run it restored, not the planted one
+        assert mgr.latest().step == 3
+
 def test_unencrypted_manifest_in_an_encrypted_run_is_refused():
     import dataclasses
 
