@@ -285,8 +285,9 @@ class CheckpointManager:
     def _expected_run(self) -> Optional[str]:
         """The run whose checkpoints this manager reads: its own once it has one, else what run.json names.
 
-        A run's id, once known (read once, or made by the first save), is not read from storage again: run.json is not signed, so someone who can
-        write to the storage could otherwise swap in another run under the same key in mid-run.
+        A run's id, once known (read once, or made by the first save), is not read from storage again:
+        run.json is not signed, so someone who can write to the storage could otherwise swap in another
+        run under the same key in mid-run.
         """
         if self._run_keys is not None:
             return self._run_keys.run
