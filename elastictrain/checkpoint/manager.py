@@ -15,14 +15,15 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from elastictrain.checkpoint import crypto
 from elastictrain.checkpoint.keys import Keyring, keyring_from_specs
 from elastictrain.checkpoint.manifest import (
-    CHUNK_DIR, MANIFEST_DIR, RUN_FILE, decode_manifest, decode_run, encode_run, parse_manifest_name, wrap_context,
+    CHUNK_DIR, MANIFEST_DIR, RUN_FILE, Body, decode_manifest, decode_run, encode_run, parse_manifest_name,
+    wrap_context,
 )
 from elastictrain.checkpoint.reader import Loaded, open_manifest, read_tensors
 from elastictrain.checkpoint.retention import plan_retention
@@ -248,11 +249,7 @@ class CheckpointManager:
             run = self._run_seen or run  # what an earlier restore read (see _expected_run)
             data_key = None
             encrypted = False  # the run has encrypted checkpoints
-            for name in reversed(self._manifest_names()):
-                try:
-                    body = decode_manifest(self.storage.get(name)).body
-                except (CheckpointError, FileNotFoundError):
-                    continue
+            for body in self._bodies():
                 run = run or body.run
                 if body.run != run or not body.encrypted:
                     continue
@@ -325,14 +322,16 @@ class CheckpointManager:
 
     def _encrypted_run(self, run: str) -> bool:
         """Whether any readable manifest of `run` is encrypted."""
-        for name in self._manifest_names():
+        return any(body.run == run and body.encrypted for body in self._bodies())
+
+    def _bodies(self) -> Iterator[Body]:
+        """The body of each manifest that decodes, newest first (damaged or vanished ones are passed over)."""
+        for name in reversed(self._manifest_names()):
             try:
                 body = decode_manifest(self.storage.get(name)).body
             except (CheckpointError, FileNotFoundError):
                 continue
-            if body.run == run and body.encrypted:
-                return True
-        return False
+            yield body
 
     def load_manifest(self, name: str, into: Optional[dict[str, torch.Tensor]] = None) -> Loaded:
         """Read and verify the checkpoint of one manifest name (as `list()` gives it).

@@ -208,14 +208,17 @@ class Runner:
         counts as committed rather than being applied twice. Its counters and RNG stay as they are."""
         if not self._stepped or self._live is None:
             return
-        self._stepped = False
         step = self._live.step
         self._live.step = step + 1
-        self.committed = self._live.step
-        self._at_commit = (self._live.plain(), rng_state())
+        self._mark_committed(self._live)
         rank = self.world.rank if self.world is not None else None
         self.emit({"kind": "commit", "time": time.time(), "term": term, "step": step, "rank": rank})
         self.emit({"kind": "in_flight_step_kept", "time": time.time(), "term": term, "step": step})
+
+    def _mark_committed(self, state: ElasticState) -> None:
+        """`state` holds a committed step: note it, keep its plain entries and RNG states; no step is in flight."""
+        self.committed = state.step
+        self._at_commit, self._stepped = (state.plain(), rng_state()), False
 
     def _watch_optimizers(self, state: ElasticState) -> None:
         def stepped(*_: Any) -> None:
@@ -254,8 +257,7 @@ class Runner:
             if world.rank != 0:
                 state.load_tree(tree)
         self._live = state
-        self.committed = state.step
-        self._at_commit, self._stepped = (state.plain(), rng_state()), False
+        self._mark_committed(state)
         self._watch_optimizers(state)
         self._restored_at = time.time()
 
@@ -324,8 +326,7 @@ class Runner:
         return self.device if self.spec.backend == "nccl" else torch.device("cpu")
 
     def on_commit(self, state: ElasticState, world: WorldInfo, step: int) -> None:
-        self.committed = state.step
-        self._at_commit, self._stepped = (state.plain(), rng_state()), False
+        self._mark_committed(state)
         now = time.time()
         self.emit({"kind": "commit", "time": now, "term": world.term, "step": step, "rank": world.rank})
         if self._first_commit_of_term:
