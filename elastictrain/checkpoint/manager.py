@@ -109,6 +109,7 @@ class CheckpointManager:
         self._closed = False
         self._last_step: Optional[int] = None
         self._swept_at: Optional[float] = None  # when temporaries were last swept
+        self._body_cache: dict[str, tuple[int, Optional[Body]]] = {}  # manifest name -> (size, decoded body)
         self._last_time = clock()
 
     # --- policy ------------------------------------------------------------
@@ -192,11 +193,12 @@ class CheckpointManager:
                 except FileNotFoundError:
                     self.storage.put(RUN_FILE, [encode_run(run_keys.run)])
                 self._run_file_written = True
-            self._writer.refresh()
+            chunk_files = self._writer.refresh()
             report, piece_ids = self._writer.write(
                 tensors, skeleton, step=step, term=term, run_keys=run_keys, chunk_size=self._chunk_size,
                 reuse=reuse, fence=self.fence, provenance=self.provenance, clock=self._clock, nonce=self._random,
             )
+            self._body_cache[report.name] = self._writer.last_manifest
         except BaseException as exc:
             self._event("save_failed", step=step, term=term, reason=f"{type(exc).__name__}: {exc}")
             raise
@@ -204,19 +206,21 @@ class CheckpointManager:
             self._snapshotter.committed(piece_ids)
         self.reports.append(report)
         self._event("saved", step=step, term=term, bytes_written=report.bytes_written, seconds=report.seconds)
-        try:
-            self._apply_retention(run_keys.run)
+        try:  # with the listing taken before the save: what it wrote is referenced by its manifest, and
+            # what another writer stored since is not in it, so retention leaves both alone
+            self._apply_retention(run_keys.run, chunk_files)
         except Exception as exc:  # noqa: BLE001 - the save is committed; retention tries again next time
             self._event("retention_failed", reason=f"{type(exc).__name__}: {exc}")
 
-    def _apply_retention(self, run: str) -> None:
-        bodies = {}
-        for name in self._manifest_names():
+    def _apply_retention(self, run: str, chunk_files: dict[str, int]) -> None:
+        bodies: dict[str, Optional[Body]] = {}
+        for name, size in self._manifest_listing():
             try:
-                bodies[name] = decode_manifest(self.storage.get(name)).body
-            except (CheckpointError, FileNotFoundError):
+                bodies[name] = self._body(name, size)
+            except FileNotFoundError:
                 bodies[name] = None
-        chunk_files = self.storage.list("chunks")
+        for name in set(self._body_cache) - set(bodies):
+            self._body_cache.pop(name, None)
         plan = plan_retention(bodies, chunk_files, self.config.keep_last, run)
         self.storage.delete(plan.manifests)  # manifests first: a crash here leaves only garbage chunks
         self.storage.delete(plan.chunks)
@@ -299,8 +303,33 @@ class CheckpointManager:
 
     def _manifest_names(self) -> list[str]:
         """Manifest names, oldest first by (step, term)."""
-        named = [(parse_manifest_name(n), n) for n in self.storage.list(MANIFEST_DIR)]
-        return [n for key, n in sorted(k for k in named if k[0] is not None)]
+        return [name for name, _ in self._manifest_listing()]
+
+    def _manifest_listing(self) -> list[tuple[str, int]]:
+        """(name, size) of each manifest, oldest first by (step, term)."""
+        named = [(parse_manifest_name(n), n, size) for n, size in self.storage.list(MANIFEST_DIR).items()]
+        return [(n, size) for key, n, size in sorted(k for k in named if k[0] is not None)]
+
+    def _body(self, name: str, size: int) -> Optional[Body]:
+        """The decoded body of a listed manifest (None if it does not decode), fetched once.
+
+        A manifest is written once under its name, by its term's leader; one listed with another size
+        than the one cached was replaced, and is fetched again. Nothing here is verified: retention and
+        run lookups use it; a restore reads and verifies the manifest itself.
+
+        Raises:
+            FileNotFoundError: it is gone.
+        """
+        cached = self._body_cache.get(name)
+        if cached is not None and cached[0] == size:
+            return cached[1]
+        raw = self.storage.get(name)
+        try:
+            body: Optional[Body] = decode_manifest(raw).body
+        except CheckpointError:
+            body = None
+        self._body_cache[name] = (len(raw), body)
+        return body
 
     def _load(
         self, name: str, run: Optional[str], into: Optional[dict[str, torch.Tensor]], encrypted_runs: dict[str, bool]
@@ -326,12 +355,13 @@ class CheckpointManager:
 
     def _bodies(self) -> Iterator[Body]:
         """The body of each manifest that decodes, newest first (damaged or vanished ones are passed over)."""
-        for name in reversed(self._manifest_names()):
+        for name, size in reversed(self._manifest_listing()):
             try:
-                body = decode_manifest(self.storage.get(name)).body
-            except (CheckpointError, FileNotFoundError):
+                body = self._body(name, size)
+            except FileNotFoundError:
                 continue
-            yield body
+            if body is not None:
+                yield body
 
     def load_manifest(self, name: str, into: Optional[dict[str, torch.Tensor]] = None) -> Loaded:
         """Read and verify the checkpoint of one manifest name (as `list()` gives it).

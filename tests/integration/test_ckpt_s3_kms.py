@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+from collections import Counter
 
 import pytest
 import torch
@@ -94,6 +96,70 @@ def test_s3_plain_with_retention(moto_endpoint):
         assert [i.step for i in mgr.list()] == [3]
         assert len(mgr.storage.list("chunks")) == 2
         assert torch.equal(mgr.latest().tensors["w"], torch.full((10,), 3.0))
+
+
+def _requests(storage) -> Counter:
+    """Every S3 request the storage's client makes from now on, by operation name."""
+    from fsspec.asyn import sync
+
+    fs = storage.fs
+    sync(fs.loop, fs.set_session)
+    counts: Counter = Counter()
+    fs.s3.meta.events.register("before-call.s3.*", lambda event_name, **_: counts.update([event_name.split(".")[-1]]))
+    return counts
+
+
+def test_an_incremental_save_and_a_restore_on_s3_make_only_the_requests_they_need(moto_endpoint):
+    # every request is a round trip to the bucket (tens of ms on a real one): a save lists the chunks
+    # (what is stored already) and the manifests (retention), writes what changed and its manifest, and
+    # retires old ones in a request each for manifests and chunks; manifests it wrote or read are not
+    # fetched again, and no read asks for an object's size first
+    env = {"KEY": base64.b64encode(bytes(range(32))).decode()}
+    cfg = CheckpointConfig(**_s3_config(moto_endpoint, "requests", keep_last=2,
+                                        encryption=EncryptionConfig(key="env:KEY")))
+    state = {f"w{i}": torch.full((1000,), float(i)) for i in range(6)}
+    with CheckpointManager(cfg, environ=env) as mgr:
+        mgr.save(state, None, step=1, term=0)
+        mgr.wait()
+        counts = _requests(mgr.storage)
+        for step in (2, 3, 4):
+            state["w0"] += 0.25  # a value no other tensor holds: a new chunk
+            counts.clear()
+            mgr.save(state, None, step=step, term=0)
+            mgr.wait()
+            expected = {"ListObjectsV2": 2, "PutObject": 2}
+            if step >= 3:  # keep_last=2: the oldest manifest goes, then the chunk only it used
+                expected["DeleteObjects"] = 2
+            assert dict(counts) == expected, step
+        assert [i.step for i in mgr.list()] == [3, 4]
+        assert len(mgr.storage.list("chunks")) == 7  # w0 of steps 3 and 4, w1-w5
+    with CheckpointManager(cfg, environ=env) as fresh:
+        counts = _requests(fresh.storage)
+        loaded = fresh.latest()
+        # the run file, the manifest list, the newest manifest, then one read per chunk
+        assert dict(counts) == {"GetObject": 1 + 1 + 6, "ListObjectsV2": 1}
+        assert loaded.step == 4 and _same(loaded.tensors, state)
+
+
+def test_s3_storage_reads_each_object_in_one_request_and_deletes_in_batches(moto_endpoint):
+    from elastictrain.checkpoint.storage import FsspecStorage
+
+    cfg = _s3_config(moto_endpoint, "objects")
+    storage = FsspecStorage(cfg["uri"], cfg["storage_options"])
+    for name, data in (("chunks/a", b"abc"), ("chunks/big", bytes(range(256)) * 8192), ("chunks/empty", b"")):
+        storage.put(name, [data])
+    counts = _requests(storage)
+    assert storage.get("chunks/a") == b"abc" and storage.get("chunks/big") == bytes(range(256)) * 8192
+    assert dict(counts) == {"GetObject": 2}
+    counts.clear()
+    assert storage.get("chunks/empty") == b""  # no byte 0 to start a range at: read again without one,
+    assert counts["GetObject"] == 2  # not retried as a transient error
+    with pytest.raises(FileNotFoundError):
+        storage.get("chunks/absent")
+    counts.clear()
+    storage.delete(["chunks/a", "chunks/absent", "chunks/big"])
+    assert dict(counts) == {"DeleteObjects": 1}
+    assert storage.list("chunks") == {"chunks/empty": 0}
 
 
 def test_kms_alias_moved_to_a_new_key_still_opens_what_the_old_key_wrapped(moto_endpoint):

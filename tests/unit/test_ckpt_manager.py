@@ -92,6 +92,18 @@ def test_restore_into_never_writes_one_memory_twice(tmp_path):
     assert torch.equal(shared, torch.ones(100))  # only the first name restored into it
 
 
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_storage_reads_empty_objects_and_deletes_around_absent_names(where, tmp_path):
+    storage = FsspecStorage(_uri() if where == "memory" else f"file://{tmp_path}/run")
+    for name, data in (("chunks/a", b"abc"), ("chunks/b", b"def"), ("chunks/empty", b"")):
+        storage.put(name, [data])
+    assert storage.get("chunks/a") == b"abc" and storage.get("chunks/empty") == b""
+    with pytest.raises(FileNotFoundError):
+        storage.get("chunks/absent")
+    storage.delete(["chunks/a", "chunks/absent", "chunks/b"])  # absent names are skipped, not fatal
+    assert storage.list("chunks") == {"chunks/empty": 0}
+
+
 def test_local_storage_view_maps_files(tmp_path):
     storage = FsspecStorage(f"file://{tmp_path}")
     storage.put("chunks/x", [b"abc", b"def"])
@@ -355,6 +367,21 @@ def test_retention_keeps_last_and_removes_unshared_chunks():
         assert _same(mgr.load(4).tensors, {"fixed": torch.ones(100), "moving": torch.full((100,), 4.0)})
         with pytest.raises(CheckpointNotFound):
             mgr.load(2)
+
+
+def test_retention_reads_a_manifest_again_once_it_was_replaced():
+    # a manager fetches each manifest once for retention; one rewritten under the same name (another
+    # writer's save of the same step and term) lists another size, and its chunks must not be taken
+    # for unreferenced on the strength of what the name held before
+    uri = _uri()
+    with _mgr(uri, keep_last=2, async_save=False) as mgr, _mgr(uri, keep_last=2, async_save=False) as other:
+        mgr.save({"w": torch.zeros(100)}, None, step=1, term=0)
+        mgr.save({"w": torch.ones(100)}, None, step=2, term=0)  # cached: (size, body) of step 2
+        replaced = {"w": torch.full((100,), 2.0), "extra": torch.full((100,), 3.0)}  # more chunks, other size
+        other.save(replaced, None, step=2, term=0)
+        mgr.save({"w": torch.full((100,), 4.0)}, None, step=3, term=0)  # retires step 1
+        assert [i.step for i in mgr.list()] == [2, 3]
+        assert _same(mgr.load(2).tensors, replaced)
 
 
 def test_retention_spares_foreign_files_and_sweeps_dead_writers_temporaries(tmp_path):
