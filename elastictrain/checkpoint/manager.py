@@ -222,8 +222,10 @@ class CheckpointManager:
         for name in set(self._body_cache) - set(bodies):
             self._body_cache.pop(name, None)
         plan = plan_retention(bodies, chunk_files, self.config.keep_last, run)
-        self.storage.delete(plan.manifests)  # manifests first: a crash here leaves only garbage chunks
-        self.storage.delete(plan.chunks)
+        # manifests first, each delete checked: a crash or a failed delete here leaves only garbage chunks;
+        # those may go in batches whose failures nobody reports (they are listed, and tried, next time)
+        self.storage.delete(plan.manifests)
+        getattr(self.storage, "discard", self.storage.delete)(plan.chunks)
         for name in plan.chunks:
             self._writer.known.pop(name.rsplit("/", 1)[-1], None)
         if plan.manifests:

@@ -10,7 +10,6 @@ exponential backoff.
 from __future__ import annotations
 
 import contextlib
-import errno
 import mmap
 import os
 import posixpath
@@ -57,7 +56,8 @@ class Storage(Protocol):
 
     # Optional: `view(name)`, a context manager giving the object's bytes without a copy where it can;
     # `flush()`, which makes every put so far durable; `remove_stale_temporaries(prefixes, older_than_s)`,
-    # which deletes what puts killed mid-write left behind. Callers check with getattr.
+    # which deletes what puts killed mid-write left behind; `discard(names)`, a best-effort `delete` in
+    # fewer requests. Callers check with getattr.
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -138,10 +138,12 @@ class FsspecStorage:
         """
         try:
             return self.fs.cat_file(path, start=0)
-        except OSError as exc:
-            if isinstance(exc, FileNotFoundError) or exc.errno != errno.EINVAL:
-                raise
-            return self.fs.cat_file(path)  # an empty object has no byte 0 for a range to start at
+        except FileNotFoundError:
+            raise
+        except Exception:  # noqa: BLE001 - read again the plain way, which raises what is really wrong
+            # an empty object has no byte 0 for a range to start at (s3fs: EINVAL; other backends
+            # word it their own way)
+            return self.fs.cat_file(path)
 
     @contextlib.contextmanager
     def view(self, name: str) -> Iterator[Buffer]:
@@ -245,20 +247,36 @@ class FsspecStorage:
         if not paths:
             return
 
-        def rm_each() -> None:
+        def rm() -> None:
             for p in paths:
                 try:
                     self.fs.rm_file(p)
                 except FileNotFoundError:
                     pass
 
-        def rm_batched() -> None:
-            try:
-                self.fs.rm(paths)  # object stores delete in batches (s3fs: one request per 1000 keys)
-            except FileNotFoundError:  # a backend that refuses absent names: the rest one by one
-                rm_each()
+        with_retries(rm, attempts=self.attempts)
 
-        with_retries(rm_each if self._local else rm_batched, attempts=self.attempts)
+    def discard(self, names: Iterable[str]) -> None:
+        """Remove objects that nothing refers to any more, best effort, in as few requests as the backend
+        allows (s3fs: one per 1000 keys, against one per key for `delete`).
+
+        A failure may go unreported: S3 answers a batch with an error per key, which s3fs drops. Use
+        it only where what stays is harmless and found again by a later listing (unreferenced chunks).
+        """
+        paths = [self._path(n) for n in names]
+        if not paths:
+            return
+        if self._local:
+            self.delete(names)
+            return
+
+        def rm() -> None:
+            try:
+                self.fs.rm(paths)
+            except FileNotFoundError:  # a backend that refuses absent names: one by one, skipping them
+                self.delete(names)
+
+        with_retries(rm, attempts=self.attempts)
 
 
 def _protocols(fs) -> tuple[str, ...]:
