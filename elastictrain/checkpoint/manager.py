@@ -14,6 +14,7 @@ import secrets
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -109,7 +110,6 @@ class CheckpointManager:
         self._closed = False
         self._last_step: Optional[int] = None
         self._swept_at: Optional[float] = None  # when temporaries were last swept
-        self._body_cache: dict[str, tuple[int, Optional[Body]]] = {}  # manifest name -> (size, decoded body)
         self._last_time = clock()
 
     # --- policy ------------------------------------------------------------
@@ -198,7 +198,6 @@ class CheckpointManager:
                 tensors, skeleton, step=step, term=term, run_keys=run_keys, chunk_size=self._chunk_size,
                 reuse=reuse, fence=self.fence, provenance=self.provenance, clock=self._clock, nonce=self._random,
             )
-            self._body_cache[report.name] = self._writer.last_manifest
         except BaseException as exc:
             self._event("save_failed", step=step, term=term, reason=f"{type(exc).__name__}: {exc}")
             raise
@@ -213,14 +212,12 @@ class CheckpointManager:
             self._event("retention_failed", reason=f"{type(exc).__name__}: {exc}")
 
     def _apply_retention(self, run: str, chunk_files: dict[str, int]) -> None:
-        bodies: dict[str, Optional[Body]] = {}
-        for name, size in self._manifest_listing():
-            try:
-                bodies[name] = self._body(name, size)
-            except FileNotFoundError:
-                bodies[name] = None
-        for name in set(self._body_cache) - set(bodies):
-            self._body_cache.pop(name, None)
+        names = self._manifest_names()
+        # every manifest read again, each save: one damaged since the last save must not count as kept;
+        # read at once, so an object store answers them in about one round trip
+        threads = max(1, min(len(names), self.config.io_threads))
+        with ThreadPoolExecutor(threads, thread_name_prefix="et-ckpt-retention") as pool:
+            bodies = dict(zip(names, pool.map(self._body_or_none, names)))
         plan = plan_retention(bodies, chunk_files, self.config.keep_last, run)
         # manifests first, each delete checked: a crash or a failed delete here leaves only garbage chunks;
         # those may go in batches whose failures nobody reports (they are listed, and tried, next time)
@@ -305,33 +302,15 @@ class CheckpointManager:
 
     def _manifest_names(self) -> list[str]:
         """Manifest names, oldest first by (step, term)."""
-        return [name for name, _ in self._manifest_listing()]
+        named = [(parse_manifest_name(n), n) for n in self.storage.list(MANIFEST_DIR)]
+        return [n for key, n in sorted(k for k in named if k[0] is not None)]
 
-    def _manifest_listing(self) -> list[tuple[str, int]]:
-        """(name, size) of each manifest, oldest first by (step, term)."""
-        named = [(parse_manifest_name(n), n, size) for n, size in self.storage.list(MANIFEST_DIR).items()]
-        return [(n, size) for key, n, size in sorted(k for k in named if k[0] is not None)]
-
-    def _body(self, name: str, size: int) -> Optional[Body]:
-        """The decoded body of a listed manifest (None if it does not decode), fetched once.
-
-        A manifest is written once under its name, by its term's leader; one listed with another size
-        than the one cached was replaced, and is fetched again. Nothing here is verified: retention and
-        run lookups use it; a restore reads and verifies the manifest itself.
-
-        Raises:
-            FileNotFoundError: it is gone.
-        """
-        cached = self._body_cache.get(name)
-        if cached is not None and cached[0] == size:
-            return cached[1]
-        raw = self.storage.get(name)
+    def _body_or_none(self, name: str) -> Optional[Body]:
+        """The decoded body of a manifest; None if it does not decode or is gone (nothing verified)."""
         try:
-            body: Optional[Body] = decode_manifest(raw).body
-        except CheckpointError:
-            body = None
-        self._body_cache[name] = (len(raw), body)
-        return body
+            return decode_manifest(self.storage.get(name)).body
+        except (CheckpointError, FileNotFoundError):
+            return None
 
     def _load(
         self, name: str, run: Optional[str], into: Optional[dict[str, torch.Tensor]], encrypted_runs: dict[str, bool]
@@ -357,11 +336,8 @@ class CheckpointManager:
 
     def _bodies(self) -> Iterator[Body]:
         """The body of each manifest that decodes, newest first (damaged or vanished ones are passed over)."""
-        for name, size in reversed(self._manifest_listing()):
-            try:
-                body = self._body(name, size)
-            except FileNotFoundError:
-                continue
+        for name in reversed(self._manifest_names()):
+            body = self._body_or_none(name)
             if body is not None:
                 yield body
 

@@ -10,6 +10,7 @@ exponential backoff.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import posixpath
@@ -101,6 +102,7 @@ class FsspecStorage:
         self.root = root.rstrip("/")
         self.attempts = attempts
         self._local = "file" in _protocols(self.fs)
+        self._s3 = "s3" in _protocols(self.fs)
         self.fsync = fsync and self._local
         self._unsynced: set[str] = set()  # folders with renames not yet fsynced
         self._top = os.path.dirname(self.root) or self.root  # the root's own entry counts too
@@ -125,12 +127,12 @@ class FsspecStorage:
 
     def get(self, name: str) -> bytes:
         path = self._path(name)
-        if self._local:
-            return with_retries(lambda: self.fs.cat_file(path), attempts=self.attempts)
-        return with_retries(lambda: self._get_in_one_request(path), attempts=self.attempts)
+        if self._s3:
+            return with_retries(lambda: self._get_s3(path), attempts=self.attempts)
+        return with_retries(lambda: self.fs.cat_file(path), attempts=self.attempts)
 
-    def _get_in_one_request(self, path: str) -> bytes:
-        """The whole object by one request for an open byte range.
+    def _get_s3(self, path: str) -> bytes:
+        """The whole object by one GET of an open byte range.
 
         A plain `cat_file` makes s3fs ask for the size first (a HEAD), to split objects over its block
         size into parallel ranges: one more round trip for every manifest and chunk read, where a
@@ -138,12 +140,10 @@ class FsspecStorage:
         """
         try:
             return self.fs.cat_file(path, start=0)
-        except FileNotFoundError:
-            raise
-        except Exception:  # noqa: BLE001 - read again the plain way, which raises what is really wrong
-            # an empty object has no byte 0 for a range to start at (s3fs: EINVAL; other backends
-            # word it their own way)
-            return self.fs.cat_file(path)
+        except OSError as exc:
+            if isinstance(exc, FileNotFoundError) or exc.errno != errno.EINVAL:
+                raise  # what with_retries sees and, if transient, retries with backoff
+            return self.fs.cat_file(path)  # S3 answers 416 for an empty object: no byte 0 to start at
 
     @contextlib.contextmanager
     def view(self, name: str) -> Iterator[Buffer]:
@@ -244,17 +244,8 @@ class FsspecStorage:
 
     def delete(self, names: Iterable[str]) -> None:
         paths = [self._path(n) for n in names]
-        if not paths:
-            return
-
-        def rm() -> None:
-            for p in paths:
-                try:
-                    self.fs.rm_file(p)
-                except FileNotFoundError:
-                    pass
-
-        with_retries(rm, attempts=self.attempts)
+        if paths:
+            with_retries(lambda: self._rm_each(paths), attempts=self.attempts)
 
     def discard(self, names: Iterable[str]) -> None:
         """Remove objects that nothing refers to any more, best effort, in as few requests as the backend
@@ -266,17 +257,24 @@ class FsspecStorage:
         paths = [self._path(n) for n in names]
         if not paths:
             return
-        if self._local:
-            self.delete(names)
-            return
 
         def rm() -> None:
+            if self._local:
+                self._rm_each(paths)
+                return
             try:
                 self.fs.rm(paths)
             except FileNotFoundError:  # a backend that refuses absent names: one by one, skipping them
-                self.delete(names)
+                self._rm_each(paths)
 
         with_retries(rm, attempts=self.attempts)
+
+    def _rm_each(self, paths: list[str]) -> None:
+        for p in paths:
+            try:
+                self.fs.rm_file(p)
+            except FileNotFoundError:
+                pass
 
 
 def _protocols(fs) -> tuple[str, ...]:

@@ -64,7 +64,6 @@ class ChunkWriter:
         self.threads = threads
         self.known: dict[str, int] = {}  # chunk id -> stored size
         self.damaged: set[str] = set()  # ids a restore found damaged: written again when next needed
-        self.last_manifest: tuple[int, Optional[Body]] = (0, None)  # (size, body) of the last one written
 
     def refresh(self) -> dict[str, int]:
         """Re-list stored chunks (another process may have removed some); returns the listing by name."""
@@ -156,7 +155,6 @@ class ChunkWriter:
         if fence is not None and not fence(term):
             raise StaleTerm(term, term + 1, f"checkpoint commit of step {step}")
         self.storage.put(body.name, [raw])
-        self.last_manifest = (len(raw), body)
         if flush is not None:
             flush()  # the commit is durable before retention may remove older checkpoints
         report = SaveReport(

@@ -100,9 +100,29 @@ def test_storage_reads_empty_objects_and_deletes_around_absent_names(where, tmp_
     assert storage.get("chunks/a") == b"abc" and storage.get("chunks/empty") == b""
     with pytest.raises(FileNotFoundError):
         storage.get("chunks/absent")
-    storage.discard(["chunks/a", "chunks/absent", "chunks/b"])  # absent names are skipped, not fatal
-    storage.delete(["chunks/absent", "chunks/c"])
+    storage.discard(n for n in ("chunks/a", "chunks/absent", "chunks/b"))  # absent names are skipped, not fatal
+    storage.delete(n for n in ("chunks/absent", "chunks/c"))
     assert storage.list("chunks") == {"chunks/empty": 0}
+
+
+def test_s3_reads_that_fail_are_retried_as_one_request_each():
+    # the one-request read of an object store falls back to a second kind of read only for an empty
+    # object; any other failure goes to the retries, with their backoff, as it is
+    class Failing:
+        protocol = ("s3", "s3a")
+
+        def __init__(self):
+            self.calls = []
+
+        def cat_file(self, path, start=None, end=None):
+            self.calls.append(start)
+            raise ConnectionResetError("connection reset by peer")
+
+    storage = FsspecStorage(_uri(), attempts=3)
+    storage.fs, storage._s3 = Failing(), True
+    with pytest.raises(ConnectionResetError):
+        storage.get("manifests/x")
+    assert storage.fs.calls == [0, 0, 0]
 
 
 def test_local_storage_view_maps_files(tmp_path):
@@ -403,19 +423,27 @@ def test_retention_discards_no_chunk_while_a_retired_manifest_stays():
         assert torch.equal(mgr.load(1).tensors["w"], torch.full((100,), 1.0))
 
 
-def test_retention_reads_a_manifest_again_once_it_was_replaced():
-    # a manager fetches each manifest once for retention; one rewritten under the same name (another
-    # writer's save of the same step and term) lists another size, and its chunks must not be taken
-    # for unreferenced on the strength of what the name held before
+def test_retention_reads_every_manifest_again_at_each_save():
+    # what a manifest name held at the last save says nothing of what it holds now: rewritten by
+    # another writer's save of the same step and term (same size: same shapes), its chunks must not
+    # be taken for unreferenced; damaged in place, it must not count as one of the kept checkpoints
     uri = _uri()
+    storage = FsspecStorage(uri)
     with _mgr(uri, keep_last=2, async_save=False) as mgr, _mgr(uri, keep_last=2, async_save=False) as other:
         mgr.save({"w": torch.zeros(100)}, None, step=1, term=0)
-        mgr.save({"w": torch.ones(100)}, None, step=2, term=0)  # cached: (size, body) of step 2
-        replaced = {"w": torch.full((100,), 2.0), "extra": torch.full((100,), 3.0)}  # more chunks, other size
-        other.save(replaced, None, step=2, term=0)
-        mgr.save({"w": torch.full((100,), 4.0)}, None, step=3, term=0)  # retires step 1
+        mgr.save({"w": torch.ones(100)}, None, step=2, term=0)
+        name = mgr.list()[-1].name
+        before = len(storage.get(name))
+        other.save({"w": torch.full((100,), 2.0)}, None, step=2, term=0)
+        assert len(storage.get(name)) == before
+        mgr.save({"w": torch.full((100,), 3.0)}, None, step=3, term=0)  # retires step 1
         assert [i.step for i in mgr.list()] == [2, 3]
-        assert _same(mgr.load(2).tensors, replaced)
+        assert torch.equal(mgr.load(2).tensors["w"], torch.full((100,), 2.0))
+        storage.put(name, [bytes(before)])  # step 2's manifest damaged in place, same size
+        mgr.save({"w": torch.full((100,), 4.0)}, None, step=4, term=0)
+        assert [i.step for i in mgr.list() if i.error is None] == [3, 4]  # two that decode are kept
+        storage.put(mgr.list()[-1].name, [b"\0" * 10])  # and the newest damaged: step 3 is restored
+        assert mgr.latest().step == 3
 
 
 def test_retention_spares_foreign_files_and_sweeps_dead_writers_temporaries(tmp_path):
