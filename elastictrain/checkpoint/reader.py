@@ -136,7 +136,7 @@ def read_tensors(
         path = chunk_path(cid)
         problem = None
         try:
-            with view_of(path) if view_of is not None else contextlib.nullcontext(storage.get(path)) as blob:
+            with view_of(path) if view_of is not None else contextlib.nullcontext(storage.get(path, stored)) as blob:
                 try:
                     if len(blob) != stored:
                         raise CheckpointCorrupt(

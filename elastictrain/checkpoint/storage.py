@@ -46,8 +46,12 @@ class Storage(Protocol):
         one is requested (the producer may reuse its memory).
         """
 
-    def get(self, name: str) -> bytes:
-        """The object's bytes. Raises FileNotFoundError if absent."""
+    def get(self, name: str, size: Optional[int] = None) -> bytes:
+        """The object's bytes. Raises FileNotFoundError if absent.
+
+        `size`: the object's size when the caller knows it (a chunk's, from its manifest), a hint that
+        lets a backend read a large object in parallel pieces.
+        """
 
     def list(self, prefix: str) -> dict[str, int]:
         """{name: size} of every object under `prefix` (a folder name)."""
@@ -125,19 +129,16 @@ class FsspecStorage:
         data = b"".join(bytes(p) for p in parts)  # each part copied as it comes: a producer may reuse its buffer
         with_retries(lambda: self.fs.pipe_file(path, data), attempts=self.attempts)
 
-    def get(self, name: str) -> bytes:
+    def get(self, name: str, size: Optional[int] = None) -> bytes:
         path = self._path(name)
-        if self._s3:
+        # s3fs asks for the size (a HEAD) before each plain read, to split an object over its block
+        # size into parallel ranges: worth a round trip for those, not for manifests and small chunks
+        if self._s3 and (size is None or size <= getattr(self.fs, "default_block_size", 0)):
             return with_retries(lambda: self._get_s3(path), attempts=self.attempts)
         return with_retries(lambda: self.fs.cat_file(path), attempts=self.attempts)
 
     def _get_s3(self, path: str) -> bytes:
-        """The whole object by one GET of an open byte range.
-
-        A plain `cat_file` makes s3fs ask for the size first (a HEAD), to split objects over its block
-        size into parallel ranges: one more round trip for every manifest and chunk read, where a
-        restore already reads `io_threads` chunks at once.
-        """
+        """The whole object by one GET of an open byte range (no HEAD first)."""
         try:
             return self.fs.cat_file(path, start=0)
         except OSError as exc:

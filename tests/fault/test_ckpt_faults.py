@@ -38,8 +38,8 @@ class FailingStorage:
             raise Crash(f"storage failed writing {name}")
         self.inner.put(name, parts)
 
-    def get(self, name):
-        return self.inner.get(name)
+    def get(self, name, size=None):
+        return self.inner.get(name, size)
 
     def view(self, name):
         return self.inner.view(name)

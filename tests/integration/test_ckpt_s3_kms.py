@@ -157,6 +157,13 @@ def test_s3_storage_reads_each_object_in_one_request_and_discards_in_batches(mot
     with pytest.raises(FileNotFoundError):
         storage.get("chunks/absent")
     counts.clear()
+    assert storage.get("chunks/big", size=2 * 2**20) == bytes(range(256)) * 8192  # a size hint up to s3fs's
+    assert dict(counts) == {"GetObject": 1}  # block size: still one GET
+    counts.clear()
+    storage.fs.default_block_size = 2**20  # over it, s3fs reads in parallel ranges (after a HEAD)
+    assert storage.get("chunks/big", size=2 * 2**20) == bytes(range(256)) * 8192
+    assert dict(counts) == {"HeadObject": 1, "GetObject": 2}
+    counts.clear()
     storage.discard(["chunks/a", "chunks/absent", "chunks/big"])
     assert dict(counts) == {"DeleteObjects": 1}
     storage.delete(["chunks/empty", "chunks/absent"])  # checked, one request per key

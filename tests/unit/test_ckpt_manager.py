@@ -194,12 +194,12 @@ def test_restore_lists_again_when_another_writer_retires_what_it_read():
     class Raced(FsspecStorage):
         raced = False
 
-        def get(self, name):
+        def get(self, name, size=None):
             if name.startswith("chunks/") and not Raced.raced:
                 Raced.raced = True  # meanwhile, the run's new leader commits step 2 and retires step 1
                 with _mgr(uri, async_save=False, keep_last=1) as other:
                     other.save({"w": torch.ones(1000)}, None, step=2, term=1)
-            return super().get(name)
+            return super().get(name, size)
 
     with _mgr(uri, storage=Raced(uri)) as reader:
         loaded = reader.latest()
@@ -399,8 +399,8 @@ def test_retention_discards_no_chunk_while_a_retired_manifest_stays():
         def put(self, name, parts):
             self.inner.put(name, parts)
 
-        def get(self, name):
-            return self.inner.get(name)
+        def get(self, name, size=None):
+            return self.inner.get(name, size)
 
         def list(self, prefix):
             return self.inner.list(prefix)
