@@ -392,29 +392,20 @@ def test_retention_keeps_last_and_removes_unshared_chunks():
 def test_retention_discards_no_chunk_while_a_retired_manifest_stays():
     # chunks go in best-effort batches, so a manifest must be gone first, checked: one that cannot be
     # deleted keeps every chunk, and the checkpoint it commits stays loadable
-    class NoManifestDeletes:
-        def __init__(self, inner):
-            self.inner, self.uri, self.discarded = inner, inner.uri, []
-
-        def put(self, name, parts):
-            self.inner.put(name, parts)
-
-        def get(self, name, size=None):
-            return self.inner.get(name, size)
-
-        def list(self, prefix):
-            return self.inner.list(prefix)
+    class NoManifestDeletes(FsspecStorage):
+        discarded: list[str] = []
 
         def delete(self, names):
             if list(names):
                 raise PermissionError("AccessDenied")
 
         def discard(self, names):
+            names = list(names)
             self.discarded.extend(names)
-            self.inner.discard(names)
+            super().discard(names)
 
     uri = _uri()
-    storage = NoManifestDeletes(FsspecStorage(uri))
+    storage = NoManifestDeletes(uri)
     with _mgr(uri, storage=storage, keep_last=1, async_save=False) as mgr:
         for step in (1, 2):
             mgr.save({"w": torch.full((100,), float(step))}, None, step=step, term=0)
