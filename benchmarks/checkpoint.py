@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -108,6 +110,7 @@ RATIOS = [
     ("restore_encrypted_vs_safetensors_load_lazy_mmap (throughput)", "safetensors_load_s", "et_enc_restore_s"),
 ]
 SAVE_RATIOS = [row for row in RATIOS if row[1] == "safetensors_save_s"]  # what --saves-only measures
+RESTORE_RATIOS = [row for row in RATIOS if row[1] in ("safetensors_load_clone_s", "safetensors_load_copy_s")]
 # the target ratios again from the fastest repeat of each arm: on this VM an arm that streams through
 # memory (a copy, a compare, a page-cache write) switches between a fast mode and one 2-3x slower from one
 # repeat to the next, whichever arm it is, which moves a median by more than the difference being
@@ -255,27 +258,90 @@ def run(args) -> dict:
     return out
 
 
+def rotated(arms: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Run each arm (which returns its own timing) `repeats` times, each round in a new order: every arm
+    takes every place in turn, so a slow spell of this VM's memory does not fall on one arm."""
+    names = list(arms)
+    res: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            res[name].append(arms[name]())
+    return res
+
+
+def summary(res: dict[str, list[float]], table: list[tuple[str, str, str]]) -> dict:
+    """Medians, every repeat, and the ratios of `table` from the medians and from the fastest repeats."""
+    med = {k: median(v) for k, v in res.items()}
+    best = [(label.split(" (")[0] + " (best of each)", num, den) for label, num, den in table]
+    return {"medians": med, "raw": res,
+            "ratios": {**ratios(med, table), **ratios({k: min(v) for k, v in res.items()}, best)}}
+
+
 def run_saves(args) -> dict:
     """Only the full saves (safetensors, elastictrain plain and encrypted) in turn, each output deleted
     before the next: the save paths alone, without the memory churn of the other arms."""
     work = Path(tempfile.mkdtemp(prefix="et-bench-saves-", dir=args.dir))
     state = make_state(args.size_mb)
-    res: dict[str, list[float]] = {}
-    arms = ["safetensors_save_s", "et_plain_save_s", "et_enc_save_s"]
-    for i in range(args.repeats):
-        for arm in arms[i % 3 :] + arms[: i % 3]:  # each arm takes each place in turn
+
+    def save_arm(encrypted: Optional[bool]) -> Callable[[], float]:
+        def arm() -> float:
             p = work / uuid.uuid4().hex[:8]
             p.mkdir()
-            if arm == "safetensors_save_s":
-                res.setdefault(arm, []).append(timed(lambda: save_file(state, str(p / "x.safetensors"))))
-            else:
-                m = manager(f"file://{p}", args, encrypted=arm == "et_enc_save_s", async_save=False)
-                res.setdefault(arm, []).append(timed(lambda: m.save(state, None, step=1, term=0)))
-                m.close()
-            shutil.rmtree(p)
-    shutil.rmtree(work, ignore_errors=True)
-    med = {k: median(v) for k, v in res.items()}
-    return {"medians": med, "raw": res, "ratios": ratios(med, SAVE_RATIOS)}
+            try:
+                if encrypted is None:
+                    return timed(lambda: save_file(state, str(p / "x.safetensors")))
+                m = manager(f"file://{p}", args, encrypted=encrypted, async_save=False)
+                try:
+                    return timed(lambda: m.save(state, None, step=1, term=0))
+                finally:
+                    m.close()
+            finally:
+                shutil.rmtree(p)
+        return arm
+
+    arms = {"safetensors_save_s": save_arm(None), "et_plain_save_s": save_arm(False),
+            "et_enc_save_s": save_arm(True)}
+    try:
+        return summary(rotated(arms, args.repeats), SAVE_RATIOS)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_restores(args) -> dict:
+    """Only the restores (safetensors into new memory and into existing tensors; elastictrain plain and
+    encrypted, the same two ways) in turn, from one saved copy of each, every arm once untimed first."""
+    work = Path(tempfile.mkdtemp(prefix="et-bench-restores-", dir=args.dir))
+    state = make_state(args.size_mb)
+    resident = {k: torch.zeros_like(v) for k, v in state.items()}
+    p = work / "state.safetensors"
+    save_file(state, str(p))
+    managers = {}
+    try:
+        for tag in ("plain", "enc"):
+            managers[tag] = manager(f"file://{work / tag}", args, encrypted=tag == "enc", async_save=False)
+            managers[tag].save(state, None, step=1, term=0)
+        fns = {
+            "safetensors_load_clone_s": lambda: [t.clone() for t in load_file(str(p)).values()],
+            "safetensors_load_copy_s": lambda: [resident[k].copy_(t) for k, t in load_file(str(p)).items()],
+        }
+        for tag, m in managers.items():
+            fns[f"et_{tag}_restore_s"] = m.latest
+            fns[f"et_{tag}_restore_into_s"] = functools.partial(m.latest, into=resident)
+
+        def untimed_then_timed(fn: Callable[[], object]) -> float:
+            fn()  # as in the full run: the first allocation after a big free pays for this VM's memory
+            return timed(fn)
+
+        result = summary(rotated({k: functools.partial(untimed_then_timed, fn) for k, fn in fns.items()},
+                                 args.repeats), RESTORE_RATIOS)
+        if not all(torch.equal(resident[k], v) for k, v in state.items()):
+            raise AssertionError("restore into resident tensors gave wrong values")
+        return result
+    finally:
+        for m in managers.values():
+            m.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def instrument(storage, latency_s: float) -> Counter:
@@ -399,10 +465,12 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out")
     parser.add_argument("--saves-only", action="store_true",
                         help="only the full saves, in turn, each output deleted before the next (prints JSON)")
+    parser.add_argument("--restores-only", action="store_true",
+                        help="only the restores, in turn, from one saved copy of each (prints JSON)")
     args = parser.parse_args()
     args.storage_options = {}
-    if args.saves_only:
-        result = run_saves(args)
+    if args.saves_only or args.restores_only:
+        result = run_saves(args) if args.saves_only else run_restores(args)
         print(json.dumps(result, indent=2))
         return
     if args.s3_only:
