@@ -344,6 +344,77 @@ def run_restores(args) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def run_gpu(args) -> dict:
+    """The training stall of an async save from GPU memory, against copying the state to the host.
+
+    Baselines: `.cpu()` of every tensor (pageable memory, what "a plain CPU copy of the state" means on a
+    GPU) and a non-blocking copy into pinned buffers allocated beforehand (the bound for any snapshot).
+    elastictrain: the first async save (it allocates its pinned buffers), then saves with 10% of the state
+    changed (buffers reused; GPU state is not compared, so every byte is hashed again in the background).
+    Each timing starts and ends with the GPU idle: training work queued before a save is not counted.
+    """
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device")
+    work = Path(tempfile.mkdtemp(prefix="et-bench-gpu-", dir=args.dir))
+    state = {k: v.cuda() for k, v in make_state(args.size_mb).items()}
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    res: dict[str, list[float]] = {}
+
+    def add(key, value):
+        res.setdefault(key, []).append(value)
+
+    def gpu_timed(fn) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    pinned = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in state.items()}
+
+    def pinned_copy():
+        for k, v in state.items():
+            pinned[k].copy_(v, non_blocking=True)
+
+    try:
+        for _ in range(args.repeats):
+            add("cpu_copy_s", gpu_timed(lambda: {k: v.cpu() for k, v in state.items()}))
+            add("pinned_copy_s", gpu_timed(pinned_copy))
+            p = work / uuid.uuid4().hex[:8]
+            m = manager(f"file://{p}", args, encrypted=True, async_save=True, keep_last=3)
+            try:
+                add("et_async_first_stall_s", gpu_timed(lambda: m.save(state, None, step=1, term=0)))
+                start = time.perf_counter()
+                m.wait()
+                add("et_async_full_total_s", res["et_async_first_stall_s"][-1] + time.perf_counter() - start)
+                add("et_async_full_bytes", m.reports[-1].bytes_written)
+                for step in (2, 3):
+                    for n in list(state)[(step - 2) * 2 : (step - 2) * 2 + 2]:
+                        state[n].add_(1.0)
+                    stall = gpu_timed(lambda: m.save(state, None, step=step, term=0))
+                    start = time.perf_counter()
+                    m.wait()
+                    add("et_async_stall_s", stall)
+                    add("et_incremental_total_s", stall + time.perf_counter() - start)
+                    add("et_incremental_bytes", m.reports[-1].bytes_written)
+            finally:
+                m.close()
+                shutil.rmtree(p, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    table = [
+        ("async_stall_vs_cpu_copy (target <= 1.5)", "et_async_stall_s", "cpu_copy_s"),
+        ("async_first_stall_vs_cpu_copy", "et_async_first_stall_s", "cpu_copy_s"),
+        ("async_stall_vs_pinned_copy", "et_async_stall_s", "pinned_copy_s"),
+        ("incremental_time_vs_first_full_async_save", "et_incremental_total_s", "et_async_full_total_s"),
+        ("incremental_bytes_vs_full (target <= 0.12)", "et_incremental_bytes", "et_async_full_bytes"),
+    ]
+    out = summary(res, table)
+    out.update(size_bytes=nbytes, repeats=args.repeats, threads=args.threads,
+               device=torch.cuda.get_device_name(), cpus=os.cpu_count())
+    return out
+
+
 def instrument(storage, latency_s: float) -> Counter:
     """Count the storage's S3 requests by operation, each delayed by `latency_s` (a real bucket's round
     trip; moto on 127.0.0.1 answers within a millisecond or two). The delay is awaited on s3fs's event
@@ -465,13 +536,18 @@ def main() -> None:
     parser.add_argument("--out", default="bench-out")
     parser.add_argument("--saves-only", action="store_true",
                         help="only the full saves, in turn, each output deleted before the next (prints JSON)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="only the async save's stall from GPU memory (needs CUDA; writes checkpoint_gpu.json)")
     parser.add_argument("--restores-only", action="store_true",
                         help="only the restores, in turn, from one saved copy of each (prints JSON)")
     args = parser.parse_args()
     args.storage_options = {}
-    if args.saves_only or args.restores_only:
-        result = run_saves(args) if args.saves_only else run_restores(args)
+    if args.saves_only or args.restores_only or args.gpu:
+        result = run_saves(args) if args.saves_only else run_restores(args) if args.restores_only else run_gpu(args)
         print(json.dumps(result, indent=2))
+        if args.gpu:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "checkpoint_gpu.json").write_text(json.dumps(result, indent=2))
         return
     if args.s3_only:
         result = run_s3(args)
