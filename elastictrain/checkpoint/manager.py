@@ -252,6 +252,7 @@ class CheckpointManager:
             run = self._run_seen or run  # what an earlier restore read (see _expected_run)
             data_key = None
             encrypted = False  # the run has encrypted checkpoints
+            unopened: set[str] = set()  # key ids of this run's checkpoints that the keyring cannot open
             for body in self._bodies():
                 run = run or body.run
                 if body.run != run or not body.encrypted:
@@ -263,6 +264,7 @@ class CheckpointManager:
                     data_key = self.keyring.find(body.key_id).unwrap(body.wrapped_key, body.wrap_context())
                     break
                 except CheckpointError:
+                    unopened.add(body.key_id)
                     continue
             run = run or self._random(16).hex()
             if self.keyring is None:
@@ -273,6 +275,14 @@ class CheckpointManager:
                     )
                 self._run_keys = RunKeys(run, None)
                 return self._run_keys
+            if encrypted and data_key is None:
+                # a new data key here would start checkpoints nobody with the run's key can read, and
+                # retention would count the run's real ones as this writer's and delete them
+                raise WrongKey(
+                    f"{self.storage.uri} holds checkpoints of this run under key id "
+                    f"{', '.join(sorted(unopened))}, which this key cannot open: refusing to write beside "
+                    "them; pass that key, or list it in EncryptionConfig.old_keys after a rotation"
+                )
             data_key = data_key or self._random(crypto.KEY_BYTES)
             current = self.keyring.current
             wrapped = current.wrap(data_key, wrap_context(run))

@@ -326,6 +326,21 @@ def test_key_rotation_reads_old_checkpoints_and_wrong_key_is_refused():
             mgr.latest()
 
 
+def test_a_key_that_opens_none_of_the_runs_checkpoints_writes_nothing():
+    uri = _uri()
+    with _mgr(uri, async_save=False, keep_last=2) as mgr:
+        for step in (1, 2):
+            mgr.save({"w": torch.full((100,), float(step))}, None, step=step, term=0)
+    wrong = CheckpointConfig(uri=uri, keep_last=2, async_save=False, encryption=EncryptionConfig(key="env:KEY_B"))
+    with CheckpointManager(wrong, environ=ENV) as mgr:  # a mistyped key, or a rotation without old_keys
+        for step in (3, 4):
+            with pytest.raises(WrongKey, match="cannot open: refusing to write beside them.*old_keys"):
+                mgr.save({"w": torch.full((100,), float(step))}, None, step=step, term=0)
+    with _mgr(uri) as mgr:  # the run's checkpoints are all still there, and nothing else
+        assert [i.step for i in mgr.list()] == [1, 2]
+        assert torch.equal(mgr.latest().tensors["w"], torch.full((100,), 2.0))
+
+
 def _fingerprints(*names):
     from elastictrain.checkpoint.crypto import key_fingerprint
 
