@@ -67,6 +67,14 @@ def check_name(name: object) -> str:
     return name
 
 
+def check_tensors(tensors: dict) -> None:
+    """Raise ValueError unless every entry has an allowed name and is a dense tensor of a storable dtype."""
+    for name, t in tensors.items():
+        check_name(name)
+        if not isinstance(t, torch.Tensor) or t.dtype not in DTYPES or t.layout != torch.strided:
+            raise ValueError(f"state entry {name!r} is not a dense tensor of a storable dtype")
+
+
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes as a flat memoryview, without a copy (the tensor must be contiguous on CPU)."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous():

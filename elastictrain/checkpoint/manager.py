@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from elastictrain.checkpoint import crypto
+from elastictrain.checkpoint import codec, crypto
 from elastictrain.checkpoint.keys import Keyring, keyring_from_specs
 from elastictrain.checkpoint.manifest import (
     CHUNK_DIR, MANIFEST_DIR, RUN_FILE, Body, decode_manifest, decode_run, encode_run, parse_manifest_name,
@@ -141,12 +141,10 @@ class CheckpointManager:
         if step < 0 or term < 0:
             raise ValueError(f"step ({step}) and term ({term}) must be >= 0")
         skeleton_to_json(skeleton)
+        codec.check_tensors(tensors)
         self._join()
         self._last_step, self._last_time = step, self._clock()
         if not self.config.async_save:
-            for name, t in tensors.items():
-                if not isinstance(t, torch.Tensor):
-                    raise ValueError(f"state entry {name!r} is not a tensor")
             cpu = {n: t.detach().to("cpu") for n, t in tensors.items()}
             self._save_now(cpu, skeleton, step, term, {}, from_snapshot=False)
             return

@@ -49,10 +49,7 @@ class Snapshotter:
 
     def take(self, tensors: dict[str, torch.Tensor]) -> Snapshot:
         """Copy `tensors` into the buffers (the caller has waited for the previous save)."""
-        for name, t in tensors.items():
-            codec.check_name(name)
-            if not isinstance(t, torch.Tensor) or t.dtype not in codec.DTYPES or t.layout != torch.strided:
-                raise ValueError(f"state entry {name!r} is not a dense tensor of a storable dtype")
+        codec.check_tensors(tensors)
         # From the first copy on, the buffers no longer hold what the last save stored: forget the ids
         # now, so a take that fails part-way leaves nothing a later save could reuse wrongly.
         stored, self._stored = self._stored, {}

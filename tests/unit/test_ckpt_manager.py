@@ -271,6 +271,24 @@ def test_snapshot_that_fails_part_way_is_never_reused():
         _mgr(_uri()).save({"s": torch.zeros(4).to_sparse()}, None, step=1, term=0)
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+@pytest.mark.parametrize("bad", [
+    {"z": torch.zeros(3, dtype=torch.complex64)}, {"n": 3.0}, {"": torch.ones(2)}, {"a\x00b": torch.ones(2)},
+    {"s": torch.zeros(4).to_sparse()},
+], ids=["complex", "not-a-tensor", "empty-name", "nul-in-name", "sparse"])
+def test_bad_state_is_refused_before_anything_is_written(async_save, bad):
+    uri = _uri()
+    with _mgr(uri, async_save=async_save, every_steps=10) as mgr:
+        with pytest.raises(ValueError, match="state entry|tensor name"):
+            mgr.save({"ok": torch.ones(2), **bad}, None, step=10, term=0)
+        assert mgr.should_save(10)  # the step still counts as due
+        storage = FsspecStorage(uri)
+        assert storage.fs.find(storage.root) == []  # not even run.json
+        mgr.save({"ok": torch.ones(2)}, None, step=10, term=0)
+        mgr.wait()
+        assert torch.equal(mgr.latest().tensors["ok"], torch.ones(2))
+
+
 def test_incremental_save_writes_only_changed_chunks_and_survives_resubmission():
     uri = _uri()
     t = {f"layer{i}": torch.randn(128 * 1024) for i in range(10)}  # 10 x 512 KiB
