@@ -9,6 +9,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from pydantic import ValidationError
+
 from elastictrain.errors import ElasticTrainError
 
 
@@ -35,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """An error as one line that says what is wrong (a pydantic error's reason is on its second line)."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return f"{exc.title}: {where + ': ' if where else ''}{first['msg']}"
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -51,12 +62,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             return run_bench(args)
     except (ElasticTrainError, OSError, ValueError) as exc:
-        print(f"elastictrain {args.command}: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        print(f"elastictrain {args.command}: {one_line(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - `ckpt` reaches storage backends, whose errors share no base
         if args.command != "ckpt":
             raise
-        print(f"elastictrain ckpt: {type(exc).__name__}: {exc}".splitlines()[0], file=sys.stderr)
+        print(f"elastictrain ckpt: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"elastictrain {args.command}: interrupted", file=sys.stderr)

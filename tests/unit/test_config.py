@@ -27,3 +27,33 @@ def test_gpu_resources_are_honoured_or_refused():
         et.ScalingConfig(resources_per_worker={"CPU": 1, "GPU": 2})
     with pytest.raises(ValueError, match="use_gpu=True"):
         et.ScalingConfig(use_gpu=True, resources_per_worker={"GPU": 0})
+
+
+def _longest_shared_run(secret: str, text: str) -> int:
+    return max((j - i for i in range(len(secret)) for j in range(i + 1, len(secret) + 1) if secret[i:j] in text),
+               default=0)
+
+
+@pytest.mark.parametrize("where", ["key", "old_keys", "signing_key", "nested"])
+def test_a_key_pasted_in_place_of_a_spec_never_reaches_the_error_text(where, capsys):
+    from elastictrain.checkpoint.keys import generate_key
+    from elastictrain.cli import main
+    from elastictrain.config import CheckpointConfig, EncryptionConfig
+
+    secret = generate_key()
+    make = {
+        "key": lambda: EncryptionConfig(key=secret),
+        "old_keys": lambda: EncryptionConfig(key="env:K", old_keys=["env:J", secret]),
+        "signing_key": lambda: EncryptionConfig(key="env:K", signing_key=secret),
+        "nested": lambda: CheckpointConfig(uri="memory://x", encryption={"key": secret}),
+    }[where]
+    with pytest.raises(ValueError) as info:
+        make()
+    assert "not shown" in str(info.value)
+    assert _longest_shared_run(secret, str(info.value)) < 6, str(info.value)
+    assert _longest_shared_run(secret, repr(info.value)) < 6
+    if where == "key":  # the CLI gives the reason on its one line, still without the key
+        assert main(["ckpt", "verify", "memory://nothing-here", "--key", secret]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not 'env:VAR', 'file:PATH' or 'kms:KEY_ID'" in err
+        assert _longest_shared_run(secret, err) < 6
