@@ -122,7 +122,7 @@ def decode_header(prefix: bytes) -> tuple[list[TensorEntry], dict[str, str], int
         raise CheckpointCorrupt("tensor table length does not match its header")
     try:
         doc = json.loads(prefix[8:].decode())
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise CheckpointCorrupt(f"tensor table is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise CheckpointCorrupt("tensor table is not a JSON object")

@@ -23,8 +23,8 @@ import torch
 from elastictrain.checkpoint import codec, crypto
 from elastictrain.checkpoint.keys import Keyring, keyring_from_specs
 from elastictrain.checkpoint.manifest import (
-    CHUNK_DIR, MANIFEST_DIR, RUN_FILE, Body, decode_manifest, decode_run, encode_run, parse_manifest_name,
-    wrap_context,
+    CHUNK_DIR, MANIFEST_DIR, RUN_FILE, Body, decode_manifest, decode_run, encode_run, manifest_name,
+    parse_manifest_name, wrap_context,
 )
 from elastictrain.checkpoint.reader import Loaded, open_manifest, read_tensors
 from elastictrain.checkpoint.retention import plan_retention
@@ -138,8 +138,7 @@ class CheckpointManager:
         """
         if self._closed:
             raise RuntimeError("CheckpointManager is closed")
-        if step < 0 or term < 0:
-            raise ValueError(f"step ({step}) and term ({term}) must be >= 0")
+        manifest_name(step, term)  # a step or term its name cannot hold is refused here, not lost later
         skeleton_to_json(skeleton)
         codec.check_tensors(tensors)
         self._join()

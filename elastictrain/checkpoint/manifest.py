@@ -37,6 +37,7 @@ RUN_FILE = "run.json"
 MANIFEST_DIR = "manifests"
 CHUNK_DIR = "chunks"
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+MAX_STEP = 10**20 - 1  # for steps and terms: a manifest's name holds at most 20 digits of each
 _MANIFEST_RE = re.compile(r"^manifests/(\d{12,20})-(\d{8,20})\.json$")
 _CHUNK_RE = re.compile(r"^[0-9a-f]{64}$")
 _RUN_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -44,8 +45,8 @@ _SIGNED_PREFIX = b"elastictrain/v1/manifest\x00"
 
 
 def manifest_name(step: int, term: int) -> str:
-    if step < 0 or term < 0:
-        raise ValueError(f"step ({step}) and term ({term}) must be >= 0")
+    if not (0 <= step <= MAX_STEP and 0 <= term <= MAX_STEP):
+        raise ValueError(f"step ({step}) and term ({term}) must be between 0 and {MAX_STEP}")
     return f"{MANIFEST_DIR}/{step:012d}-{term:08d}.json"
 
 
@@ -219,7 +220,7 @@ def open_table(body: Body, keys: Optional[crypto.DataKeys]) -> Table:
     raw = crypto.open_blob(keys.table_aead, body.sealed_table, body.table_aad(), "tensor table")
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointCorrupt("tensor table is not JSON") from None
     return Table.from_json(doc, len(body.chunks))
 
@@ -305,7 +306,7 @@ def encode_run(run: str) -> bytes:
 def decode_run(raw: bytes) -> str:
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise CheckpointCorrupt(f"{RUN_FILE} is not valid JSON") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT + "-run":
         raise CheckpointCorrupt(f"{RUN_FILE} is not an elastictrain run file")

@@ -162,7 +162,7 @@ def read_tensors(
             fetch(i)
     try:
         skeleton = skeleton_from_json(metadata[SKELETON_KEY])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, RecursionError):
         raise CheckpointCorrupt(f"{opened.name}: state skeleton is missing or malformed") from None
     tensors = {e.name: codec.as_typed(raws[e.name], e) for e in sorted(entries, key=lambda e: e.begin)}
     uri = storage.uri.rstrip("/") + "/" + opened.name

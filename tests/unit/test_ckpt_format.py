@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -227,6 +228,31 @@ def test_run_file_round_trip_and_damage():
     assert decode_run(encode_run(RUN)) == RUN
     with pytest.raises(CheckpointCorrupt):
         decode_run(encode_run(RUN)[:-3])
+
+
+def test_step_and_term_beyond_what_a_name_holds_are_refused():
+    biggest = 10**20 - 1
+    assert parse_manifest_name(manifest_name(biggest, biggest)) == (biggest, biggest)
+    for step, term in ((10**20, 0), (0, 10**20), (-1, 0)):
+        with pytest.raises(ValueError, match="between 0 and"):
+            manifest_name(step, term)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON that Python's parser cannot hold
+
+
+def test_json_nested_too_deep_is_damage_not_a_crash():
+    with pytest.raises(CheckpointCorrupt, match="run.json is not valid JSON"):
+        decode_run(DEEP.encode())
+    text = json.dumps({"__metadata__": {}, "t": json.loads("[" * 50 + "]" * 50)})[:-1] + "," + '"x":' + DEEP + "}"
+    text += " " * (-(len(text) + 8) % 8)
+    with pytest.raises(CheckpointCorrupt, match="not valid JSON"):
+        codec.decode_header(len(text).to_bytes(8, "little") + text.encode())
+    keys = crypto.DataKeys(bytes(32))
+    body, _ = _body(keys)
+    sealed = crypto.seal_blob(keys.table_aead, DEEP.encode(), body.table_aad(), bytes(12))  # sealed by the key
+    with pytest.raises(CheckpointCorrupt, match="tensor table is not JSON"):
+        open_table(replace(body, sealed_table=sealed), keys)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -289,6 +289,41 @@ def test_bad_state_is_refused_before_anything_is_written(async_save, bad):
         assert torch.equal(mgr.latest().tensors["ok"], torch.ones(2))
 
 
+def test_a_skeleton_nested_too_deep_is_skipped_as_damage(tmp_path):
+    import dataclasses
+    import json
+    import struct
+
+    from elastictrain.checkpoint.manifest import Table, encode_manifest
+
+    uri = f"file://{tmp_path}/run"
+    with _mgr(uri, enc=False, async_save=False) as mgr:
+        for step in (1, 2):
+            mgr.save({"w": torch.full((3,), float(step))}, {"__tensor__": "w"}, step=step, term=0)
+    storage, name = FsspecStorage(uri), "manifests/000000000002-00000000.json"
+    body = decode_manifest(storage.get(name)).body
+    doc = json.loads(body.table.header[8:])
+    doc["__metadata__"]["elastictrain.skeleton"] = "[" * 100_000 + "]" * 100_000
+    text = json.dumps(doc).encode()
+    text += b" " * (-(len(text) + 8) % 8)
+    header = struct.pack("<Q", len(text)) + text
+    data_len = body.content_bytes - len(body.table.header)
+    forged = dataclasses.replace(body, table=Table(header, body.table.pieces), content_bytes=len(header) + data_len)
+    storage.put(name, [encode_manifest(forged, None)])  # a valid digest: only the skeleton is wrong
+    with _mgr(uri, enc=False) as mgr:
+        loaded = mgr.latest()
+        assert loaded.step == 1 and torch.equal(loaded.tensors["w"], torch.ones(3))
+        assert any(e["event"] == "checkpoint_skipped" and "skeleton" in e["reason"] for e in mgr.events)
+
+
+def test_a_step_too_large_for_a_manifest_name_is_refused_up_front():
+    uri = _uri()
+    with _mgr(uri, async_save=False) as mgr:
+        with pytest.raises(ValueError, match="between 0 and"):
+            mgr.save({"w": torch.ones(2)}, None, step=10**20, term=0)
+        assert FsspecStorage(uri).fs.find(FsspecStorage(uri).root) == []
+
+
 def test_incremental_save_writes_only_changed_chunks_and_survives_resubmission():
     uri = _uri()
     t = {f"layer{i}": torch.randn(128 * 1024) for i in range(10)}  # 10 x 512 KiB
