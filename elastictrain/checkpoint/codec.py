@@ -19,7 +19,7 @@ import torch
 from elastictrain.errors import CheckpointCorrupt
 
 METADATA_KEY = "__metadata__"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000  # safetensors reads no larger header: every checkpoint stays exportable
 
 DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -98,7 +98,11 @@ def plan_entries(tensors: dict[str, torch.Tensor]) -> list[TensorEntry]:
 
 
 def encode_header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
-    """The safetensors prefix (length + JSON header, space-padded to 8 bytes) for `entries`."""
+    """The safetensors prefix (length + JSON header, space-padded to 8 bytes) for `entries`.
+
+    Raises:
+        ValueError: the header would be larger than safetensors (and so this module) reads.
+    """
     doc: dict[str, object] = {}
     if metadata:
         doc[METADATA_KEY] = {str(k): str(v) for k, v in metadata.items()}
@@ -106,6 +110,11 @@ def encode_header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes
         doc[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
     text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-(len(text) + 8) % 8)
+    if len(text) > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"the tensor table would take {len(text)} bytes, over the {MAX_HEADER_BYTES} safetensors reads: "
+            "keep large non-tensor values (say, a list of sample indices) out of the state, or make them tensors"
+        )
     return struct.pack("<Q", len(text)) + text
 
 

@@ -30,10 +30,9 @@ from elastictrain.checkpoint.reader import Loaded, open_manifest, read_tensors
 from elastictrain.checkpoint.retention import plan_retention
 from elastictrain.checkpoint.snapshot import Snapshotter
 from elastictrain.checkpoint.storage import FsspecStorage, Storage
-from elastictrain.checkpoint.writer import ChunkWriter, RunKeys, SaveReport
+from elastictrain.checkpoint.writer import ChunkWriter, RunKeys, SaveReport, content_metadata
 from elastictrain.config import CheckpointConfig
 from elastictrain.errors import CheckpointCorrupt, CheckpointError, CheckpointNotFound, WrongKey
-from elastictrain.statetree import skeleton_to_json
 
 log = logging.getLogger("elastictrain.checkpoint")
 
@@ -139,8 +138,8 @@ class CheckpointManager:
         if self._closed:
             raise RuntimeError("CheckpointManager is closed")
         manifest_name(step, term)  # a step or term its name cannot hold is refused here, not lost later
-        skeleton_to_json(skeleton)
         codec.check_tensors(tensors)
+        codec.encode_header(codec.plan_entries(tensors), content_metadata(skeleton))  # JSON-able, and not too large
         self._join()
         self._last_step, self._last_time = step, self._clock()
         if not self.config.async_save:

@@ -316,6 +316,22 @@ def test_a_skeleton_nested_too_deep_is_skipped_as_damage(tmp_path):
         assert any(e["event"] == "checkpoint_skipped" and "skeleton" in e["reason"] for e in mgr.events)
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_table_too_large_to_read_back_is_refused_before_anything_is_written(async_save, monkeypatch):
+    from elastictrain.checkpoint import codec
+
+    monkeypatch.setattr(codec, "MAX_HEADER_BYTES", 4096)  # stands for safetensors' 100,000,000 bytes
+    uri = _uri()
+    with _mgr(uri, async_save=async_save, keep_last=1) as mgr:
+        mgr.save({"w": torch.ones(2)}, {"__tensor__": "w"}, step=1, term=0)
+        mgr.wait()
+        positions = list(range(2000))  # a sampler's indices kept in the state as a plain list
+        with pytest.raises(ValueError, match="tensor table would take .* over the 4096"):
+            mgr.save({"w": torch.full((2,), 2.0)}, {"w": {"__tensor__": "w"}, "pos": positions}, step=2, term=0)
+        assert [i.step for i in mgr.list()] == [1]  # and keep_last=1 retired nothing
+        assert torch.equal(mgr.latest().tensors["w"], torch.ones(2))
+
+
 def test_a_step_too_large_for_a_manifest_name_is_refused_up_front():
     uri = _uri()
     with _mgr(uri, async_save=False) as mgr:
