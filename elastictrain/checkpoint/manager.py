@@ -203,11 +203,11 @@ class CheckpointManager:
         self._event("saved", step=step, term=term, bytes_written=report.bytes_written, seconds=report.seconds)
         try:  # with the listing taken before the save: what it wrote is referenced by its manifest, and
             # what another writer stored since is not in it, so retention leaves both alone
-            self._apply_retention(run_keys.run, chunk_files)
+            self._apply_retention(run_keys.run, term, chunk_files)
         except Exception as exc:  # noqa: BLE001 - the save is committed; retention tries again next time
             self._event("retention_failed", reason=f"{type(exc).__name__}: {exc}")
 
-    def _apply_retention(self, run: str, chunk_files: dict[str, int]) -> None:
+    def _apply_retention(self, run: str, term: int, chunk_files: dict[str, int]) -> None:
         names = self._manifest_names()
         # every manifest read again, each save: one damaged since the last save must not count as kept;
         # read at once, so an object store answers them in about one round trip
@@ -215,9 +215,15 @@ class CheckpointManager:
         with ThreadPoolExecutor(threads, thread_name_prefix="et-ckpt-retention") as pool:
             bodies = dict(zip(names, pool.map(self._body_or_none, names)))
         plan = plan_retention(bodies, chunk_files, self.config.keep_last, run)
+        # A newer term's leader may be saving already, and reuse a chunk this plan, made without its
+        # manifest, would delete: only the current term's writer deletes, checked right before each step.
+        if (plan.manifests or plan.chunks) and not self._still_current(term):
+            return
         # manifests first, each delete checked: a crash or a failed delete here leaves only garbage chunks;
         # those may go in batches whose failures nobody reports (they are listed, and tried, next time)
         self.storage.delete(plan.manifests)
+        if plan.chunks and not self._still_current(term):
+            return
         getattr(self.storage, "discard", self.storage.delete)(plan.chunks)
         for name in plan.chunks:
             self._writer.known.pop(name.rsplit("/", 1)[-1], None)
@@ -232,6 +238,13 @@ class CheckpointManager:
             removed = sweep([CHUNK_DIR, MANIFEST_DIR], STALE_TEMP_S)
             if removed:
                 self._event("retention", temporaries_deleted=removed)
+
+    def _still_current(self, term: int) -> bool:
+        """Whether the fence still lets `term` write; an event when it does not."""
+        if self.fence is None or self.fence(term):
+            return True
+        self._event("retention_skipped", term=term, reason="a newer term leads: its writer deletes what is old")
+        return False
 
     # --- the run's identity and data key -------------------------------------
 

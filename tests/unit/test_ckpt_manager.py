@@ -40,10 +40,10 @@ def _state(seed=0):
             "step": 5, "extras": {"name": "run", "ratio": 0.5}}
 
 
-def _mgr(uri, enc=True, storage=None, **kw):
+def _mgr(uri, enc=True, storage=None, fence=None, **kw):
     cfg = dict(uri=uri, chunk_size_mb=1, encryption=EncryptionConfig(key="env:KEY_A") if enc else None)
     cfg.update(kw)
-    return CheckpointManager(CheckpointConfig(**cfg), environ=ENV, storage=storage)
+    return CheckpointManager(CheckpointConfig(**cfg), environ=ENV, storage=storage, fence=fence)
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -496,6 +496,43 @@ def test_retention_discards_no_chunk_while_a_retired_manifest_stays():
         assert any(e["event"] == "retention_failed" and "AccessDenied" in e["reason"] for e in mgr.events)
         assert storage.discarded == []
         assert torch.equal(mgr.load(1).tensors["w"], torch.full((100,), 1.0))
+
+
+@pytest.mark.parametrize("when", ["after_commit", "between_manifests_and_chunks"])
+def test_a_superseded_leaders_retention_spares_what_the_new_leader_reuses(when):
+    # The old leader (term 1) commits step 2 while term 1 is current; then a new leader (term 2) saves
+    # step 3, whose 'scale' equals step 1's (a GradScaler back at 65536), so it reuses that chunk. The old
+    # leader's retention, planned without step 3, would delete it with step 1.
+    uri = _uri()
+    newest = [1]
+    fence = lambda term: term >= newest[0]  # noqa: E731 - what election.is_current answers
+
+    def new_leader_saves():
+        newest[0] = 2
+        with _mgr(uri, keep_last=1, async_save=False, fence=fence) as new:
+            new.save({"scale": torch.tensor([65536.0]), "w": torch.full((1000,), 3.0)}, None, step=3, term=2)
+            assert new.reports[-1].chunks_reused == 1
+
+    class OldLeadersStorage(FsspecStorage):
+        def put(self, name, parts):
+            super().put(name, parts)
+            if when == "after_commit" and name.startswith("manifests/000000000002"):
+                new_leader_saves()
+
+        def delete(self, names):
+            names = list(names)
+            if when == "between_manifests_and_chunks" and names and newest[0] == 1:
+                new_leader_saves()
+            super().delete(names)
+
+    with _mgr(uri, keep_last=1, async_save=False, fence=fence, storage=OldLeadersStorage(uri)) as old:
+        old.save({"scale": torch.tensor([65536.0]), "w": torch.full((1000,), 1.0)}, None, step=1, term=1)
+        old.save({"scale": torch.tensor([32768.0]), "w": torch.full((1000,), 2.0)}, None, step=2, term=1)
+        assert any(e["event"] == "retention_skipped" for e in old.events)
+    with _mgr(uri) as reader:
+        loaded = reader.latest()
+        assert (loaded.step, loaded.term) == (3, 2) and not loaded.skipped
+        assert loaded.tensors["scale"].item() == 65536.0
 
 
 def test_retention_reads_every_manifest_again_at_each_save():
