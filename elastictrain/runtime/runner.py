@@ -390,8 +390,13 @@ class Runner:
         manager = self._checkpoint_manager()
         if manager is None:
             return None
-        if self._last_saved_step == state.step:  # already saving this step: wait for it if asked
-            return self._settle_save(manager) if wait else None
+        if self._last_saved_step == state.step:  # this step's save started already: wait for it if asked
+            if not wait:
+                return None
+            error = self._settle_save(manager)
+            if error is None or isinstance(error, StaleTerm):
+                return error
+            # it failed (storage trouble): write it again now, under this term
         error = self._settle_save(manager)
         try:
             tensors, skeleton = state.flatten()
@@ -413,6 +418,8 @@ class Runner:
         try:
             manager.wait()
         except Exception as exc:  # noqa: BLE001
+            if step is not None and step == self._last_saved_step:
+                self._last_saved_step = None  # not saved after all: a later _save of this step writes it
             self.emit({"kind": "checkpoint_failed", "time": time.time(), "term": term, "step": step,
                        "reason": f"{type(exc).__name__}: {exc}"})
             return exc

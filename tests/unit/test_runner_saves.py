@@ -1,0 +1,84 @@
+"""The leader's checkpoint saves in the runtime (Runner._save, _finish): a save that did not commit is
+written again; the election runs on an in-memory store, the checkpoints on memory://, no Ray."""
+
+from __future__ import annotations
+
+import uuid
+
+import torch
+
+from elastictrain.checkpoint import CheckpointManager
+from elastictrain.checkpoint.storage import FsspecStorage
+from elastictrain.config import BatchConfig, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from elastictrain.election.election import Election
+from elastictrain.election.store import MemoryStore
+from elastictrain.election.term import WorldPlan
+from elastictrain.runtime.runner import Runner
+from elastictrain.runtime.spec import RunSpec
+from elastictrain.runtime.state import ElasticState
+from elastictrain.runtime.world import WorldInfo
+
+
+def _runner(uri: str, election: Election, async_save: bool = True) -> Runner:
+    spec = RunSpec(
+        run_id="r", namespace="ns", scaling=ScalingConfig(), batch=BatchConfig(global_batch_size=8),
+        checkpoint=CheckpointConfig(uri=uri, every_steps=100, async_save=async_save), failure=FailureConfig(),
+        run=RunConfig(),
+    )
+    return Runner("m0", lambda ctx: None, spec, election, lambda records: None, {}, torch.device("cpu"))
+
+
+def _world(term: int) -> WorldInfo:
+    return WorldInfo.from_plan(WorldPlan(term=term, leader="m0", members=("m0",), steps=(0,), host="h", port=1), "m0")
+
+
+def _state(step: int) -> ElasticState:
+    state = ElasticState({"w": torch.full((100,), float(step))})
+    state.step = step
+    return state
+
+
+def _events(runner: Runner) -> list[tuple]:
+    return [(e["kind"], e.get("step"), e.get("term")) for e in runner._buffer]
+
+
+def test_a_final_save_refused_by_the_fence_is_written_again_by_the_next_term():
+    uri = f"memory://runner-{uuid.uuid4().hex}"
+    election = Election(MemoryStore())
+    assert election.claim(1, "m0")
+    runner = _runner(uri, election)
+    runner._checkpoints = CheckpointManager(runner.spec.checkpoint, fence=lambda term: election.is_current(term))
+    assert election.claim(2, "m1")  # a peer's loss: term 2 is claimed while term 1's final save runs
+    assert runner._finish(_state(500), _world(1)) is False  # refused: join the new world
+    assert election.outcome() is None
+    # the same member leads term 2 (newest step, oldest member) and finishes again
+    assert runner._finish(_state(500), _world(2)) is True
+    assert election.outcome() == "done"
+    assert [(i.step, i.term) for i in runner._checkpoints.list()] == [(500, 2)]
+    assert ("checkpoint", 500, 2) in _events(runner)
+    runner._close_checkpoints()
+
+
+def test_a_leave_after_a_failed_async_save_of_the_same_step_saves_it_again():
+    class FailingOnce(FsspecStorage):
+        fail = True
+
+        def put(self, name, parts):
+            if self.fail and name.startswith("manifests/"):
+                self.fail = False
+                raise PermissionError("AccessDenied")  # not transient: the save fails
+            super().put(name, parts)
+
+    uri = f"memory://runner-{uuid.uuid4().hex}"
+    election = Election(MemoryStore())
+    assert election.claim(1, "m0")
+    runner = _runner(uri, election)
+    runner._checkpoints = CheckpointManager(runner.spec.checkpoint, storage=FailingOnce(uri))
+    state, world = _state(100), _world(1)
+    assert runner._save(state, world, wait=False) is None  # on_commit's async save of step 100
+    # a preemption notice at that step's boundary: the leader saves before anyone leaves
+    assert runner._save(state, world, wait=True) is None
+    assert [(i.step, i.term) for i in runner._checkpoints.list()] == [(100, 1)]
+    kinds = _events(runner)
+    assert ("checkpoint_failed", 100, 1) in kinds and kinds[-1] == ("checkpoint", 100, 1)
+    runner._close_checkpoints()
