@@ -151,6 +151,8 @@ def run_ckpt(args: argparse.Namespace) -> int:
         return 0
     if cmd == "export":
         loaded = export_checkpoint(args.uri, args.out, args.step, args.key, signing_key=args.signing_key)
+        for name, reason in loaded.skipped:  # newer ones that did not verify: say why this one was taken
+            print(f"elastictrain ckpt export: skipped {name}: {reason}".splitlines()[0], file=sys.stderr)
         print(f"exported step {loaded.step} ({len(loaded.tensors)} tensors) to {args.out}")
         return 0
     raise ValueError(f"unknown ckpt command {cmd!r}")

@@ -725,6 +725,32 @@ def test_cli_with_a_signing_key_of_its_own_and_one_line_errors(tmp_path, monkeyp
     assert err.count("\n") == 1 and err.startswith("elastictrain ckpt: ")
 
 
+def test_cli_export_says_which_newer_checkpoints_it_skipped(tmp_path, monkeypatch, capsys):
+    from elastictrain.cli import main
+
+    monkeypatch.setenv("ET_TEST_KEY", KEY_A)
+    uri = f"file://{tmp_path}/run"
+    enc = EncryptionConfig(key="env:ET_TEST_KEY")
+    with CheckpointManager(CheckpointConfig(uri=uri, encryption=enc, async_save=False, chunk_size_mb=1)) as mgr:
+        mgr.save({"w": torch.ones(3)}, None, step=1, term=0)
+        mgr.save({"w": torch.full((3,), 2.0)}, None, step=2, term=0)
+        newest = {cid for cid, _ in decode_manifest(mgr.storage.get("manifests/000000000002-00000000.json")).body.chunks}
+    (chunk,) = newest - {cid for cid, _ in decode_manifest(
+        FsspecStorage(uri).get("manifests/000000000001-00000000.json")).body.chunks}
+    path = tmp_path / "run" / chunk_path(chunk)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    capsys.readouterr()
+    out = tmp_path / "w.safetensors"
+    assert main(["ckpt", "export", uri, str(out), "--key", "env:ET_TEST_KEY"]) == 0
+    captured = capsys.readouterr()
+    assert "exported step 1" in captured.out
+    assert captured.err.startswith("elastictrain ckpt export: skipped manifests/000000000002-00000000.json: ")
+    assert "authentication failed" in captured.err and captured.err.count("\n") == 1
+    assert torch.equal(load_file(str(out))["w"], torch.ones(3))
+
+
 def test_plaintext_never_joins_an_encrypted_run(tmp_path):
     from elastictrain.checkpoint.manifest import encode_manifest
 
