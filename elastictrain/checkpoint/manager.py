@@ -109,6 +109,7 @@ class CheckpointManager:
         self._closed = False
         self._last_step: Optional[int] = None
         self._swept_at: Optional[float] = None  # when temporaries were last swept
+        self._failed: set[str] = set()  # manifests a restore found damaged: not counted as kept
         self._last_time = clock()
 
     # --- policy ------------------------------------------------------------
@@ -214,7 +215,8 @@ class CheckpointManager:
         threads = max(1, min(len(names), self.config.io_threads))
         with ThreadPoolExecutor(threads, thread_name_prefix="et-ckpt-retention") as pool:
             bodies = dict(zip(names, pool.map(self._body_or_none, names)))
-        plan = plan_retention(bodies, chunk_files, self.config.keep_last, run)
+        self._failed &= set(names)
+        plan = plan_retention(bodies, chunk_files, self.config.keep_last, run, frozenset(self._failed))
         # A newer term's leader may be saving already, and reuse a chunk this plan, made without its
         # manifest, would delete: only the current term's writer deletes, checked right before each step.
         if (plan.manifests or plan.chunks) and not self._still_current(term):
@@ -382,12 +384,15 @@ class CheckpointManager:
             except CheckpointError as exc:
                 if getattr(exc, "chunk_id", None):  # rewrite it when a save needs it: content addressing
                     self._writer.damaged.add(exc.chunk_id)  # repairs every checkpoint that shares it
+                if isinstance(exc, CheckpointCorrupt):  # damage, not a key or format this manager lacks
+                    self._failed.add(name)
                 reason = f"{type(exc).__name__}: {exc}"
                 skipped.append((name, reason))
                 errors.append(exc)
                 self._event("checkpoint_skipped", manifest=name, reason=reason)
                 continue
             loaded.skipped = skipped
+            self._failed.discard(name)
             return loaded
         first = errors[0]
         more = f" (and {len(errors) - 1} older ones failed too)" if len(errors) > 1 else ""

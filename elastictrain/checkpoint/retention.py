@@ -19,7 +19,8 @@ class RetentionPlan:
 
 
 def plan_retention(
-    bodies: dict[str, Optional[Body]], chunk_files: dict[str, int], keep_last: int, run: str
+    bodies: dict[str, Optional[Body]], chunk_files: dict[str, int], keep_last: int, run: str,
+    failed: frozenset[str] = frozenset(),
 ) -> RetentionPlan:
     """Plan deletions.
 
@@ -28,16 +29,23 @@ def plan_retention(
         chunk_files: every stored name under chunks/ -> size; only names of chunks are ever deleted.
         keep_last: how many of this run's decodable manifests survive.
         run: this run's id; other runs' manifests are never deleted and their chunks are kept.
+        failed: manifests a restore found damaged. They do not count as kept (a checkpoint saved after
+            falling back to an older step would otherwise be retired in favour of the damaged newer
+            one); like manifests that do not decode, they go once older than every kept one.
     """
+
+    def damaged(name: str, body: Optional[Body]) -> bool:
+        return body is None or (name in failed and body.run == run)
+
     ours = sorted(
-        (parse_manifest_name(n), n) for n, b in bodies.items() if b is not None and b.run == run
+        (parse_manifest_name(n), n) for n, b in bodies.items() if not damaged(n, b) and b.run == run
     )
     kept = {n for _, n in ours[-keep_last:]}
     oldest_kept = ours[-keep_last][0] if len(ours) >= keep_last else (0, 0)
     doomed = {n for _, n in ours if n not in kept}
     for name, body in bodies.items():  # damaged manifests older than every kept one are garbage
         key = parse_manifest_name(name)
-        if body is None and key is not None and key < oldest_kept and len(ours) >= keep_last:
+        if damaged(name, body) and key is not None and key < oldest_kept and len(ours) >= keep_last:
             doomed.add(name)
     remaining = [b for n, b in bodies.items() if n not in doomed]
     if any(b is None for b in remaining):

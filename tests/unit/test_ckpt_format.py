@@ -306,6 +306,14 @@ def test_retention_keeps_newest_and_their_chunks():
     plan = plan_retention(bodies, chunks, keep_last=2, run=RUN)
     assert plan.manifests == (manifest_name(1, 0),)
     assert set(plan.chunks) == {chunk_path("a" * 64), chunk_path("e" * 64)}
+    # found damaged by a restore: not counted as kept, its chunks kept while it stays, gone once older
+    failed = frozenset({manifest_name(3, 0)})
+    plan = plan_retention(bodies, chunks, keep_last=2, run=RUN, failed=failed)
+    assert plan.manifests == () and set(plan.chunks) == {chunk_path("e" * 64)}
+    bodies[manifest_name(4, 0)] = body(4, "e")
+    plan = plan_retention(bodies, chunks, keep_last=1, run=RUN, failed=failed)
+    assert plan.manifests == tuple(manifest_name(s, 0) for s in (1, 2, 3))
+    assert set(plan.chunks) == {chunk_path(c * 64) for c in "abcd"}
     bodies[manifest_name(4, 0)] = None  # damaged newest: chunks cannot be judged, none deleted
     assert plan_retention(bodies, chunks, keep_last=2, run=RUN).chunks == ()
 

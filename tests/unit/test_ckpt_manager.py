@@ -649,6 +649,27 @@ def test_damaged_newest_falls_back_with_an_event(monkeypatch):
     assert "CheckpointCorrupt" in report[name]
 
 
+def test_a_checkpoint_saved_after_falling_back_is_kept_over_the_damaged_newer_one(tmp_path):
+    uri = f"file://{tmp_path}/run"
+    with _mgr(uri, keep_last=1, async_save=False) as mgr:
+        mgr.save({"w": torch.full((100,), 10.0)}, None, step=10, term=0)
+        mgr.save({"w": torch.full((100,), 20.0)}, None, step=20, term=0)
+    for chunk in (tmp_path / "run" / "chunks").rglob("*"):
+        if chunk.is_file():  # with keep_last=1 only step 20's chunk is left: damage it
+            raw = bytearray(chunk.read_bytes())
+            raw[-1] ^= 1
+            chunk.write_bytes(bytes(raw))
+    with _mgr(uri, keep_last=1, async_save=False) as mgr:
+        with pytest.raises(CheckpointCorrupt):
+            mgr.latest()  # nothing verifies: the run restarts from scratch, or from what the caller has
+        # training goes on and saves at step 15 (every_seconds, or a preemption notice) in a new term
+        mgr.save({"w": torch.full((100,), 15.0)}, None, step=15, term=1)
+        assert [i.step for i in mgr.list()] == [15, 20]  # the damaged step 20 is not what is kept
+        assert torch.equal(mgr.latest().tensors["w"], torch.full((100,), 15.0))
+        mgr.save({"w": torch.full((100,), 25.0)}, None, step=25, term=1)
+        assert [i.step for i in mgr.list()] == [25]  # once older than every kept one, the damaged one goes
+
+
 def test_a_chunk_found_damaged_is_written_again_by_the_next_save_that_needs_it(tmp_path):
     root = tmp_path / "run"
     with _mgr(f"file://{root}", async_save=False) as mgr:
