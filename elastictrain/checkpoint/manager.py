@@ -92,6 +92,13 @@ class CheckpointManager:
         self.keyring: Optional[Keyring] = (
             keyring_from_specs(enc.key, enc.old_keys, enc.signing_key, environ, random_bytes) if enc else None
         )
+        if self.keyring is not None and self.keyring.signer is None and self.keyring.current.signing_seed() is None:
+            log.warning(
+                "checkpoint manifests under %s are signed with a key derived from the run's data key: with a "
+                "KMS key, whoever may call kms:Encrypt (not Decrypt) and write to the storage can forge a "
+                "checkpoint that verifies; set EncryptionConfig.signing_key to rule that out",
+                config.uri or "this storage",
+            )
         self.fence = fence
         self.provenance = {"host": socket.gethostname(), **{str(k): str(v) for k, v in (provenance or {}).items()}}
         self.events: list[dict[str, Any]] = []

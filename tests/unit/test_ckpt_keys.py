@@ -129,3 +129,24 @@ def test_kms_trouble_is_not_taken_for_a_wrong_key():
         mgr.keyring.current._client = _Kms("AccessDeniedException")
         with pytest.raises(WrongKey, match="AccessDeniedException"):
             mgr.latest()
+
+
+def test_a_kms_key_without_a_signing_key_is_warned_about(caplog):
+    import logging
+
+    from elastictrain.checkpoint import CheckpointManager
+    from elastictrain.config import CheckpointConfig, EncryptionConfig
+
+    environ = {"SIGN": base64.b64encode(bytes(32)).decode(), "KEY": base64.b64encode(bytes(range(32))).decode()}
+
+    def make(**enc):
+        cfg = CheckpointConfig(uri="memory://kms-warning", encryption=EncryptionConfig(**enc))
+        with caplog.at_level(logging.WARNING, logger="elastictrain.checkpoint"):
+            CheckpointManager(cfg, environ=environ).close()
+        found = [r.getMessage() for r in caplog.records if "kms:Encrypt" in r.getMessage()]
+        caplog.clear()
+        return found
+
+    assert make(key="kms:alias/training") and "signing_key" in make(key="kms:alias/training")[0]
+    assert make(key="kms:alias/training", signing_key="env:SIGN") == []
+    assert make(key="env:KEY") == []  # a local key derives the signing key from itself
