@@ -73,6 +73,8 @@ def check_tensors(tensors: dict) -> None:
         check_name(name)
         if not isinstance(t, torch.Tensor) or t.dtype not in DTYPES or t.layout != torch.strided:
             raise ValueError(f"state entry {name!r} is not a dense tensor of a storable dtype")
+        if t.device.type == "meta":
+            raise ValueError(f"state entry {name!r} is on the meta device: it holds no data to save")
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:

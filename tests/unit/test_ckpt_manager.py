@@ -274,13 +274,13 @@ def test_snapshot_that_fails_part_way_is_never_reused():
 @pytest.mark.parametrize("async_save", [False, True])
 @pytest.mark.parametrize("bad", [
     {"z": torch.zeros(3, dtype=torch.complex64)}, {"n": 3.0}, {"": torch.ones(2)}, {"a\x00b": torch.ones(2)},
-    {"s": torch.zeros(4).to_sparse()},
-], ids=["complex", "not-a-tensor", "empty-name", "nul-in-name", "sparse"])
+    {"s": torch.zeros(4).to_sparse()}, {"m": torch.empty(4, device="meta")},
+], ids=["complex", "not-a-tensor", "empty-name", "nul-in-name", "sparse", "meta"])
 def test_bad_state_is_refused_before_anything_is_written(async_save, bad):
     uri = _uri()
     with _mgr(uri, async_save=async_save, every_steps=10) as mgr:
         with pytest.raises(ValueError, match="state entry|tensor name"):
-            mgr.save({"ok": torch.ones(2), **bad}, None, step=10, term=0)
+            mgr.save({"ok": torch.ones(2), **bad}, None, step=10, term=0)  # "ok" first: nothing half-done
         assert mgr.should_save(10)  # the step still counts as due
         storage = FsspecStorage(uri)
         assert storage.fs.find(storage.root) == []  # not even run.json
