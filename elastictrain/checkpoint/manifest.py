@@ -269,7 +269,7 @@ def decode_manifest(raw: bytes) -> Decoded:
     try:
         if canonical(doc) != raw:
             raise CheckpointCorrupt("manifest bytes are not canonical (altered)")
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # RecursionError: parsed, but nested too deep to write
         raise CheckpointCorrupt("manifest holds values JSON cannot round-trip") from None
     if set(doc) != {"body", "format", "signature", "version"}:
         raise CheckpointCorrupt("manifest has unexpected top-level fields")
