@@ -393,10 +393,11 @@ class Runner:
         if self._last_saved_step == state.step:  # this step's save started already: wait for it if asked
             if not wait:
                 return None
+            pending = self._pending_save
             error = self._settle_save(manager)
-            if error is None or isinstance(error, StaleTerm):
+            if error is None or (isinstance(error, StaleTerm) and pending is not None and pending[0] == world.term):
                 return error
-            # it failed (storage trouble): write it again now, under this term
+            # it failed (storage trouble, or an earlier term's save refused): write it again under this term
         error = self._settle_save(manager)
         try:
             tensors, skeleton = state.flatten()

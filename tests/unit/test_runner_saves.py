@@ -3,6 +3,7 @@ written again; the election runs on an in-memory store, the checkpoints on memor
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import torch
@@ -81,4 +82,25 @@ def test_a_leave_after_a_failed_async_save_of_the_same_step_saves_it_again():
     assert [(i.step, i.term) for i in runner._checkpoints.list()] == [(100, 1)]
     kinds = _events(runner)
     assert ("checkpoint_failed", 100, 1) in kinds and kinds[-1] == ("checkpoint", 100, 1)
+    runner._close_checkpoints()
+
+
+def test_an_earlier_terms_refused_save_does_not_make_the_current_term_give_up():
+    class SlowChunks(FsspecStorage):
+        def put(self, name, parts):
+            if name.startswith("chunks/"):
+                time.sleep(0.3)  # still in flight when the world changes
+            super().put(name, parts)
+
+    uri = f"memory://runner-{uuid.uuid4().hex}"
+    election = Election(MemoryStore())
+    assert election.claim(1, "m0")
+    runner = _runner(uri, election)
+    runner._checkpoints = CheckpointManager(runner.spec.checkpoint, storage=SlowChunks(uri),
+                                            fence=lambda term: election.is_current(term))
+    assert runner._save(_state(500), _world(1), wait=False) is None  # on_commit's async save, term 1
+    assert election.claim(2, "m0")  # the world changes; the same member leads term 2, at the same step
+    assert runner._finish(_state(500), _world(2)) is True  # term 2 is current: it saves and ends the run
+    assert election.outcome() == "done"
+    assert [(i.step, i.term) for i in runner._checkpoints.list()] == [(500, 2)]
     runner._close_checkpoints()
