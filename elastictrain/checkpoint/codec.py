@@ -19,7 +19,8 @@ import torch
 from elastictrain.errors import CheckpointCorrupt
 
 METADATA_KEY = "__metadata__"
-MAX_HEADER_BYTES = 100_000_000  # safetensors reads no larger header: every checkpoint stays exportable
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the largest tensor table read
+MAX_WRITTEN_HEADER_BYTES = 100_000_000  # the largest written: safetensors reads no larger (exports load)
 
 DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -67,16 +68,6 @@ def check_name(name: object) -> str:
     return name
 
 
-def check_tensors(tensors: dict) -> None:
-    """Raise ValueError unless every entry has an allowed name and is a dense tensor of a storable dtype."""
-    for name, t in tensors.items():
-        check_name(name)
-        if not isinstance(t, torch.Tensor) or t.dtype not in DTYPES or t.layout != torch.strided:
-            raise ValueError(f"state entry {name!r} is not a dense tensor of a storable dtype")
-        if t.device.type == "meta":
-            raise ValueError(f"state entry {name!r} is on the meta device: it holds no data to save")
-
-
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes as a flat memoryview, without a copy (the tensor must be contiguous on CPU)."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
@@ -87,13 +78,21 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
 
 
 def plan_entries(tensors: dict[str, torch.Tensor]) -> list[TensorEntry]:
-    """Lay tensors out back to back in the given order; validates names and dtypes."""
+    """Lay tensors out back to back in the given order.
+
+    Raises:
+        ValueError: a name that cannot name a tensor, or an entry that is not a dense tensor with data of a
+            dtype safetensors stores.
+    """
     entries, offset = [], 0
     for name, tensor in tensors.items():
         check_name(name)
-        if tensor.dtype not in DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
-        nbytes = tensor.numel() * tensor.element_size()
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or tensor.dtype not in DTYPES:
+            what = f"a {tensor.dtype} tensor" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"state entry {name!r} is not a dense tensor of a storable dtype ({what})")
+        if tensor.is_meta:
+            raise ValueError(f"state entry {name!r} is on the meta device: it holds no data to save")
+        nbytes = tensor.nbytes
         entries.append(TensorEntry(name, DTYPES[tensor.dtype], tuple(tensor.shape), offset, offset + nbytes))
         offset += nbytes
     return entries
@@ -112,12 +111,25 @@ def encode_header(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes
         doc[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
     text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-(len(text) + 8) % 8)
-    if len(text) > MAX_HEADER_BYTES:
+    if len(text) > MAX_WRITTEN_HEADER_BYTES:
         raise ValueError(
-            f"the tensor table would take {len(text)} bytes, over the {MAX_HEADER_BYTES} safetensors reads: "
-            "keep large non-tensor values (say, a list of sample indices) out of the state, or make them tensors"
+            f"the tensor table would take {len(text)} bytes, over the {MAX_WRITTEN_HEADER_BYTES} that safetensors "
+            "reads: keep large non-tensor values (say, a list of sample indices) out of the state, or make them "
+            "tensors"
         )
     return struct.pack("<Q", len(text)) + text
+
+
+def check_header_size(entries: list[TensorEntry], metadata: dict[str, str]) -> None:
+    """Raise ValueError (as `encode_header` would) if the header would be over MAX_WRITTEN_HEADER_BYTES.
+
+    Cheap where it matters: an upper bound of the size (every character escaped six-fold, every number
+    20 digits), and the header itself only when that bound is over the limit.
+    """
+    bound = 32 + sum(6 * (len(k) + len(v)) + 8 for k, v in metadata.items())
+    bound += sum(6 * len(e.name) + 21 * len(e.shape) + 106 for e in entries)
+    if bound > MAX_WRITTEN_HEADER_BYTES:
+        encode_header(entries, metadata)
 
 
 def decode_header(prefix: bytes) -> tuple[list[TensorEntry], dict[str, str], int]:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from elastictrain.checkpoint import codec, crypto
+from elastictrain.checkpoint import crypto
 from elastictrain.checkpoint.keys import Keyring, keyring_from_specs
 from elastictrain.checkpoint.manifest import (
     CHUNK_DIR, MANIFEST_DIR, RUN_FILE, Body, decode_manifest, decode_run, encode_run, manifest_name,
@@ -30,7 +30,7 @@ from elastictrain.checkpoint.reader import Loaded, open_manifest, read_tensors
 from elastictrain.checkpoint.retention import plan_retention
 from elastictrain.checkpoint.snapshot import Snapshotter
 from elastictrain.checkpoint.storage import FsspecStorage, Storage
-from elastictrain.checkpoint.writer import ChunkWriter, RunKeys, SaveReport, content_metadata
+from elastictrain.checkpoint.writer import ChunkWriter, RunKeys, SaveReport, plan_layout
 from elastictrain.config import CheckpointConfig
 from elastictrain.errors import CheckpointCorrupt, CheckpointError, CheckpointNotFound, WrongKey
 
@@ -146,18 +146,17 @@ class CheckpointManager:
         if self._closed:
             raise RuntimeError("CheckpointManager is closed")
         manifest_name(step, term)  # a step or term its name cannot hold is refused here, not lost later
-        codec.check_tensors(tensors)
-        codec.encode_header(codec.plan_entries(tensors), content_metadata(skeleton))  # JSON-able, and not too large
+        layout = plan_layout(tensors, skeleton)  # every entry storable, the skeleton JSON, the header not too large
         self._join()
         self._last_step, self._last_time = step, self._clock()
         if not self.config.async_save:
             cpu = {n: t.detach().to("cpu") for n, t in tensors.items()}
-            self._save_now(cpu, skeleton, step, term, {}, from_snapshot=False)
+            self._save_now(cpu, layout, step, term, {}, from_snapshot=False)
             return
         snap = self._snapshotter.take(tensors)
         self._error = None  # an earlier background save's failure stays in `events`; wait() reports this one's
         self._thread = threading.Thread(
-            target=self._save_background, args=(snap.tensors, skeleton, step, term, snap.reuse),
+            target=self._save_background, args=(snap.tensors, layout, step, term, snap.reuse),
             name=f"et-ckpt-save-{step}", daemon=True,
         )
         self._thread.start()
@@ -182,13 +181,13 @@ class CheckpointManager:
             self._thread.join()
             self._thread = None
 
-    def _save_background(self, tensors, skeleton, step, term, reuse) -> None:
+    def _save_background(self, tensors, layout, step, term, reuse) -> None:
         try:
-            self._save_now(tensors, skeleton, step, term, reuse, from_snapshot=True)
+            self._save_now(tensors, layout, step, term, reuse, from_snapshot=True)
         except BaseException as exc:  # kept for wait(); a background thread has nobody else to tell
             self._error = exc
 
-    def _save_now(self, tensors, skeleton, step, term, reuse, *, from_snapshot: bool) -> None:
+    def _save_now(self, tensors, layout, step, term, reuse, *, from_snapshot: bool) -> None:
         try:
             run_keys = self._open_run()
             if not self._run_file_written:
@@ -199,7 +198,7 @@ class CheckpointManager:
                 self._run_file_written = True
             chunk_files = self._writer.refresh()
             report, piece_ids = self._writer.write(
-                tensors, skeleton, step=step, term=term, run_keys=run_keys, chunk_size=self._chunk_size,
+                tensors, layout, step=step, term=term, run_keys=run_keys, chunk_size=self._chunk_size,
                 reuse=reuse, fence=self.fence, provenance=self.provenance, clock=self._clock, nonce=self._random,
             )
         except BaseException as exc:
@@ -270,7 +269,7 @@ class CheckpointManager:
             run = self._run_seen or run  # what an earlier restore read (see _expected_run)
             data_key = None
             encrypted = False  # the run has encrypted checkpoints
-            unopened: set[str] = set()  # key ids of this run's checkpoints that the keyring cannot open
+            foreign: set[str] = set()  # key ids of this run's checkpoints that no configured key has
             for body in self._bodies():
                 run = run or body.run
                 if body.run != run or not body.encrypted:
@@ -279,10 +278,14 @@ class CheckpointManager:
                 if self.keyring is None:
                     break
                 try:
-                    data_key = self.keyring.find(body.key_id).unwrap(body.wrapped_key, body.wrap_context())
+                    source = self.keyring.find(body.key_id)
+                except WrongKey:
+                    foreign.add(body.key_id)
+                    continue
+                try:
+                    data_key = source.unwrap(body.wrapped_key, body.wrap_context())
                     break
-                except CheckpointError:
-                    unopened.add(body.key_id)
+                except CheckpointError:  # a key it has that does not open it: its wrapped key is damaged
                     continue
             run = run or self._random(16).hex()
             if self.keyring is None:
@@ -293,13 +296,13 @@ class CheckpointManager:
                     )
                 self._run_keys = RunKeys(run, None)
                 return self._run_keys
-            if encrypted and data_key is None:
+            if data_key is None and foreign:
                 # a new data key here would start checkpoints nobody with the run's key can read, and
                 # retention would count the run's real ones as this writer's and delete them
                 raise WrongKey(
                     f"{self.storage.uri} holds checkpoints of this run under key id "
-                    f"{', '.join(sorted(unopened))}, which this key cannot open: refusing to write beside "
-                    "them; pass that key, or list it in EncryptionConfig.old_keys after a rotation"
+                    f"{', '.join(sorted(foreign))}, which is none of the configured keys: refusing to write "
+                    "beside them; pass that key, or list it in EncryptionConfig.old_keys after a rotation"
                 )
             data_key = data_key or self._random(crypto.KEY_BYTES)
             current = self.keyring.current
@@ -391,7 +394,7 @@ class CheckpointManager:
             except CheckpointError as exc:
                 if getattr(exc, "chunk_id", None):  # rewrite it when a save needs it: content addressing
                     self._writer.damaged.add(exc.chunk_id)  # repairs every checkpoint that shares it
-                if isinstance(exc, CheckpointCorrupt):  # damage, not a key or format this manager lacks
+                if isinstance(exc, (CheckpointCorrupt, WrongKey)):  # unreadable here: not counted as kept
                     self._failed.add(name)
                 reason = f"{type(exc).__name__}: {exc}"
                 skipped.append((name, reason))

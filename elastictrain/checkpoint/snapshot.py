@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from elastictrain.checkpoint import codec
 
 PieceKey = tuple[str, int]  # (tensor name, piece index)
 
@@ -48,8 +47,8 @@ class Snapshotter:
         self._stored: dict[PieceKey, str] = {}
 
     def take(self, tensors: dict[str, torch.Tensor]) -> Snapshot:
-        """Copy `tensors` into the buffers (the caller has waited for the previous save)."""
-        codec.check_tensors(tensors)
+        """Copy `tensors` into the buffers (the caller has waited for the previous save, and checked them
+        with `codec.plan_entries`)."""
         # From the first copy on, the buffers no longer hold what the last save stored: forget the ids
         # now, so a take that fails part-way leaves nothing a later save could reuse wrongly.
         stored, self._stored = self._stored, {}

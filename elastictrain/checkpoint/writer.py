@@ -56,6 +56,29 @@ def content_metadata(skeleton: Any) -> dict[str, str]:
     return {FORMAT_KEY: "1", SKELETON_KEY: skeleton_to_json(skeleton)}
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where each tensor's bytes go in the content, and the metadata its safetensors header holds."""
+
+    entries: list[codec.TensorEntry]
+    metadata: dict[str, str]
+
+    def header(self) -> bytes:
+        return codec.encode_header(self.entries, self.metadata)
+
+
+def plan_layout(tensors: dict[str, torch.Tensor], skeleton: Any) -> Layout:
+    """The content's layout for these tensors (by name, dtype and shape only) and skeleton; checks that
+    they can be stored without building the header (which a background save does).
+
+    Raises:
+        ValueError: a name, tensor or skeleton that cannot be stored, or a header over what safetensors reads.
+    """
+    layout = Layout(codec.plan_entries(tensors), content_metadata(skeleton))
+    codec.check_header_size(layout.entries, layout.metadata)
+    return layout
+
+
 class ChunkWriter:
     """Stores the chunks of saves, remembering which ids storage already holds."""
 
@@ -76,7 +99,7 @@ class ChunkWriter:
     def write(
         self,
         tensors: dict[str, torch.Tensor],
-        skeleton: Any,
+        layout: Layout,
         *,
         step: int,
         term: int,
@@ -96,8 +119,7 @@ class ChunkWriter:
         start = time.perf_counter()
         keys = run_keys.keys
         tensors = {n: (t if t.is_contiguous() else t.contiguous()) for n, t in tensors.items()}
-        entries = codec.plan_entries(tensors)
-        header = codec.encode_header(entries, content_metadata(skeleton))
+        entries, header = layout.entries, layout.header()
         jobs = [
             ((e.name, k), off, n)
             for e in entries

@@ -255,6 +255,45 @@ def test_json_nested_too_deep_is_damage_not_a_crash():
         open_table(replace(body, sealed_table=sealed), keys)
 
 
+def test_a_manifest_nested_near_the_parsers_limit_is_damage_not_a_crash():
+    # json.loads accepts some depths that json.dumps (the canonical check) cannot write back
+    for depth in range(600, 1000):  # where the band of such depths falls depends on the stack in use
+        doc = '{"body":' + "[" * depth + "]" * depth + ',"format":"elastictrain-checkpoint","signature":{},"version":1}'
+        with pytest.raises(CheckpointError):
+            decode_manifest(doc.encode())
+
+
+_NAMES = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_NAMES, st.sampled_from(sorted(codec.CODES)), st.lists(st.integers(0, 2**63 - 1), max_size=4),
+                          st.integers(0, 2**63 - 1)), max_size=6, unique_by=lambda e: e[0]),
+       st.dictionaries(_NAMES, st.text(max_size=40), max_size=3))
+def test_the_header_size_check_never_lets_an_oversized_header_through(specs, metadata):
+    entries = [codec.TensorEntry(n, d, tuple(shape), b, b + 8) for n, d, shape, b in specs if n != codec.METADATA_KEY]
+    size = len(codec.encode_header(entries, metadata)) - 8
+    saved = codec.MAX_WRITTEN_HEADER_BYTES
+    try:
+        codec.MAX_WRITTEN_HEADER_BYTES = size  # exactly at the limit: passes
+        codec.check_header_size(entries, metadata)
+        codec.MAX_WRITTEN_HEADER_BYTES = size - 1  # one byte over: refused, however cheap the check
+        with pytest.raises(ValueError, match="that safetensors reads"):
+            codec.check_header_size(entries, metadata)
+    finally:
+        codec.MAX_WRITTEN_HEADER_BYTES = saved
+
+
+def test_tables_written_before_the_write_limit_are_still_read(monkeypatch):
+    prefix = codec.encode_header(codec.plan_entries({"w": torch.zeros(2)}), {"pad": "x" * 5000})
+    monkeypatch.setattr(codec, "MAX_WRITTEN_HEADER_BYTES", 4096)  # stands for 100,000,000 bytes
+    with pytest.raises(ValueError, match="that safetensors reads"):
+        codec.encode_header(codec.plan_entries({"w": torch.zeros(2)}), {"pad": "x" * 5000})
+    entries, metadata, _ = codec.decode_header(prefix)  # read up to MAX_HEADER_BYTES, as before the limit
+    assert [e.name for e in entries] == ["w"] and len(metadata["pad"]) == 5000
+    assert codec.MAX_HEADER_BYTES == 100 * 1024 * 1024  # what earlier releases wrote up to stays readable
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=600))
 def test_fuzz_manifest_parser_raises_only_checkpoint_errors(raw):

@@ -320,13 +320,13 @@ def test_a_skeleton_nested_too_deep_is_skipped_as_damage(tmp_path):
 def test_a_table_too_large_to_read_back_is_refused_before_anything_is_written(async_save, monkeypatch):
     from elastictrain.checkpoint import codec
 
-    monkeypatch.setattr(codec, "MAX_HEADER_BYTES", 4096)  # stands for safetensors' 100,000,000 bytes
+    monkeypatch.setattr(codec, "MAX_WRITTEN_HEADER_BYTES", 4096)  # stands for safetensors' 100,000,000 bytes
     uri = _uri()
     with _mgr(uri, async_save=async_save, keep_last=1) as mgr:
         mgr.save({"w": torch.ones(2)}, {"__tensor__": "w"}, step=1, term=0)
         mgr.wait()
         positions = list(range(2000))  # a sampler's indices kept in the state as a plain list
-        with pytest.raises(ValueError, match="tensor table would take .* over the 4096"):
+        with pytest.raises(ValueError, match="tensor table would take .* over the 4096 that safetensors reads"):
             mgr.save({"w": torch.full((2,), 2.0)}, {"w": {"__tensor__": "w"}, "pos": positions}, step=2, term=0)
         assert [i.step for i in mgr.list()] == [1]  # and keep_last=1 retired nothing
         assert torch.equal(mgr.latest().tensors["w"], torch.ones(2))
@@ -403,11 +403,48 @@ def test_a_key_that_opens_none_of_the_runs_checkpoints_writes_nothing():
     wrong = CheckpointConfig(uri=uri, keep_last=2, async_save=False, encryption=EncryptionConfig(key="env:KEY_B"))
     with CheckpointManager(wrong, environ=ENV) as mgr:  # a mistyped key, or a rotation without old_keys
         for step in (3, 4):
-            with pytest.raises(WrongKey, match="cannot open: refusing to write beside them.*old_keys"):
+            with pytest.raises(WrongKey, match="none of the configured keys: refusing to write beside them.*old_keys"):
                 mgr.save({"w": torch.full((100,), float(step))}, None, step=step, term=0)
     with _mgr(uri) as mgr:  # the run's checkpoints are all still there, and nothing else
         assert [i.step for i in mgr.list()] == [1, 2]
         assert torch.equal(mgr.latest().tensors["w"], torch.full((100,), 2.0))
+
+
+def test_a_damaged_wrapped_key_does_not_stop_the_run_key_from_saving():
+    import json
+
+    from elastictrain.checkpoint.manifest import canonical
+
+    uri = _uri()
+    with _mgr(uri, async_save=False) as mgr:
+        mgr.save({"w": torch.ones(4)}, None, step=100, term=0)
+        name = "manifests/000000000100-00000000.json"
+        doc = json.loads(mgr.storage.get(name))
+    wrapped = bytearray(base64.b64decode(doc["body"]["encryption"]["wrapped_key"]))
+    wrapped[-1] ^= 1  # the run's only checkpoint can no longer be opened by anyone
+    doc["body"]["encryption"]["wrapped_key"] = base64.b64encode(bytes(wrapped)).decode()
+    FsspecStorage(uri).put(name, [canonical(doc)])
+    with _mgr(uri, async_save=False) as mgr:  # the run's own key: it is damage, not another key's run
+        mgr.save({"w": torch.zeros(4)}, None, step=101, term=1)
+        assert torch.equal(mgr.latest().tensors["w"], torch.zeros(4))
+
+
+def test_newer_checkpoints_under_a_key_this_manager_lacks_do_not_count_as_kept():
+    uri = _uri()
+    with _mgr(uri, async_save=False, keep_last=2) as mgr:
+        mgr.save({"w": torch.full((4,), 100.0)}, None, step=100, term=0)
+    rotated = CheckpointConfig(uri=uri, async_save=False, keep_last=2, chunk_size_mb=1,
+                               encryption=EncryptionConfig(key="env:KEY_B", old_keys=["env:KEY_A"]))
+    with CheckpointManager(rotated, environ=ENV) as mgr:  # a rotation: step 200 under the new key only
+        mgr.save({"w": torch.full((4,), 200.0)}, None, step=200, term=1)
+    config = CheckpointConfig(uri=uri, async_save=False, keep_last=1, chunk_size_mb=1,
+                              encryption=EncryptionConfig(key="env:KEY_A"))
+    with CheckpointManager(config, environ=ENV) as stale:  # a worker still configured with the old key
+        loaded = stale.latest()
+        assert loaded.step == 100 and "WrongKey" in loaded.skipped[0][1]
+        stale.save({"w": torch.full((4,), 150.0)}, None, step=150, term=2)
+        assert [i.step for i in stale.list()] == [150, 200]  # not retired in favour of what it cannot read
+        assert stale.latest().step == 150
 
 
 def _fingerprints(*names):
@@ -755,9 +792,12 @@ def test_cli_export_says_which_newer_checkpoints_it_skipped(tmp_path, monkeypatc
     with CheckpointManager(CheckpointConfig(uri=uri, encryption=enc, async_save=False, chunk_size_mb=1)) as mgr:
         mgr.save({"w": torch.ones(3)}, None, step=1, term=0)
         mgr.save({"w": torch.full((3,), 2.0)}, None, step=2, term=0)
-        newest = {cid for cid, _ in decode_manifest(mgr.storage.get("manifests/000000000002-00000000.json")).body.chunks}
-    (chunk,) = newest - {cid for cid, _ in decode_manifest(
-        FsspecStorage(uri).get("manifests/000000000001-00000000.json")).body.chunks}
+
+    def chunk_ids(step):
+        name = f"manifests/{step:012d}-00000000.json"
+        return {cid for cid, _ in decode_manifest(FsspecStorage(uri).get(name)).body.chunks}
+
+    (chunk,) = chunk_ids(2) - chunk_ids(1)
     path = tmp_path / "run" / chunk_path(chunk)
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 1
