@@ -150,7 +150,7 @@ class CheckpointManager:
         self._join()
         self._last_step, self._last_time = step, self._clock()
         if not self.config.async_save:
-            cpu = {n: t.detach().to("cpu") for n, t in tensors.items()}
+            cpu = {n: t.detach().to("cpu").resolve_neg() for n, t in tensors.items()}
             self._save_now(cpu, layout, step, term, {}, from_snapshot=False)
             return
         snap = self._snapshotter.take(tensors)

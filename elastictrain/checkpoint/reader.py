@@ -184,6 +184,7 @@ def _targets(
         usable = (
             isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()
             and t.dtype == codec.CODES[e.dtype] and tuple(t.shape) == tuple(e.shape) and e.nbytes > 0
+            and not t.is_neg()
         )
         if usable and t.untyped_storage().data_ptr() not in used:
             used.add(t.untyped_storage().data_ptr())

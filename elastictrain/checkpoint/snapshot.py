@@ -56,7 +56,7 @@ class Snapshotter:
         reuse: dict[PieceKey, str] = {}
         cuda_devices: set[torch.device] = set()
         for name, live in tensors.items():
-            live = live.detach()
+            live = live.detach().resolve_neg()  # a negative view's bytes are those of its base: resolve them
             buf = self._buffers.get(name)
             if buf is None or buf.shape != live.shape or buf.dtype != live.dtype:
                 buf = torch.empty(live.shape, dtype=live.dtype, pin_memory=live.is_cuda)

@@ -332,6 +332,19 @@ def test_a_table_too_large_to_read_back_is_refused_before_anything_is_written(as
         assert torch.equal(mgr.latest().tensors["w"], torch.ones(2))
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_negative_views_are_saved_as_the_values_they_show(async_save):
+    uri = _uri()
+    state = {"w": torch._neg_view(torch.arange(4.0)), "v": torch.ones(3)}
+    with _mgr(uri, async_save=async_save) as mgr:
+        mgr.save(state, None, step=1, term=0)
+        mgr.wait()
+        assert torch.equal(mgr.latest().tensors["w"], -torch.arange(4.0))
+        into = {"w": torch._neg_view(torch.zeros(4)), "v": torch.zeros(3)}
+        loaded = mgr.latest(into=into)  # a negative view cannot take bytes in place: a new tensor instead
+        assert torch.equal(loaded.tensors["w"], -torch.arange(4.0)) and torch.equal(into["v"], torch.ones(3))
+
+
 def test_a_step_too_large_for_a_manifest_name_is_refused_up_front():
     uri = _uri()
     with _mgr(uri, async_save=False) as mgr:
