@@ -383,9 +383,13 @@ class CheckpointManager:
         self._join()
         return self._load(name, self._expected_run(), into, {})
 
-    def _first_that_verifies(self, names: list[str], what: str, into: Optional[dict[str, torch.Tensor]]) -> Loaded:
+    def _first_that_verifies(
+        self, names: list[str], what: str, into: Optional[dict[str, torch.Tensor]],
+        skipped: Optional[list[tuple[str, str]]] = None,
+    ) -> Loaded:
+        """The first of `names` that verifies; each one before it is appended to `skipped` with the reason."""
         run = self._expected_run()
-        skipped: list[tuple[str, str]] = []
+        skipped = [] if skipped is None else skipped
         errors: list[CheckpointError] = []
         encrypted_runs: dict[str, bool] = {}
         for name in names:
@@ -426,14 +430,15 @@ class CheckpointManager:
         names = list(reversed(self._manifest_names()))
         if not names:
             return None
+        skipped: list[tuple[str, str]] = []  # both passes' skipped checkpoints, reported together
         try:
-            return self._first_that_verifies(names, "checkpoint", into)
+            return self._first_that_verifies(names, "checkpoint", into, skipped)
         except CheckpointError:
             # another writer may have committed newer checkpoints (and retired the ones listed) meanwhile
             newer = [n for n in reversed(self._manifest_names()) if n not in names]
             if not newer:
                 raise
-            return self._first_that_verifies(newer, "checkpoint", into)
+            return self._first_that_verifies(newer, "checkpoint", into, skipped)
 
     def load(self, step: int, into: Optional[dict[str, torch.Tensor]] = None) -> Loaded:
         """The checkpoint of `step` (its newest term that verifies); `into` as for `latest`.

@@ -204,6 +204,8 @@ def test_restore_lists_again_when_another_writer_retires_what_it_read():
     with _mgr(uri, storage=Raced(uri)) as reader:
         loaded = reader.latest()
     assert Raced.raced and loaded.step == 2 and torch.equal(loaded.tensors["w"], torch.ones(1000))
+    # what the first pass skipped is still reported (ckpt export prints it)
+    assert [name for name, _ in loaded.skipped] == ["manifests/000000000001-00000000.json"]
 
 
 @pytest.mark.parametrize("fsync", [True, False])
