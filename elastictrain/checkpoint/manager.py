@@ -261,11 +261,8 @@ class CheckpointManager:
         with self._run_lock:
             if self._run_keys is not None:
                 return self._run_keys
-            try:
-                run = decode_run(self.storage.get(RUN_FILE))
-                self._run_file_written = True
-            except FileNotFoundError:
-                run = None
+            run = self._read_run_file()
+            self._run_file_written = run is not None
             run = self._run_seen or run  # what an earlier restore read (see _expected_run)
             data_key = None
             encrypted = False  # the run has encrypted checkpoints
@@ -323,11 +320,26 @@ class CheckpointManager:
         if self._run_keys is not None:
             return self._run_keys.run
         if self._run_seen is None:
-            try:
-                self._run_seen = decode_run(self.storage.get(RUN_FILE))
-            except FileNotFoundError:
-                return None
+            self._run_seen = self._read_run_file()
         return self._run_seen
+
+    def _read_run_file(self) -> Optional[str]:
+        """The run id run.json names; None when there is no run.json.
+
+        Raises:
+            CheckpointCorrupt, UnsupportedFormat: run.json is damaged, or from a newer release.
+        """
+        try:
+            raw = self.storage.get(RUN_FILE)
+        except FileNotFoundError:
+            return None
+        try:
+            return decode_run(raw)
+        except CheckpointCorrupt as exc:
+            raise CheckpointCorrupt(
+                f"{exc} under {self.storage.uri}; the checkpoints themselves are untouched: delete {RUN_FILE} "
+                "to go on (the next save writes it again, naming the newest checkpoint's run)"
+            ) from None
 
     # --- reading -------------------------------------------------------------
 

@@ -347,6 +347,25 @@ def test_negative_views_are_saved_as_the_values_they_show(async_save):
         assert torch.equal(loaded.tensors["w"], -torch.arange(4.0)) and torch.equal(into["v"], torch.ones(3))
 
 
+def test_a_damaged_run_file_says_how_to_go_on():
+    from elastictrain.checkpoint.manifest import RUN_FILE
+
+    uri = _uri()
+    with _mgr(uri, async_save=False) as mgr:
+        mgr.save({"w": torch.ones(3)}, None, step=1, term=0)
+    storage = FsspecStorage(uri)
+    storage.put(RUN_FILE, [storage.get(RUN_FILE)[:-2]])
+    with _mgr(uri, async_save=False) as mgr:
+        with pytest.raises(CheckpointCorrupt, match=r"run.json is not valid JSON .*untouched: delete run.json"):
+            mgr.latest()
+    storage.delete([RUN_FILE])
+    with _mgr(uri, async_save=False) as mgr:
+        assert torch.equal(mgr.latest().tensors["w"], torch.ones(3))
+        mgr.save({"w": torch.zeros(3)}, None, step=2, term=1)
+    with _mgr(uri) as mgr:  # run.json is back, naming the same run: both checkpoints are its own
+        assert [i.step for i in mgr.list()] == [1, 2] and mgr.load(1).step == 1
+
+
 def test_a_step_too_large_for_a_manifest_name_is_refused_up_front():
     uri = _uri()
     with _mgr(uri, async_save=False) as mgr:
