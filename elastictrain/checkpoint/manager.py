@@ -161,6 +161,11 @@ class CheckpointManager:
         )
         self._thread.start()
 
+    @property
+    def saving(self) -> bool:
+        """Whether an async save is still in flight (its `save()` returned, its commit has not happened)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self) -> None:
         """Block until the save in flight is committed; re-raise its error.
 

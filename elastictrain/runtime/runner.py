@@ -80,6 +80,7 @@ class Runner:
         self._checkpoints = None
         self._last_saved_step: Optional[int] = None
         self._pending_save: Optional[tuple[int, int]] = None  # (term, step) of the save in flight
+        self._save_owed = False  # a periodic save came due while the last one was still in flight
         self._group_sockets: Optional[GroupSockets] = None
         self._group_lock = threading.Lock()
         # What the last committed step left besides tensors: (plain entries, RNG states).
@@ -339,8 +340,16 @@ class Runner:
                            "restored_s": self._restored_at - detected})
         if world.is_leader:
             manager = self._checkpoint_manager()
-            if manager is not None and manager.should_save(state.step):
-                self._save(state, world, wait=False)
+            if manager is not None and (self._save_owed or manager.should_save(state.step)):
+                if manager.saving:
+                    # Training stalls only for the snapshot, never on storage: a save that comes due while
+                    # the last one is still uploading is taken at the first commit after that one lands.
+                    if not self._save_owed:
+                        self.emit({"kind": "checkpoint_deferred", "time": now, "term": world.term, "step": step})
+                    self._save_owed = True
+                else:
+                    self._save_owed = False
+                    self._save(state, world, wait=False)
 
     def _finish(self, state: Optional[ElasticState], world: WorldInfo) -> bool:
         """train_fn returned: the leader writes the final checkpoint, then ends the run.

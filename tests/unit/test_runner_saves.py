@@ -3,6 +3,7 @@ written again; the election runs on an in-memory store, the checkpoints on memor
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -104,3 +105,32 @@ def test_an_earlier_terms_refused_save_does_not_make_the_current_term_give_up():
     assert election.outcome() == "done"
     assert [(i.step, i.term) for i in runner._checkpoints.list()] == [(500, 2)]
     runner._close_checkpoints()
+
+
+def test_a_periodic_save_due_while_the_last_one_uploads_is_deferred_not_waited_for():
+    release = threading.Event()
+
+    class HeldManifests(FsspecStorage):
+        def put(self, name, parts):
+            if name.startswith("manifests/"):
+                release.wait(10)  # the upload of the commit is slow until the test lets it through
+            super().put(name, parts)
+
+    uri = f"memory://runner-{uuid.uuid4().hex}"
+    election = Election(MemoryStore())
+    assert election.claim(1, "m0")
+    runner = _runner(uri, election)
+    runner._checkpoints = CheckpointManager(runner.spec.checkpoint, storage=HeldManifests(uri))
+    world = _world(1)
+    runner.on_commit(_state(100), world, 100)  # every_steps=100: the save of step 100 starts
+    runner.on_commit(_state(200), world, 200)  # due again while step 100 still uploads
+    assert runner._checkpoints.saving  # on_commit returned without waiting for it
+    assert ("checkpoint_deferred", 200, 1) in _events(runner)
+    runner.on_commit(_state(201), world, 201)  # still uploading: still owed, not saved twice
+    release.set()
+    while runner._checkpoints.saving:
+        time.sleep(0.01)
+    runner.on_commit(_state(202), world, 202)  # the first commit after it landed takes the owed save
+    runner._close_checkpoints()
+    assert [i.step for i in CheckpointManager(runner.spec.checkpoint).list()] == [100, 202]
+    assert [e[1] for e in _events(runner) if e[0] == "checkpoint_deferred"] == [200]
