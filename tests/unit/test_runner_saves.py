@@ -44,12 +44,19 @@ def _events(runner: Runner) -> list[tuple]:
     return [(e["kind"], e.get("step"), e.get("term")) for e in runner._buffer]
 
 
-def test_a_final_save_refused_by_the_fence_is_written_again_by_the_next_term():
+def _leader(storage_class=FsspecStorage, fenced=False) -> tuple[Runner, Election]:
+    """A runner leading term 1 of a fresh run, its checkpoints on memory:// through `storage_class`."""
     uri = f"memory://runner-{uuid.uuid4().hex}"
     election = Election(MemoryStore())
     assert election.claim(1, "m0")
     runner = _runner(uri, election)
-    runner._checkpoints = CheckpointManager(runner.spec.checkpoint, fence=lambda term: election.is_current(term))
+    fence = (lambda term: election.is_current(term)) if fenced else None
+    runner._checkpoints = CheckpointManager(runner.spec.checkpoint, storage=storage_class(uri), fence=fence)
+    return runner, election
+
+
+def test_a_final_save_refused_by_the_fence_is_written_again_by_the_next_term():
+    runner, election = _leader(fenced=True)
     assert election.claim(2, "m1")  # a peer's loss: term 2 is claimed while term 1's final save runs
     assert runner._finish(_state(500), _world(1)) is False  # refused: join the new world
     assert election.outcome() is None
@@ -71,11 +78,7 @@ def test_a_leave_after_a_failed_async_save_of_the_same_step_saves_it_again():
                 raise PermissionError("AccessDenied")  # not transient: the save fails
             super().put(name, parts)
 
-    uri = f"memory://runner-{uuid.uuid4().hex}"
-    election = Election(MemoryStore())
-    assert election.claim(1, "m0")
-    runner = _runner(uri, election)
-    runner._checkpoints = CheckpointManager(runner.spec.checkpoint, storage=FailingOnce(uri))
+    runner, election = _leader(FailingOnce)
     state, world = _state(100), _world(1)
     assert runner._save(state, world, wait=False) is None  # on_commit's async save of step 100
     # a preemption notice at that step's boundary: the leader saves before anyone leaves
@@ -93,12 +96,7 @@ def test_an_earlier_terms_refused_save_does_not_make_the_current_term_give_up():
                 time.sleep(0.3)  # still in flight when the world changes
             super().put(name, parts)
 
-    uri = f"memory://runner-{uuid.uuid4().hex}"
-    election = Election(MemoryStore())
-    assert election.claim(1, "m0")
-    runner = _runner(uri, election)
-    runner._checkpoints = CheckpointManager(runner.spec.checkpoint, storage=SlowChunks(uri),
-                                            fence=lambda term: election.is_current(term))
+    runner, election = _leader(SlowChunks, fenced=True)
     assert runner._save(_state(500), _world(1), wait=False) is None  # on_commit's async save, term 1
     assert election.claim(2, "m0")  # the world changes; the same member leads term 2, at the same step
     assert runner._finish(_state(500), _world(2)) is True  # term 2 is current: it saves and ends the run
@@ -116,11 +114,7 @@ def test_a_periodic_save_due_while_the_last_one_uploads_is_deferred_not_waited_f
                 release.wait(10)  # the upload of the commit is slow until the test lets it through
             super().put(name, parts)
 
-    uri = f"memory://runner-{uuid.uuid4().hex}"
-    election = Election(MemoryStore())
-    assert election.claim(1, "m0")
-    runner = _runner(uri, election)
-    runner._checkpoints = CheckpointManager(runner.spec.checkpoint, storage=HeldManifests(uri))
+    runner, _ = _leader(HeldManifests)
     world = _world(1)
     runner.on_commit(_state(100), world, 100)  # every_steps=100: the save of step 100 starts
     runner.on_commit(_state(200), world, 200)  # due again while step 100 still uploads
