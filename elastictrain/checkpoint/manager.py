@@ -116,7 +116,7 @@ class CheckpointManager:
         self._closed = False
         self._last_step: Optional[int] = None
         self._swept_at: Optional[float] = None  # when temporaries were last swept
-        self._failed: set[str] = set()  # manifests a restore found damaged: not counted as kept
+        self._failed: set[str] = set()  # manifests a restore found damaged or under a key it lacks: not kept
         self._last_time = clock()
 
     # --- policy ------------------------------------------------------------

@@ -29,7 +29,7 @@ def plan_retention(
         chunk_files: every stored name under chunks/ -> size; only names of chunks are ever deleted.
         keep_last: how many of this run's decodable manifests survive.
         run: this run's id; other runs' manifests are never deleted and their chunks are kept.
-        failed: manifests a restore found damaged. They do not count as kept (a checkpoint saved after
+        failed: manifests a restore found damaged, or under a key it lacks. They do not count as kept (a checkpoint saved after
             falling back to an older step would otherwise be retired in favour of the damaged newer
             one); like manifests that do not decode, they go once older than every kept one.
     """
