@@ -32,7 +32,7 @@ from elastictrain.checkpoint.snapshot import Snapshotter
 from elastictrain.checkpoint.storage import FsspecStorage, Storage
 from elastictrain.checkpoint.writer import ChunkWriter, RunKeys, SaveReport, plan_layout
 from elastictrain.config import CheckpointConfig
-from elastictrain.errors import CheckpointCorrupt, CheckpointError, CheckpointNotFound, WrongKey
+from elastictrain.errors import CheckpointCorrupt, CheckpointError, CheckpointNotFound, UnsupportedFormat, WrongKey
 
 log = logging.getLogger("elastictrain.checkpoint")
 
@@ -412,6 +412,15 @@ class CheckpointManager:
         for name in names:
             try:
                 loaded = self._load(name, run, into, encrypted_runs)
+            except UnsupportedFormat as exc:
+                # not damage: a newer release wrote it (say, one machine of the fleet runs a newer image).
+                # Restoring an older checkpoint in its place would roll the run back, and once the
+                # older release saved past it, retention would delete it.
+                raise UnsupportedFormat(
+                    f"{exc} ({name} under {self.storage.uri}; the checkpoints before it are not restored "
+                    f"in its place, which would roll the run back: upgrade elastictrain, or remove {name} "
+                    "to resume from the one before it)"
+                ) from None
             except CheckpointError as exc:
                 if getattr(exc, "chunk_id", None):  # rewrite it when a save needs it: content addressing
                     self._writer.damaged.add(exc.chunk_id)  # repairs every checkpoint that shares it
@@ -432,7 +441,8 @@ class CheckpointManager:
     def latest(self, into: Optional[dict[str, torch.Tensor]] = None) -> Optional[Loaded]:
         """The newest checkpoint that verifies; None if there is none at all.
 
-        Damaged newer checkpoints are skipped (listed in `.skipped` and `events`).
+        Damaged newer checkpoints are skipped (listed in `.skipped` and `events`). One of a format
+        version this release does not read is not: it raises UnsupportedFormat instead of rolling back.
 
         `into`: flattened tensors to restore into in place, by name (`flatten_state` of the live state):
         each contiguous CPU tensor of the stored dtype and shape receives its bytes directly, which

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import time
 import uuid
 
@@ -16,7 +17,7 @@ from elastictrain.checkpoint.cli import export_checkpoint, list_checkpoints, ver
 from elastictrain.checkpoint.manifest import chunk_path, decode_manifest
 from elastictrain.checkpoint.storage import FsspecStorage, with_retries
 from elastictrain.config import CheckpointConfig, EncryptionConfig
-from elastictrain.errors import CheckpointCorrupt, CheckpointNotFound, StaleTerm, WrongKey
+from elastictrain.errors import CheckpointCorrupt, CheckpointNotFound, StaleTerm, UnsupportedFormat, WrongKey
 from elastictrain.statetree import flatten_state, unflatten_state
 
 KEY_A = base64.b64encode(bytes(range(32))).decode()
@@ -718,6 +719,28 @@ def test_damaged_newest_falls_back_with_an_event(monkeypatch):
     report = dict(verify_checkpoints(uri, ["env:KEY_A"]))
     assert report["manifests/000000000001-00000000.json"] is None
     assert "CheckpointCorrupt" in report[name]
+
+
+def test_a_newest_checkpoint_of_a_newer_format_is_refused_not_rolled_back_past():
+    uri = _uri()
+    storage = FsspecStorage(uri)
+    with _mgr(uri, async_save=False) as mgr:
+        mgr.save({"w": torch.ones(10)}, None, step=1, term=0)
+        mgr.save({"w": torch.full((10,), 2.0)}, None, step=2, term=0)
+    name = "manifests/000000000002-00000000.json"
+    doc = json.loads(storage.get(name))
+    doc["version"] = 2  # as a newer release on another machine of the fleet would write it
+    storage.put(name, [json.dumps(doc).encode()])
+    with _mgr(uri) as mgr:
+        with pytest.raises(UnsupportedFormat, match="roll the run back") as err:
+            mgr.latest()
+        assert name in str(err.value) and "version 2" in str(err.value)
+        assert not [e for e in mgr.events if e["event"] == "checkpoint_skipped"]
+        assert mgr.load(1).step == 1  # asked for by step, the older one is still there
+    assert storage.get(name) == json.dumps(doc).encode()
+    storage.delete([name])  # what the error says to do, to resume from the one before
+    with _mgr(uri) as mgr:
+        assert mgr.latest().step == 1
 
 
 def test_a_checkpoint_saved_after_falling_back_is_kept_over_the_damaged_newer_one(tmp_path):
