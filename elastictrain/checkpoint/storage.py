@@ -224,6 +224,8 @@ class FsspecStorage:
 
     def list(self, prefix: str) -> dict[str, int]:
         base = self._path(prefix)
+        if self._local:
+            return with_retries(lambda: self._list_local(base), attempts=self.attempts)
 
         def find() -> dict[str, int]:
             self.fs.invalidate_cache(base)
@@ -242,6 +244,33 @@ class FsspecStorage:
             return out
 
         return with_retries(find, attempts=self.attempts)
+
+    def _list_local(self, base: str) -> dict[str, int]:
+        """Files under `base` by name relative to the root, with sizes; every error but absence raises.
+
+        fsspec's `find` leaves out a folder it cannot read (out of file descriptors, EIO, EACCES), so a
+        listing that failed read as "no checkpoints" and a resume started from scratch.
+        """
+        out: dict[str, int] = {}
+        folders = [base]
+        while folders:
+            folder = folders.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # nothing stored there yet, or a folder another writer's retention just emptied
+            for entry in entries:
+                try:
+                    if entry.is_dir():
+                        folders.append(entry.path)
+                        continue
+                    if TMP_MARK in entry.name:
+                        continue
+                    size = entry.stat().st_size
+                except FileNotFoundError:
+                    continue  # deleted while listed
+                out[os.path.relpath(entry.path, self.root).replace(os.sep, "/")] = size
+        return out
 
     def delete(self, names: Iterable[str]) -> None:
         paths = [self._path(n) for n in names]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import errno
 import itertools
 import json
+import os
 import time
 import uuid
 
@@ -124,6 +126,30 @@ def test_s3_reads_that_fail_are_retried_as_one_request_each():
     with pytest.raises(ConnectionResetError):
         storage.get("manifests/x")
     assert storage.fs.calls == [0, 0, 0]
+
+
+def test_a_local_listing_that_fails_is_an_error_not_an_empty_store(tmp_path, monkeypatch):
+    uri = f"file://{tmp_path}/run"
+    with _mgr(uri, async_save=False) as mgr:
+        mgr.save({"w": torch.ones(10)}, None, step=7, term=0)
+    real_scandir = os.scandir
+    vanished = str(tmp_path / "run" / "chunks")
+
+    def scandir(path="."):
+        if str(path).endswith("manifests"):  # EIO, ESTALE on NFS, EMFILE: the folder is there, unread
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        if str(path).startswith(vanished + os.sep):  # a chunk folder another writer's retention just emptied
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    storage = FsspecStorage(uri, attempts=2)
+    with pytest.raises(OSError, match="Input/output error"):
+        storage.list("manifests")  # not {}: "no checkpoints" would start the run from scratch
+    assert storage.list("chunks") == {}
+    with _mgr(uri, async_save=False) as mgr:
+        with pytest.raises(OSError, match="Input/output error"):
+            mgr.latest()
 
 
 def test_local_storage_view_maps_files(tmp_path):
