@@ -289,7 +289,9 @@ class FsspecStorage:
             return
 
         def rm() -> None:
-            if self._local:
+            # fsspec's rm expands glob patterns: under a root like "s3://sweep/lr[12]" a batch would delete
+            # another run's chunk of the same id ("lr1/chunks/...") and keep its own
+            if self._local or any(_GLOB_MAGIC.search(p) for p in paths):
                 self._rm_each(paths)
                 return
             try:
@@ -305,6 +307,9 @@ class FsspecStorage:
                 self.fs.rm_file(p)
             except FileNotFoundError:
                 pass
+
+
+_GLOB_MAGIC = re.compile(r"[*?[]")
 
 
 def _protocols(fs) -> tuple[str, ...]:

@@ -152,6 +152,19 @@ def test_a_local_listing_that_fails_is_an_error_not_an_empty_store(tmp_path, mon
             mgr.latest()
 
 
+def test_retention_under_a_root_with_glob_characters_deletes_only_its_own_chunks():
+    sweep = f"memory://sweep-{uuid.uuid4().hex}"
+    init = {"w": torch.arange(1000.0)}  # both runs start from the same weights: the same chunk id
+    with _mgr(f"{sweep}/lr1", enc=False, async_save=False, keep_last=1) as a:
+        a.save(init, None, step=1, term=0)
+    with _mgr(f"{sweep}/lr[12]", enc=False, async_save=False, keep_last=1) as b:
+        b.save(init, None, step=1, term=0)
+        b.save({"w": init["w"] + 1}, None, step=2, term=0)  # retires step 1 and its chunk, under lr[12]/
+        assert len(b.storage.list("chunks")) == 1
+    with _mgr(f"{sweep}/lr1", enc=False, async_save=False) as a:
+        assert torch.equal(a.latest().tensors["w"], init["w"])
+
+
 def test_local_storage_view_maps_files(tmp_path):
     storage = FsspecStorage(f"file://{tmp_path}")
     storage.put("chunks/x", [b"abc", b"def"])
