@@ -148,6 +148,14 @@ class CheckpointConfig(_Config):
         "that loads. False saves into the page cache only (faster). Object stores are durable either way.",
     )
 
+    @model_validator(mode="after")
+    def _uri_scheme(self) -> "CheckpointConfig":
+        if self.uri is not None:
+            from elastictrain.checkpoint.storage import check_uri
+
+            check_uri(self.uri)
+        return self
+
 
 class RunConfig(_Config):
     """Run-wide settings that are not about one component."""

@@ -34,6 +34,25 @@ def check_name(name: str) -> str:
     return name
 
 
+_SCHEME_TYPO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?!//|:)")
+
+
+def check_uri(uri: str) -> str:
+    """Return `uri` unless it starts with a scheme not followed by '//' (say "s3:/bucket/run").
+
+    fsspec takes such a URI for a relative local path: every save would succeed into the leading
+    worker's working directory, and be gone with that machine.
+    """
+    m = _SCHEME_TYPO.match(uri)
+    if m:
+        scheme = m.group(1)
+        raise ValueError(
+            f"checkpoint URI starts with '{scheme}:' but not '{scheme}://' (a slash missing?); for a local "
+            f"folder of that name, write ./{scheme}:... or file:///absolute/path"
+        )
+    return uri
+
+
 class Storage(Protocol):
     """Where checkpoint objects live. URIs stay strings; names are relative to the root."""
 
@@ -101,7 +120,7 @@ class FsspecStorage:
     def __init__(self, uri: str, storage_options: dict | None = None, attempts: int = 5, fsync: bool = False):
         import fsspec
 
-        self.uri = uri
+        self.uri = check_uri(uri)
         self.fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         self.root = root.rstrip("/")
         self.attempts = attempts

@@ -57,3 +57,23 @@ def test_a_key_pasted_in_place_of_a_spec_never_reaches_the_error_text(where, cap
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "not 'env:VAR', 'file:PATH' or 'kms:KEY_ID'" in err
         assert _longest_shared_run(secret, err) < 6
+
+
+@pytest.mark.parametrize("uri", ["s3:/bucket/run", "gs:bucket/run", "file:ckpts", "memory:/x"])
+def test_a_uri_whose_scheme_lacks_its_slashes_is_refused_not_saved_locally(uri, capsys, tmp_path, monkeypatch):
+    from elastictrain.checkpoint.storage import FsspecStorage
+    from elastictrain.cli import main
+    from elastictrain.config import CheckpointConfig
+
+    monkeypatch.chdir(tmp_path)
+    scheme = uri.split(":")[0]
+    with pytest.raises(ValueError, match=f"starts with '{scheme}:' but not '{scheme}://'"):
+        CheckpointConfig(uri=uri)
+    with pytest.raises(ValueError, match="a slash missing"):
+        FsspecStorage(uri)
+    assert main(["ckpt", "ls", uri]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a slash missing" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written where fsspec would have put it
+    for fine in ("s3://bucket/run", "simplecache::s3://bucket/run", "memory://x", "file:///tmp/x", "./s3:/x", "runs"):
+        assert CheckpointConfig(uri=fine).uri == fine
