@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Protocol, Sequence
@@ -86,18 +87,31 @@ class KmsKey:
         self.wrapped_key_id: Optional[str] = None  # "kms:<ARN>" once a wrap has told which key it used
         self._client = client
         self._arn: Optional[str] = None
+        self._describe_refused: Optional[str] = None  # KMS's refusal to resolve the spec to an ARN, if any
 
     def matches(self, key_id: str) -> bool:
-        """Whether a manifest's key id names this key: its spec, or the ARN it resolves to now."""
+        """Whether a manifest's key id names this key: its spec, or the ARN it resolves to now. Where KMS
+        does not let this principal resolve it (no kms:DescribeKey), any KMS ARN may: Decrypt decides."""
         if key_id in (self.key_id, self.wrapped_key_id):
             return True
         if not key_id.startswith("kms:arn:"):
             return False
+        if self._describe_refused:
+            return True
         if self._arn is None:
             try:
                 self._arn = self._kms().describe_key(KeyId=self.kms_key_id)["KeyMetadata"]["Arn"]
-            except Exception:  # noqa: BLE001 - without kms:DescribeKey only exact ids match
-                return False
+            except Exception as exc:  # noqa: BLE001 - sorted by KMS's error code below
+                code = _kms_code(exc)
+                if code == "NotFoundException":  # the spec names no key at all
+                    return False
+                if code in _KMS_REFUSALS:
+                    # not allowed to ask (no kms:DescribeKey): let Decrypt, which reads the key from the
+                    # wrapped blob, answer whether this principal can open it
+                    self._describe_refused = code
+                    return True
+                # throttled, unreachable: nothing is known, and a WrongKey here would restore an older step
+                raise _service_error(exc, f"which key {self.kms_key_id!r} names") from None
         return key_id == "kms:" + self._arn
 
     def __repr__(self) -> str:
@@ -130,10 +144,7 @@ class KmsKey:
             code = _kms_code(exc)
             if code in _KMS_REFUSALS:
                 raise WrongKey(f"KMS key {self.kms_key_id!r} cannot open the data key: {code}") from None
-            raise KeyServiceError(
-                f"KMS could not be asked to open the data key with {self.kms_key_id!r} "
-                f"({code or type(exc).__name__}); nothing is known about the checkpoint: try again"
-            ) from None
+            raise _service_error(exc, f"to open the data key with {self.kms_key_id!r}") from None
         return reply["Plaintext"]
 
     def signing_seed(self) -> Optional[bytes]:
@@ -148,11 +159,48 @@ _KMS_REFUSALS = frozenset({
 })
 
 
+def _service_error(exc: BaseException, doing: str) -> KeyServiceError:
+    """KMS could not be asked at all: not an answer about the checkpoint (no fallback to an older one)."""
+    kind = type(exc).__name__
+    if kind in ("NoCredentialsError", "PartialCredentialsError"):
+        hint = "no AWS credentials were found: set them (AWS_PROFILE, AWS_ACCESS_KEY_ID, an instance role)"
+    elif kind == "NoRegionError":
+        hint = "no AWS region is set: set AWS_DEFAULT_REGION"
+    else:
+        hint = "nothing is known about the checkpoint: try again"
+    return KeyServiceError(f"KMS could not be asked {doing} ({_kms_code(exc) or kind}); {hint}")
+
+
 def _kms_code(exc: BaseException) -> str:
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         return str(response.get("Error", {}).get("Code", ""))
     return ""
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _looks_like_key(text: str) -> bool:
+    """Whether the text after a spec's scheme is a key itself (base64 or hex of 32 bytes), not a name of one."""
+    text = text.strip()
+    if len(text) == 2 * crypto.KEY_BYTES and all(c in "0123456789abcdefABCDEF" for c in text):
+        return True
+    try:
+        return len(base64.b64decode(text, validate=True)) == crypto.KEY_BYTES
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _check_reference(scheme: str, ref: str) -> None:
+    """Refuse, without echoing it, a spec's reference that is a key pasted in place of its name
+    (`env:$KEY` typed for `env:KEY`): every later error names the reference."""
+    if _looks_like_key(ref) or (scheme == "env" and not _ENV_NAME.match(ref)):
+        what = {"env": "an environment variable's name", "file": "a path", "kms": "a KMS key id"}[scheme]
+        raise KeySpecError(
+            f"key spec '{scheme}:...' does not hold {what} ({len(ref)} characters, not shown): name where the key "
+            "is kept (env:VAR, file:PATH), not the key itself"
+        )
 
 
 def resolve_secret(spec: str, environ: Mapping[str, str] | None = None) -> bytes:
@@ -163,6 +211,8 @@ def resolve_secret(spec: str, environ: Mapping[str, str] | None = None) -> bytes
     """
     environ = os.environ if environ is None else environ
     scheme, _, ref = spec.partition(":")
+    if scheme in ("env", "file"):
+        _check_reference(scheme, ref)
     if scheme == "env":
         if ref not in environ:
             raise KeySpecError(f"environment variable {ref} (key spec env:{ref}) is unset: export it")
@@ -192,6 +242,7 @@ def resolve_key(
     if scheme == "kms":
         if not ref:
             raise KeySpecError("key spec 'kms:' needs a key id, e.g. kms:alias/training")
+        _check_reference(scheme, ref)
         return KmsKey(ref)
     if scheme in ("env", "file"):
         return LocalKey(resolve_secret(spec, environ), random_bytes)

@@ -95,11 +95,20 @@ def test_key_files_with_a_bom_raw_bytes_or_hex(tmp_path):
 class _Kms:
     """Stands in for KMS where moto cannot: answers that it is throttled, or refuses the key."""
 
-    def __init__(self, code=None):
-        self.code = code
+    ARN = "arn:aws:kms:us-east-1:123456789012:key/1111"
+
+    def __init__(self, code=None, describe=None, arn=False):
+        self.code, self.describe, self.arn = code, describe, arn
 
     def encrypt(self, KeyId, Plaintext, EncryptionContext):
-        return {"CiphertextBlob": b"wrapped:" + Plaintext}
+        return {"CiphertextBlob": b"wrapped:" + Plaintext, **({"KeyId": self.ARN} if self.arn else {})}
+
+    def describe_key(self, KeyId):
+        if self.describe:
+            from botocore.exceptions import ClientError
+
+            raise ClientError({"Error": {"Code": self.describe, "Message": "no"}}, "DescribeKey")
+        return {"KeyMetadata": {"Arn": self.ARN}}
 
     def decrypt(self, CiphertextBlob, EncryptionContext, KeyId=None):
         if self.code:
@@ -129,6 +138,53 @@ def test_kms_trouble_is_not_taken_for_a_wrong_key():
         mgr.keyring.current._client = _Kms("AccessDeniedException")
         with pytest.raises(WrongKey, match="AccessDeniedException"):
             mgr.latest()
+
+
+def test_kms_trouble_resolving_an_alias_is_not_taken_for_a_wrong_key():
+    import torch
+
+    from elastictrain.checkpoint import CheckpointManager
+    from elastictrain.config import CheckpointConfig, EncryptionConfig
+    from elastictrain.errors import KeyServiceError
+
+    env = {"OLD": generate_key()}
+
+    def manager(kms):
+        enc = EncryptionConfig(key="kms:alias/training", old_keys=["env:OLD"])
+        mgr = CheckpointManager(CheckpointConfig(uri="memory://kms-alias", async_save=False, encryption=enc), environ=env)
+        mgr.keyring.current._client = kms
+        return mgr
+
+    old = CheckpointConfig(uri="memory://kms-alias", async_save=False, encryption=EncryptionConfig(key="env:OLD"))
+    with CheckpointManager(old, environ=env) as mgr:
+        mgr.save({"w": torch.full((4,), 1.0)}, None, step=1, term=0)
+    with manager(_Kms(arn=True)) as mgr:  # a rotation to KMS: the manifest records the key's ARN
+        mgr.save({"w": torch.full((4,), 2.0)}, None, step=2, term=0)
+    for code in ("ThrottlingException", "InternalException"):
+        with manager(_Kms(arn=True, describe=code)) as mgr:
+            with pytest.raises(KeyServiceError, match=code):  # not WrongKey, and so no fallback to step 1
+                mgr.latest()
+    with manager(_Kms(arn=True, describe="AccessDeniedException")) as mgr:  # no kms:DescribeKey: Decrypt decides
+        assert mgr.latest().step == 2
+    with manager(_Kms(code="AccessDeniedException", arn=True, describe="AccessDeniedException")) as mgr:
+        loaded = mgr.latest()  # KMS will open neither: this principal cannot read step 2
+        assert loaded.step == 1 and "AccessDeniedException" in loaded.skipped[0][1]
+    with manager(_Kms(arn=True, describe="NotFoundException")) as mgr:
+        assert mgr.latest().step == 1  # the alias names no key: not the key of step 2
+
+
+@pytest.mark.parametrize("scheme", ["env", "file", "kms"])
+def test_a_key_typed_after_a_scheme_is_refused_without_being_shown(scheme, tmp_path):
+    secret = generate_key()
+    for spec_of in (lambda k: f"{scheme}:{k}", lambda k: f"{scheme}:{base64.b64decode(k).hex()}"):
+        spec = spec_of(secret)
+        with pytest.raises(KeySpecError, match="not shown") as err:
+            resolve_key(spec, {secret: generate_key()})  # even where such a variable exists
+        assert secret not in str(err.value) and spec.split(":", 1)[1] not in str(err.value)
+        if scheme != "kms":
+            with pytest.raises(KeySpecError, match="not shown"):
+                keyring_from_specs("env:K", signing_key=spec, environ={"K": generate_key()})
+    assert resolve_key("env:_TRAINING_KEY_2", {"_TRAINING_KEY_2": secret}).key_id.startswith("local:")
 
 
 def test_a_kms_key_without_a_signing_key_is_warned_about(caplog):
