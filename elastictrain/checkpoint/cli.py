@@ -59,9 +59,15 @@ def verify_checkpoints(
 
 def export_checkpoint(
     uri: str, out: str, step: Optional[int] = None, keys: Optional[Sequence[str]] = None,
-    storage_options: Optional[dict] = None, signing_key: Optional[str] = None,
+    storage_options: Optional[dict] = None, signing_key: Optional[str] = None, overwrite: bool = False,
 ) -> Loaded:
-    """Write a verified checkpoint as one plain .safetensors file (`safetensors.torch.load_file` reads it)."""
+    """Write a verified checkpoint as one plain .safetensors file (`safetensors.torch.load_file` reads it).
+
+    An existing `out` is refused unless `overwrite`. The export of an encrypted checkpoint is the
+    plaintext: it is created readable by its owner only (0600).
+    """
+    if not overwrite and os.path.lexists(out):
+        raise FileExistsError(f"{out} exists: remove it, or pass --force to replace it")
     mgr = _manager(uri, keys, storage_options, signing_key)
     try:
         loaded = mgr.latest() if step is None else mgr.load(step)
@@ -71,17 +77,32 @@ def export_checkpoint(
         raise CheckpointError(f"no checkpoint under {uri}")
     tmp = f"{out}.tmp-{secrets.token_hex(4)}"
     try:
-        with open(tmp, "wb") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if keys else 0o666)
+        with open(fd, "wb") as fh:
             fh.write(loaded.header)
             for tensor in loaded.tensors.values():
                 if tensor.numel():
                     fh.write(_raw(tensor))
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
+        _install(tmp, out, overwrite)
+    finally:
+        if os.path.lexists(tmp):
             os.unlink(tmp)
-        raise
     return loaded
+
+
+def _install(tmp: str, out: str, overwrite: bool) -> None:
+    """Move the finished `tmp` to `out`; without `overwrite`, only where nothing is (checked as it links)."""
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)  # fails if `out` appeared while the checkpoint was read
+    except FileExistsError:
+        raise FileExistsError(f"{out} exists: remove it, or pass --force to replace it") from None
+    except OSError:  # a file system without hard links
+        if os.path.lexists(out):
+            raise FileExistsError(f"{out} exists: remove it, or pass --force to replace it") from None
+        os.replace(tmp, out)
 
 
 def _raw(tensor) -> memoryview:
@@ -107,6 +128,7 @@ def add_ckpt_parser(subparsers) -> None:
     export.add_argument("--step", type=int, default=None, help="the step to export (default: newest that verifies)")
     export.add_argument("--key", action="append", help="key spec; repeat for old keys")
     export.add_argument("--signing-key", default=None, help="key spec of the run's own signing key, if it had one")
+    export.add_argument("--force", action="store_true", help="replace OUT if it exists")
     sub.add_parser("keygen", help="print a new random 32-byte key, base64 (for env: or file: specs)")
 
 
@@ -150,7 +172,9 @@ def run_ckpt(args: argparse.Namespace) -> int:
             return 1
         return 0
     if cmd == "export":
-        loaded = export_checkpoint(args.uri, args.out, args.step, args.key, signing_key=args.signing_key)
+        loaded = export_checkpoint(
+            args.uri, args.out, args.step, args.key, signing_key=args.signing_key, overwrite=args.force
+        )
         for name, reason in loaded.skipped:  # newer ones that did not verify: say why this one was taken
             print(f"elastictrain ckpt export: skipped {name}: {reason}".splitlines()[0], file=sys.stderr)
         print(f"exported step {loaded.step} ({len(loaded.tensors)} tensors) to {args.out}")

@@ -850,10 +850,20 @@ def test_cli_functions_ls_verify_export(tmp_path, monkeypatch):
     out = tmp_path / "out.safetensors"
     export_checkpoint(uri, str(out), step=3, keys=["env:ET_TEST_KEY"])
     assert _same(load_file(str(out)), t)
+    assert out.stat().st_mode & 0o777 == 0o600  # the plaintext of an encrypted run: its owner's only
+    with pytest.raises(FileExistsError, match="--force"):  # say, the run's own manifest given by mistake
+        export_checkpoint(uri, str(out), step=4, keys=["env:ET_TEST_KEY"])
+    assert _same(load_file(str(out)), t)
+    export_checkpoint(uri, str(out), step=4, keys=["env:ET_TEST_KEY"], overwrite=True)
+    assert _same(load_file(str(out)), {k: v + 1 for k, v in t.items()})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "run"]  # no temporary left
     from elastictrain.cli import main
 
     assert main(["ckpt", "verify", uri, "--key", "env:ET_TEST_KEY"]) == 0
-    assert main(["ckpt", "export", uri, str(out), "--step", "9", "--key", "env:ET_TEST_KEY"]) == 1
+    assert main(["ckpt", "export", uri, str(out), "--step", "9", "--key", "env:ET_TEST_KEY", "--force"]) == 1
+    assert main(["ckpt", "export", uri, str(out), "--step", "3", "--key", "env:ET_TEST_KEY"]) == 1
+    assert main(["ckpt", "export", uri, str(out), "--step", "3", "--key", "env:ET_TEST_KEY", "--force"]) == 0
+    assert _same(load_file(str(out)), t)
     assert main(["ckpt", "ls", uri]) == 0
     assert main(["ckpt", "keygen"]) == 0
 
