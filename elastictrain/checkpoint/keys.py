@@ -12,6 +12,7 @@ import binascii
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Protocol, Sequence
 
@@ -178,6 +179,7 @@ def _kms_code(exc: BaseException) -> str:
     return ""
 
 
+MAX_KEY_FILE_BYTES = 4096  # a key file holds 44 characters; anything this big is the wrong file
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -220,11 +222,20 @@ def resolve_secret(spec: str, environ: Mapping[str, str] | None = None) -> bytes
     if scheme == "file":
         try:
             with open(os.path.expanduser(ref), "rb") as fh:
-                data = fh.read()
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise KeySpecError(f"key file {ref} is not a regular file")
+                data = fh.read(MAX_KEY_FILE_BYTES + 1)
         except OSError as exc:
             raise KeySpecError(f"key file {ref} cannot be read: {type(exc).__name__}") from None
+        if len(data) > MAX_KEY_FILE_BYTES:
+            raise KeySpecError(
+                f"key file {ref} is over {MAX_KEY_FILE_BYTES} bytes: a key is 44 base64 characters (the wrong file?)"
+            )
         try:
-            text = data.decode("utf-8-sig")  # an editor's byte-order mark is not part of the key
+            if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16, as Windows PowerShell's `>` writes
+                text = data.decode("utf-16")
+            else:
+                text = data.decode("utf-8-sig")  # an editor's byte-order mark is not part of the key
         except UnicodeDecodeError:
             raise KeySpecError(
                 f"key file {ref} holds {len(data)} raw bytes, not base64 text: store `base64 < {ref}` instead, "

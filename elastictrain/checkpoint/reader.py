@@ -49,7 +49,7 @@ class Opened:
     body: Body
     table: Table
     keys: Optional[crypto.DataKeys]
-    data_key: Optional[bytes]
+    data_key: Optional[bytes] = field(repr=False)  # the run's plaintext data key: never in a repr or a traceback
 
 
 def open_manifest(
@@ -77,7 +77,10 @@ def open_decoded(name: str, decoded: Decoded, keyring: Optional[Keyring], expect
     if body.encrypted and keyring is None:
         raise WrongKey(f"checkpoint {name} is encrypted (key id {body.key_id}): pass its key")
     if not body.encrypted and keyring is not None:
-        raise CheckpointCorrupt(f"manifest {name} is unencrypted in an encrypted run: refused")
+        raise CheckpointCorrupt(
+            f"manifest {name} is unencrypted, but a key was given (and a checkpoint someone planted in an "
+            "encrypted run would look the same): refused; read unencrypted checkpoints without a key"
+        )
     keys = data_key = None
     if body.encrypted:
         source = keyring.find(body.key_id)

@@ -90,6 +90,13 @@ def test_key_files_with_a_bom_raw_bytes_or_hex(tmp_path):
     path.write_text(key.hex())
     with pytest.raises(KeySpecError, match="looks like hex"):
         resolve_secret(f"file:{path}")
+    path.write_bytes((base64.b64encode(key).decode() + "\r\n").encode("utf-16"))  # PowerShell's `keygen > k`
+    assert resolve_secret(f"file:{path}") == key
+    path.write_bytes(b"x" * (1 << 20))  # the wrong file: read no further than a key could be
+    with pytest.raises(KeySpecError, match="over 4096 bytes"):
+        resolve_secret(f"file:{path}")
+    with pytest.raises(KeySpecError, match="not a regular file"):  # /dev/zero would never end
+        resolve_secret("file:/dev/zero")
 
 
 class _Kms:

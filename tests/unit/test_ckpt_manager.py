@@ -527,6 +527,27 @@ def _fingerprints(*names):
     return {key_fingerprint(base64.b64decode(ENV[n])) for n in names}
 
 
+def test_an_opened_manifest_never_shows_the_data_key():
+    from elastictrain.checkpoint.reader import open_manifest
+
+    uri = _uri()
+    with _mgr(uri, async_save=False) as mgr:
+        mgr.save({"w": torch.ones(4)}, None, step=1, term=0)
+        opened = open_manifest(mgr.storage, "manifests/000000000001-00000000.json", mgr.keyring, None)
+    assert len(opened.data_key) == 32
+    for text in (repr(opened), str(opened)):
+        assert repr(opened.data_key) not in text and opened.data_key.hex() not in text
+
+
+def test_a_key_given_for_an_unencrypted_store_is_named_as_the_problem(monkeypatch):
+    uri = _uri()
+    with _mgr(uri, enc=False, async_save=False) as mgr:
+        mgr.save({"w": torch.ones(4)}, None, step=1, term=0)
+    monkeypatch.setenv("KEY_A", KEY_A)
+    (name, problem), = verify_checkpoints(uri, ["env:KEY_A"])
+    assert "unencrypted, but a key was given" in problem
+
+
 def test_nothing_in_plaintext_at_rest(tmp_path):
     marker = torch.tensor([float(i) + 0.123456 for i in range(64)])
     names = {"secret_layer_name/weight": marker, "other_tensor_bias": torch.full((7, 13), 3.25)}
