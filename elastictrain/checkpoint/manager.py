@@ -23,10 +23,10 @@ import torch
 from elastictrain.checkpoint import crypto
 from elastictrain.checkpoint.keys import Keyring, keyring_from_specs
 from elastictrain.checkpoint.manifest import (
-    CHUNK_DIR, MANIFEST_DIR, RUN_FILE, Body, decode_manifest, decode_run, encode_run, manifest_name,
-    parse_manifest_name, wrap_context,
+    CHUNK_DIR, MANIFEST_DIR, RUN_FILE, Body, decode_as_current, decode_manifest, decode_run, encode_run,
+    manifest_name, parse_manifest_name, wrap_context,
 )
-from elastictrain.checkpoint.reader import Loaded, open_manifest, read_tensors
+from elastictrain.checkpoint.reader import Loaded, open_decoded, open_manifest, read_tensors
 from elastictrain.checkpoint.retention import plan_retention
 from elastictrain.checkpoint.snapshot import Snapshotter
 from elastictrain.checkpoint.storage import FsspecStorage, Storage
@@ -412,16 +412,9 @@ class CheckpointManager:
         for name in names:
             try:
                 loaded = self._load(name, run, into, encrypted_runs)
-            except UnsupportedFormat as exc:
-                # not damage: a newer release wrote it (say, one machine of the fleet runs a newer image).
-                # Restoring an older checkpoint in its place would roll the run back, and once the
-                # older release saved past it, retention would delete it.
-                raise UnsupportedFormat(
-                    f"{exc} ({name} under {self.storage.uri}; the checkpoints before it are not restored "
-                    f"in its place, which would roll the run back: upgrade elastictrain, or remove {name} "
-                    "to resume from the one before it)"
-                ) from None
             except CheckpointError as exc:
+                if isinstance(exc, UnsupportedFormat):
+                    exc = self._version_damage(name, run, exc)  # or raises: a newer release wrote it
                 if getattr(exc, "chunk_id", None):  # rewrite it when a save needs it: content addressing
                     self._writer.damaged.add(exc.chunk_id)  # repairs every checkpoint that shares it
                 if isinstance(exc, (CheckpointCorrupt, WrongKey)):  # unreadable here: not counted as kept
@@ -437,6 +430,27 @@ class CheckpointManager:
         first = errors[0]
         more = f" (and {len(errors) - 1} older ones failed too)" if len(errors) > 1 else ""
         raise type(first)(f"no {what} verifies under {self.storage.uri}: {first}{more}") from first
+
+    def _version_damage(self, name: str, run: Optional[str], exc: UnsupportedFormat) -> CheckpointCorrupt:
+        """A manifest refused as another format or version: damage if the rest verifies as this version's.
+
+        Raises:
+            UnsupportedFormat: otherwise: a newer release wrote it (say, one machine of the fleet runs a
+                newer image). Restoring an older checkpoint in its place would roll the run back, and
+                once this release saved past it, retention would delete it.
+        """
+        try:
+            decoded = decode_as_current(self.storage.get(name))
+            if decoded is not None:
+                open_decoded(name, decoded, self.keyring, run)
+                return CheckpointCorrupt(f"manifest {name}: its format or version field is damaged ({exc})")
+        except (CheckpointError, FileNotFoundError):
+            pass
+        raise UnsupportedFormat(
+            f"{exc} ({name} under {self.storage.uri}; the checkpoints before it are not restored in its "
+            f"place, which would roll the run back: upgrade elastictrain, or remove {name} to resume from "
+            "the one before it)"
+        ) from None
 
     def latest(self, into: Optional[dict[str, torch.Tensor]] = None) -> Optional[Loaded]:
         """The newest checkpoint that verifies; None if there is none at all.

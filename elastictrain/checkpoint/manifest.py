@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from elastictrain.checkpoint import crypto
-from elastictrain.errors import CheckpointCorrupt, UnsupportedFormat
+from elastictrain.errors import CheckpointCorrupt, CheckpointError, UnsupportedFormat
 
 FORMAT = "elastictrain-checkpoint"
 VERSION = 1
@@ -41,6 +41,9 @@ MAX_STEP = 10**20 - 1  # for steps and terms: a manifest's name holds at most 20
 _MANIFEST_RE = re.compile(r"^manifests/(\d{12,20})-(\d{8,20})\.json$")
 _CHUNK_RE = re.compile(r"^[0-9a-f]{64}$")
 _RUN_RE = re.compile(r"^[0-9a-f]{32}$")
+# Names the format version: a manifest of another version never verifies as this one's, which is how
+# `decode_as_current` tells a damaged version field from a manifest a newer release wrote. A new
+# VERSION must come with a new prefix.
 _SIGNED_PREFIX = b"elastictrain/v1/manifest\x00"
 
 
@@ -287,6 +290,27 @@ def decode_manifest(raw: bytes) -> Decoded:
     if sig.get("alg") == "ed25519" and set(sig) == {"alg", "key", "value"} and isinstance(sig["key"], str):
         return Decoded(body, "ed25519", sig["key"], _unb64(sig["value"], "signature"), message)
     raise CheckpointCorrupt("manifest signature algorithm is unknown")
+
+
+def decode_as_current(raw: bytes) -> Optional[Decoded]:
+    """A manifest refused as another format or version, decoded as if those two fields read this version's.
+
+    The digest or signature covers the body under a prefix naming the version, so what a newer
+    release wrote does not verify here: a result means this version's manifest with a damaged
+    format or version field. None when it does not decode that way either. The caller still
+    checks the Ed25519 signature (`check_signature`), as for any manifest.
+    """
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or (doc.get("format"), doc.get("version")) == (FORMAT, VERSION):
+        return None
+    doc["format"], doc["version"] = FORMAT, VERSION
+    try:
+        return decode_manifest(canonical(doc))
+    except (CheckpointError, TypeError, ValueError, RecursionError):
+        return None
 
 
 def check_signature(decoded: Decoded, signer: crypto.Signer) -> None:

@@ -370,3 +370,11 @@ def test_snapshot_reuses_ids_of_unchanged_pieces_only():
     assert torch.equal(second.tensors["w"], live["w"])
     assert snap.take(live).reuse == {}  # not committed since: nothing known
     assert piece_ranges(0, 16) == [] and piece_ranges(33, 16) == [(0, 16), (16, 16), (32, 1)]
+
+
+def test_the_signed_prefix_names_the_format_version():
+    # a new VERSION needs a new prefix: otherwise a manifest a newer release wrote would verify as this
+    # version's with a damaged version field, and restore would fall back past it (decode_as_current)
+    from elastictrain.checkpoint import manifest
+
+    assert f"/v{manifest.VERSION}/".encode() in manifest._SIGNED_PREFIX

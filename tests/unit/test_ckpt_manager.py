@@ -781,26 +781,49 @@ def test_damaged_newest_falls_back_with_an_event(monkeypatch):
     assert "CheckpointCorrupt" in report[name]
 
 
-def test_a_newest_checkpoint_of_a_newer_format_is_refused_not_rolled_back_past():
+@pytest.mark.parametrize("enc", [True, False])
+def test_a_newest_checkpoint_of_a_newer_format_is_refused_not_rolled_back_past(enc, monkeypatch):
+    from elastictrain.checkpoint import manifest
+
     uri = _uri()
     storage = FsspecStorage(uri)
-    with _mgr(uri, async_save=False) as mgr:
-        mgr.save({"w": torch.ones(10)}, None, step=1, term=0)
-        mgr.save({"w": torch.full((10,), 2.0)}, None, step=2, term=0)
     name = "manifests/000000000002-00000000.json"
-    doc = json.loads(storage.get(name))
-    doc["version"] = 2  # as a newer release on another machine of the fleet would write it
-    storage.put(name, [json.dumps(doc).encode()])
-    with _mgr(uri) as mgr:
+    with _mgr(uri, enc, async_save=False) as mgr:
+        mgr.save({"w": torch.ones(10)}, None, step=1, term=0)
+        with monkeypatch.context() as m:  # as a newer release, on another machine of the fleet, writes it
+            m.setattr(manifest, "VERSION", 2)
+            m.setattr(manifest, "_SIGNED_PREFIX", b"elastictrain/v2/manifest\x00")
+            mgr.save({"w": torch.full((10,), 2.0)}, None, step=2, term=0)
+    newer = storage.get(name)
+    assert json.loads(newer)["version"] == 2
+    with _mgr(uri, enc) as mgr:
         with pytest.raises(UnsupportedFormat, match="roll the run back") as err:
             mgr.latest()
         assert name in str(err.value) and "version 2" in str(err.value)
         assert not [e for e in mgr.events if e["event"] == "checkpoint_skipped"]
         assert mgr.load(1).step == 1  # asked for by step, the older one is still there
-    assert storage.get(name) == json.dumps(doc).encode()
+    assert storage.get(name) == newer
     storage.delete([name])  # what the error says to do, to resume from the one before
-    with _mgr(uri) as mgr:
+    with _mgr(uri, enc) as mgr:
         assert mgr.latest().step == 1
+
+
+@pytest.mark.parametrize("enc", [True, False])
+@pytest.mark.parametrize("field,damaged", [("version", 3), ("version", 0), ("format", "elastictrain-checkpoinu")])
+def test_a_damaged_version_or_format_field_is_damage_not_a_newer_release(enc, field, damaged):
+    uri = _uri()
+    storage = FsspecStorage(uri)
+    with _mgr(uri, enc, async_save=False) as mgr:
+        mgr.save({"w": torch.ones(10)}, None, step=1, term=0)
+        mgr.save({"w": torch.full((10,), 2.0)}, None, step=2, term=0)
+    name = "manifests/000000000002-00000000.json"
+    doc = json.loads(storage.get(name))
+    doc[field] = damaged  # one bit flipped in a field the signature does not cover
+    storage.put(name, [json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()])
+    with _mgr(uri, enc) as mgr:
+        loaded = mgr.latest()
+        assert loaded.step == 1 and loaded.skipped[0][0] == name
+        assert "field is damaged" in loaded.skipped[0][1]
 
 
 def test_a_checkpoint_saved_after_falling_back_is_kept_over_the_damaged_newer_one(tmp_path):
