@@ -280,10 +280,10 @@ class FsspecStorage:
                 continue  # nothing stored there yet, or a folder another writer's retention just emptied
             for entry in entries:
                 try:
-                    if entry.is_dir():
+                    if entry.is_dir(follow_symlinks=False):
                         folders.append(entry.path)
                         continue
-                    if TMP_MARK in entry.name:
+                    if TMP_MARK in entry.name or entry.is_dir():  # links to folders are not followed, as os.walk
                         continue
                     size = entry.stat().st_size
                 except FileNotFoundError:
