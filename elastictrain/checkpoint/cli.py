@@ -67,7 +67,7 @@ def export_checkpoint(
     plaintext: it is created readable by its owner only (0600).
     """
     if not overwrite and os.path.lexists(out):
-        raise FileExistsError(f"{out} exists: remove it, or pass --force to replace it")
+        raise _exists(out)
     mgr = _manager(uri, keys, storage_options, signing_key)
     try:
         loaded = mgr.latest() if step is None else mgr.load(step)
@@ -98,11 +98,15 @@ def _install(tmp: str, out: str, overwrite: bool) -> None:
     try:
         os.link(tmp, out)  # fails if `out` appeared while the checkpoint was read
     except FileExistsError:
-        raise FileExistsError(f"{out} exists: remove it, or pass --force to replace it") from None
+        raise _exists(out) from None
     except OSError:  # a file system without hard links
         if os.path.lexists(out):
-            raise FileExistsError(f"{out} exists: remove it, or pass --force to replace it") from None
+            raise _exists(out) from None
         os.replace(tmp, out)
+
+
+def _exists(out: str) -> FileExistsError:
+    return FileExistsError(f"{out} exists: remove it, or pass --force to replace it")
 
 
 def _raw(tensor) -> memoryview:

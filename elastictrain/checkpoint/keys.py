@@ -45,9 +45,7 @@ def decode_key(text: str, where: str) -> bytes:
     except (binascii.Error, ValueError):
         raise KeySpecError(f"{where} is not base64: generate one with `elastictrain ckpt keygen`") from None
     if len(raw) != crypto.KEY_BYTES:
-        hint = ""
-        if len(text.strip()) == 2 * crypto.KEY_BYTES and all(c in "0123456789abcdefABCDEF" for c in text.strip()):
-            hint = " (it looks like hex: convert it with `xxd -r -p | base64`)"
+        hint = " (it looks like hex: convert it with `xxd -r -p | base64`)" if _is_hex_key(text) else ""
         raise KeySpecError(f"{where} decodes to {len(raw)} bytes; a key is {crypto.KEY_BYTES} bytes (base64){hint}")
     return raw
 
@@ -183,13 +181,18 @@ MAX_KEY_FILE_BYTES = 4096  # a key file holds 44 characters; anything this big i
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def _is_hex_key(text: str) -> bool:
+    """Whether `text` is 32 bytes written in hex."""
+    text = text.strip()
+    return len(text) == 2 * crypto.KEY_BYTES and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
 def _looks_like_key(text: str) -> bool:
     """Whether the text after a spec's scheme is a key itself (base64 or hex of 32 bytes), not a name of one."""
-    text = text.strip()
-    if len(text) == 2 * crypto.KEY_BYTES and all(c in "0123456789abcdefABCDEF" for c in text):
+    if _is_hex_key(text):
         return True
     try:
-        return len(base64.b64decode(text, validate=True)) == crypto.KEY_BYTES
+        return len(base64.b64decode(text.strip(), validate=True)) == crypto.KEY_BYTES
     except (binascii.Error, ValueError):
         return False
 
