@@ -19,20 +19,21 @@ from typing import Any, Callable, Optional, Protocol
 
 from elastictrain.config import BatchConfig, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from elastictrain.errors import TrainingFailed
-
-NON_EVENT_KINDS = {"metrics", "commit", "joined"}
-
+from elastictrain.runtime.runlog import RunLog
 
 @dataclass
 class Result:
     """What a finished run returns.
 
     Attributes:
-        metrics: the last metrics rank 0 reported.
+        metrics: rank 0's last report of the highest step reported: the committed end of the run,
+            whatever rebuild happened near it (a new rank 0 resends reports its predecessor died with).
         steps: committed optimizer steps at the end (the final `state.step`).
         checkpoint_uri: where checkpoints went, or None.
         events: failures, rebuilds, resizes, preemptions, checkpoint fallbacks, in time order.
-        history: every metrics report of rank 0, in order.
+        history: rank 0's reports, one step after another; a step computed again keeps only the
+            reports of its last computation.
+        commit_spans: (term, first step, last step) each term committed.
     """
 
     metrics: dict
@@ -40,7 +41,16 @@ class Result:
     checkpoint_uri: Optional[str]
     events: list[dict]
     history: list[dict] = field(default_factory=list)
-    commits: list[tuple[int, int]] = field(default_factory=list)
+    commit_spans: list[tuple[int, int, int]] = field(default_factory=list)
+    steps_lost_in_flight: int = 0
+    """Steps begun but not committed when their world changed, so computed again (work lost, no step applied twice)."""
+
+    @property
+    def commits(self) -> list[tuple[int, int]]:
+        """(term, step) for every step each term committed."""
+        from elastictrain.runtime.runlog import expand_commits
+
+        return list(expand_commits(self.commit_spans))
 
     @property
     def recoveries(self) -> list[dict]:
@@ -48,11 +58,13 @@ class Result:
 
     @property
     def steps_redone(self) -> int:
-        """Committed steps that had to be computed again after a failure."""
-        terms_by_step: dict[int, set[int]] = {}
-        for term, step in self.commits:
-            terms_by_step.setdefault(step, set()).add(term)
-        return sum(len(terms) - 1 for terms in terms_by_step.values())
+        """Committed steps that had to be computed again after a failure (every replica of them was lost).
+
+        A step lost in flight, begun and not committed, is not counted here but in `steps_lost_in_flight`.
+        """
+        from elastictrain.runtime.runlog import count_redone
+
+        return count_redone(self.commit_spans)
 
     @property
     def failures(self) -> int:
@@ -68,25 +80,29 @@ class RunView:
     @property
     def step(self) -> int:
         """The newest committed step (-1 before the first)."""
-        return self._driver.newest_step
+        return self._driver.log.newest_step
 
     @property
     def term(self) -> int:
-        return self._driver.newest_term
+        return self._driver.log.newest_term
 
     def members(self) -> dict[str, dict]:
         """Members of the newest world: id -> {rank, term, leader, pid, node_id}."""
-        return {m: dict(info) for m, info in self._driver.world_members.items()}
+        return {m: dict(info) for m, info in self._driver.log.world_members.items()}
+
+    def events(self) -> list[dict]:
+        """Every event so far, in arrival order."""
+        return list(self._driver.log.events)
 
     def leader(self) -> Optional[str]:
-        for member, info in self._driver.world_members.items():
+        for member, info in self._driver.log.world_members.items():
             if info.get("leader"):
                 return member
         return None
 
     def signal(self, member_id: str, sig: int = signal.SIGKILL) -> float:
         """Send `sig` to a member's process; returns the wall time it was sent."""
-        pid = self._driver.world_members[member_id]["pid"]
+        pid = self._driver.log.world_members[member_id]["pid"]
         now = time.time()
         os.kill(pid, sig)
         self._driver.record({"kind": "fault_injected", "time": now, "member": member_id, "signal": int(sig)})
@@ -94,6 +110,9 @@ class RunView:
 
 
 class Callback(Protocol):
+    """Called on the driver's thread. `on_progress` when steps commit and every quarter second;
+    `on_event(view, event)`, if the callback has it, once for each event as it arrives."""
+
     def on_progress(self, view: RunView) -> None: ...
 
 
@@ -121,7 +140,8 @@ class ElasticTrainer:
         failure: detection timeouts and the failure budget.
         run: name, seed, progress output.
         callbacks: objects with `on_progress(view)`, called on the driver's thread when steps
-            commit and every quarter second while the run waits.
+            commit and every quarter second while the run waits, and optionally
+            `on_event(view, event)`, called for each event as it arrives.
 
     >>> result = ElasticTrainer(train_fn, scaling=ScalingConfig(min_workers=2, max_workers=3)).fit()  # doctest: +SKIP
     """
@@ -209,17 +229,14 @@ class _Driver:
         self.pool = PoolController(trainer.scaling.max_workers, trainer.failure.max_failures)
         self.actors: dict[str, Any] = {}
         self.refs: dict[Any, str] = {}
-        self.records: list[dict] = []
-        self.world_members: dict[str, dict] = {}
-        self.newest_step = -1
-        self.newest_term = 0
+        self.log = RunLog()
         self.view = RunView(self)
         self._spawned = 0
         self._last_progress = 0.0
         self._returns: dict[str, dict] = {}
 
     def record(self, event: dict) -> None:
-        self.records.append(event)
+        self._ingest([event])
 
     # --- actors ------------------------------------------------------------------------
 
@@ -342,7 +359,7 @@ class _Driver:
     def _lost(self, member_id: str, reason: str):
         self.election.mark_dead(member_id)
         self.record({"kind": "worker_lost", "time": time.time(), "member": member_id, "reason": reason})
-        self.world_members.pop(member_id, None)
+        self.log.world_members.pop(member_id, None)
         return self.pool.lost(member_id)
 
     def _check_health(self) -> None:
@@ -363,24 +380,15 @@ class _Driver:
                         self.record({"kind": "node_draining", "time": now, "member": member.id, "node": member.node_id})
 
     def _ingest(self, records: list[dict]) -> None:
-        progressed = False
+        before = self.log.newest_step
         for rec in records:
-            kind = rec.get("kind")
-            if kind == "commit":
-                if rec["step"] > self.newest_step:
-                    self.newest_step = rec["step"]
-                    progressed = True
-            elif kind == "joined":
-                if rec["term"] > self.newest_term:
-                    self.newest_term = rec["term"]
-                    self.world_members = {}
-                if rec["term"] == self.newest_term:
-                    self.world_members[rec["member"]] = {
-                        "rank": rec["rank"], "term": rec["term"], "leader": rec["leader"],
-                        "pid": rec.get("pid"), "node_id": rec.get("node_id"),
-                    }
-            self.records.append(rec)
-        if progressed:
+            event = self.log.add(rec)
+            if event is not None:
+                for callback in self.trainer.callbacks:
+                    on_event = getattr(callback, "on_event", None)
+                    if on_event is not None:
+                        on_event(self.view, event)
+        if self.log.newest_step > before:
             self._notify_callbacks()
             self._print_progress()
 
@@ -392,39 +400,24 @@ class _Driver:
         if not self.spec.run.progress or time.monotonic() - self._last_progress < 1.0:
             return
         self._last_progress = time.monotonic()
-        metrics = next((r for r in reversed(self.records) if r.get("kind") == "metrics"), {})
+        metrics = self.log.final_metrics()
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                          if isinstance(v, float) and k not in ("time", "t", "step", "term"))
-        lost = sum(1 for r in self.records if r.get("kind") == "worker_lost")
-        print(f"[elastictrain] step {self.newest_step + 1} term {self.newest_term} "
-              f"workers {len(self.world_members)} lost {lost} {shown}", file=sys.stderr, flush=True)
+        lost = sum(1 for r in self.log.events if r.get("kind") == "worker_lost")
+        print(f"[elastictrain] step {self.log.newest_step + 1} term {self.log.newest_term} "
+              f"workers {len(self.log.world_members)} lost {lost} {shown}", file=sys.stderr, flush=True)
 
     def _result(self) -> Result:
-        records = sorted(self.records, key=lambda r: r.get("time", 0.0))
-        history = [_strip(r) for r in records if r.get("kind") == "metrics"]
-        commits = sorted({(r["term"], r["step"]) for r in records if r.get("kind") == "commit"})
         steps = max((out.get("step", -1) for out in self._returns.values() if out["status"] == "finished"), default=-1)
-        events = [r for r in records if r.get("kind") not in NON_EVENT_KINDS]
-        worlds: dict[int, dict] = {}
-        for r in records:
-            if r.get("kind") == "joined":
-                world = worlds.setdefault(r["term"], {"kind": "world", "time": r["time"], "term": r["term"],
-                                                      "world_size": r["world_size"], "leader": None})
-                if r.get("leader"):
-                    world["leader"] = r["member"]
-        events = sorted(events + list(worlds.values()), key=lambda r: r.get("time", 0.0))
         return Result(
-            metrics=history[-1] if history else {},
+            metrics=self.log.final_metrics(),
             steps=steps,
             checkpoint_uri=self.spec.checkpoint.uri,
-            events=events,
-            history=history,
-            commits=commits,
+            events=self.log.all_events(),
+            history=self.log.history(),
+            commit_spans=self.log.commit_spans(),
+            steps_lost_in_flight=self.log.steps_lost_in_flight(),
         )
-
-
-def _strip(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("kind", "member")}
 
 
 def _draining_nodes() -> set[str]:

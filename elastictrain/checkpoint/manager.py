@@ -69,6 +69,8 @@ class CheckpointManager:
         config: where, how often, how many to keep, encryption.
         fence: called with a save's term right before its manifest is written; False abandons the save.
         provenance: labels stored in each manifest (node, host, provider, region).
+        listener: called with each event as it happens (on the saving thread): the runtime reports a
+            commit the moment its manifest is written, not when the training thread next looks.
         storage, environ, clock, random_bytes: for tests (a storage double, key variables, time, and the
             source of run ids, data keys and nonces).
     """
@@ -79,6 +81,7 @@ class CheckpointManager:
         *,
         fence: Optional[Callable[[int], bool]] = None,
         provenance: Optional[dict] = None,
+        listener: Optional[Callable[[dict], None]] = None,
         storage: Optional[Storage] = None,
         environ: Optional[dict] = None,
         clock: Callable[[], float] = time.time,
@@ -100,6 +103,7 @@ class CheckpointManager:
                 config.uri or "this storage",
             )
         self.fence = fence
+        self.listener = listener
         self.provenance = {"host": socket.gethostname(), **{str(k): str(v) for k, v in (provenance or {}).items()}}
         self.events: list[dict[str, Any]] = []
         self.reports: list[SaveReport] = []
@@ -512,7 +516,13 @@ class CheckpointManager:
         return out
 
     def _event(self, kind: str, **facts: Any) -> None:
-        self.events.append({"event": kind, "time": self._clock(), **facts})
+        event = {"event": kind, "time": self._clock(), **facts}
+        self.events.append(event)
+        if self.listener is not None:
+            try:
+                self.listener(dict(event))
+            except Exception:  # noqa: BLE001 - a listener's trouble must not fail a save
+                log.exception("checkpoint event listener failed")
         level = logging.WARNING if kind.endswith(("failed", "skipped")) else logging.INFO
         log.log(level, "checkpoint %s %s", kind, facts)
 

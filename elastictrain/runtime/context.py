@@ -125,8 +125,10 @@ class Context:
             carried = carrier.extra if carrier is not None and carrier._finished else None
             self._runner.at_step_boundary(state, self._world, carried_vote=carried)
             step = state.step
+            self._runner.in_flight = step
             yield step
             state.step = step + 1
+            self._runner.in_flight = None
             self._runner.on_commit(state, self._world, step)
 
     def accumulate(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any):
@@ -169,8 +171,9 @@ class Context:
         """Send metrics to the driver (rank 0's are kept; the call does not block).
 
         Inside the loop body of step s they are stamped with step s (unless `metrics` has a "step").
+        Call it on every rank: each keeps its recent reports, so when rank 0 dies before its last
+        reports reach the driver, the next rank 0 sends its own of those steps instead.
         """
-        if self.rank != 0:
-            return
         step = self._state.step if self._state is not None else None
-        self._runner.emit({"kind": "metrics", "time": time.time(), "step": step, "term": self.generation, **metrics})
+        self._runner.report({"kind": "metrics", "time": time.time(), "step": step, "term": self.generation, **metrics},
+                            self._world)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any, Callable, Optional
 
 import torch
@@ -33,6 +34,10 @@ from elastictrain.statetree import unflatten_state
 
 MAX_REBUILDS_WITHOUT_PROGRESS = 20
 GROW_CHECK_INTERVAL_S = 0.5
+REPORTS_KEPT = 1024
+"""Reports every rank keeps of its last steps, for a new rank 0 to resend what a dead one never sent."""
+QUIET_KINDS = frozenset({"metrics", "commit"})
+"""Records sent with the next heartbeat; every other kind is an event, sent at once so it outlives a kill."""
 
 
 class Runner:
@@ -72,6 +77,9 @@ class Runner:
         self._joined_at = time.time()
         self._buffer: list[dict] = []
         self._buffer_lock = threading.Lock()
+        self._reports: deque[dict] = deque(maxlen=REPORTS_KEPT)
+        self._was_rank0 = False
+        self.in_flight: Optional[int] = None  # the step whose body runs now (set by Context.steps)
         self._leave = threading.Event()
         self._grow = threading.Event()
         self._stop = threading.Event()
@@ -96,15 +104,46 @@ class Runner:
         self._leave.set()
 
     def emit(self, record: dict) -> None:
+        """Queue a record for the driver; an event (anything but metrics and commits) is sent at once."""
         record.setdefault("member", self.member_id)
         with self._buffer_lock:
             self._buffer.append(record)
+        if record.get("kind") not in QUIET_KINDS:
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - kept in the buffer; the next heartbeat sends it
+                pass
 
     def flush(self) -> None:
+        """Send the queued records; on failure they stay queued, in order, for the next try."""
         with self._buffer_lock:
             records, self._buffer = self._buffer, []
         if records:
-            self._send(records)
+            try:
+                self._send(records)
+            except BaseException:
+                with self._buffer_lock:
+                    self._buffer[:0] = records
+                raise
+
+    def report(self, record: dict, world: WorldInfo) -> None:
+        """A `ctx.report` on any rank: every rank keeps its recent reports; rank 0's go to the driver."""
+        self._reports.append(record)
+        if world.rank == 0:
+            self.emit(dict(record))
+
+    def _replay_reports(self, world: WorldInfo) -> None:
+        """As a new rank 0, resend the reports kept from earlier worlds: the driver keeps those of steps
+        whose report died with the old rank 0 (it never replaces one that arrived)."""
+        if world.rank == 0 and not self._was_rank0 and self._reports:
+            for record in self._reports:
+                self.emit({**record, "replay": True, "member": self.member_id})
+        self._was_rank0 = world.rank == 0
+
+    def _forget_uncommitted_reports(self) -> None:
+        """Reports of a step lost in flight describe a computation that never committed."""
+        while self._reports and self._reports[-1].get("step") is not None and self._reports[-1]["step"] >= self.committed:
+            self._reports.pop()
 
     # --- the loop -----------------------------------------------------------------
 
@@ -144,6 +183,7 @@ class Runner:
             self.emit({"kind": "joined", "time": time.time(), "term": plan.term, "rank": world.rank,
                        "world_size": world.world_size, "leader": world.is_leader,
                        "pid": self.node.get("pid"), "node_id": self.node.get("node_id")})
+            self._replay_reports(world)
             ctx: Optional[Context] = None
             try:
                 sockets = GroupSockets()
@@ -170,10 +210,14 @@ class Runner:
                     raise TrainingFailed(reason, cause=where) from exc
                 self.detected_at = time.time()
                 self._sever_group()
-                self._keep_stepped_step(plan.term)
+                in_flight, self.in_flight = self.in_flight, None
+                if self._keep_stepped_step(plan.term):
+                    in_flight = None
+                self._forget_uncommitted_reports()
                 rebuilds_without_progress = 0 if self.committed > committed_before else rebuilds_without_progress + 1
                 self.emit({"kind": "world_changed", "time": self.detected_at, "term": plan.term,
-                           "step": self.committed, "reason": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})
+                           "step": self.committed, "in_flight": in_flight,
+                           "reason": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})
                 if rebuilds_without_progress > MAX_REBUILDS_WITHOUT_PROGRESS:
                     reason = f"{rebuilds_without_progress} rebuilds without a committed step; last: {exc}"
                     self.election.set_outcome(f"failed:{reason}")
@@ -203,18 +247,19 @@ class Runner:
                 destroy_group(self.spec.backend)
                 self.rendezvous.store_handle = None
 
-    def _keep_stepped_step(self, term: int) -> None:
+    def _keep_stepped_step(self, term: int) -> bool:
         """A world change after the optimizer stepped (say, in a collective the loop body issues after
         `optimizer.step()`, to log a metric): the parameters already hold the next step, so that step
         counts as committed rather than being applied twice. Its counters and RNG stay as they are."""
         if not self._stepped or self._live is None:
-            return
+            return False
         step = self._live.step
         self._live.step = step + 1
         self._mark_committed(self._live)
         rank = self.world.rank if self.world is not None else None
         self.emit({"kind": "commit", "time": time.time(), "term": term, "step": step, "rank": rank})
         self.emit({"kind": "in_flight_step_kept", "time": time.time(), "term": term, "step": step})
+        return True
 
     def _mark_committed(self, state: ElasticState) -> None:
         """`state` holds a committed step: note it, keep its plain entries and RNG states; no step is in flight."""
@@ -386,9 +431,15 @@ class Runner:
                 "region": labels.get("region", ""),
             }
             self._checkpoints = CheckpointManager(
-                self.spec.checkpoint, fence=self.election.is_current, provenance=provenance
+                self.spec.checkpoint, fence=self.election.is_current, provenance=provenance,
+                listener=self._on_checkpoint_event,
             )
         return self._checkpoints
+
+    def _on_checkpoint_event(self, event: dict) -> None:
+        """A manifest was written: tell the driver now (from the saving thread), before this process can die."""
+        if event.get("event") == "saved":
+            self.emit({"kind": "checkpoint", "time": event["time"], "term": event.get("term"), "step": event.get("step")})
 
     def _save(self, state: ElasticState, world: WorldInfo, *, wait: bool) -> Optional[BaseException]:
         """Save through the checkpoint manager; a failed save is an event, not the end of training.
@@ -433,11 +484,7 @@ class Runner:
             self.emit({"kind": "checkpoint_failed", "time": time.time(), "term": term, "step": step,
                        "reason": f"{type(exc).__name__}: {exc}"})
             return exc
-        if pending is not None:  # stamped with the commit's time, from the manager's newest events
-            saved = next((e["time"] for e in reversed(manager.events) if e["event"] == "saved" and e.get("step") == step),
-                         time.time())
-            self.emit({"kind": "checkpoint", "time": saved, "term": term, "step": step})
-        return None
+        return None  # a commit was reported by `_on_checkpoint_event` as its manifest was written
 
     def _close_checkpoints(self) -> None:
         if self._checkpoints is not None:

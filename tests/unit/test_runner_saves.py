@@ -27,7 +27,10 @@ def _runner(uri: str, election: Election, async_save: bool = True) -> Runner:
         checkpoint=CheckpointConfig(uri=uri, every_steps=100, async_save=async_save), failure=FailureConfig(),
         run=RunConfig(),
     )
-    return Runner("m0", lambda ctx: None, spec, election, lambda records: None, {}, torch.device("cpu"))
+    sent: list[dict] = []
+    runner = Runner("m0", lambda ctx: None, spec, election, sent.extend, {}, torch.device("cpu"))
+    runner.sent = sent  # what reached the driver; events go at once, metrics and commits with the heartbeat
+    return runner
 
 
 def _world(term: int) -> WorldInfo:
@@ -41,7 +44,7 @@ def _state(step: int) -> ElasticState:
 
 
 def _events(runner: Runner) -> list[tuple]:
-    return [(e["kind"], e.get("step"), e.get("term")) for e in runner._buffer]
+    return [(e["kind"], e.get("step"), e.get("term")) for e in runner.sent + runner._buffer]
 
 
 def _leader(storage_class=FsspecStorage, fenced=False) -> tuple[Runner, Election]:
@@ -51,7 +54,8 @@ def _leader(storage_class=FsspecStorage, fenced=False) -> tuple[Runner, Election
     assert election.claim(1, "m0")
     runner = _runner(uri, election)
     fence = (lambda term: election.is_current(term)) if fenced else None
-    runner._checkpoints = CheckpointManager(runner.spec.checkpoint, storage=storage_class(uri), fence=fence)
+    runner._checkpoints = CheckpointManager(runner.spec.checkpoint, storage=storage_class(uri), fence=fence,
+                                            listener=runner._on_checkpoint_event)
     return runner, election
 
 
