@@ -71,6 +71,12 @@ class FailureConfig(_Config):
     below_min_timeout_s: float = Field(
         600.0, gt=0, description="How long the run waits while fewer than min_workers are alive (seconds)."
     )
+    hang_timeout_s: Optional[float] = Field(
+        600.0, gt=0,
+        description="A worker inside the training loop that completes no step, report or accumulate call for this "
+        "long is hung and is killed, even while its heartbeat thread lives (seconds; None: never). Keep it above "
+        "the slowest step and above collective_timeout_s.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "FailureConfig":
@@ -78,6 +84,11 @@ class FailureConfig(_Config):
             raise ValueError(
                 f"heartbeat_timeout_s={self.heartbeat_timeout_s} must exceed heartbeat_interval_s="
                 f"{self.heartbeat_interval_s}: a worker would be taken for lost between two beats"
+            )
+        if self.hang_timeout_s is not None and self.hang_timeout_s <= self.collective_timeout_s:
+            raise ValueError(
+                f"hang_timeout_s={self.hang_timeout_s} must exceed collective_timeout_s={self.collective_timeout_s}: "
+                "peers waiting on a hung worker in a collective would be taken for hung themselves"
             )
         return self
 

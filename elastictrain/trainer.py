@@ -234,6 +234,7 @@ class _Driver:
         self._spawned = 0
         self._last_progress = 0.0
         self._returns: dict[str, dict] = {}
+        self._killed: set[str] = set()  # members killed for a lapsed heartbeat or a hang
 
     def record(self, event: dict) -> None:
         self._ingest([event])
@@ -363,21 +364,38 @@ class _Driver:
         return self.pool.lost(member_id)
 
     def _check_health(self) -> None:
-        """Kill members whose heartbeat lapsed (hung, SIGSTOPped); ask members on draining nodes to leave."""
-        now = time.time()
-        timeout = self.spec.failure.heartbeat_timeout_s
+        """Kill members whose heartbeat lapsed (hung, SIGSTOPped) or whose training thread stopped making
+        progress while its heartbeat lives (hung in user code); ask members on draining nodes to leave.
+
+        Judged on this process's monotonic clock: when each member's beat and progress last changed here.
+        """
+        from elastictrain.election.heartbeat import is_hung
+
+        now = time.monotonic()
+        failure = self.spec.failure
         active = [m for m in self.election.members() if m.id in self.pool.active]
         for member in active:
-            live = self.election.liveness(member.id)
-            if live.heartbeat is not None and not live.dead and now - live.heartbeat > timeout:
-                self.record({"kind": "heartbeat_lapsed", "time": now, "member": member.id})
+            live = self.election.liveness(member.id, now)
+            if live.dead or live.heartbeat is None:
+                continue
+            if member.id in self._killed:
+                continue  # killed already; its death reaches the loop as a lost worker
+            if now - live.heartbeat > failure.heartbeat_timeout_s:
+                self.record({"kind": "heartbeat_lapsed", "time": time.time(), "member": member.id})
+                self._killed.add(member.id)
+                self._kill(member.id)
+            elif is_hung(live.seen, now, failure.hang_timeout_s):
+                self.record({"kind": "hang_detected", "time": time.time(), "member": member.id,
+                             "no_progress_s": now - live.seen.progress_at})
+                self._killed.add(member.id)
                 self._kill(member.id)
         draining = _draining_nodes()
         if draining:
             for member in active:
                 if member.node_id in draining:
                     if self.election.store.put_if_absent(f"leave/{member.id}", b"drain"):
-                        self.record({"kind": "node_draining", "time": now, "member": member.id, "node": member.node_id})
+                        self.record({"kind": "node_draining", "time": time.time(), "member": member.id,
+                                     "node": member.node_id})
 
     def _ingest(self, records: list[dict]) -> None:
         before = self.log.newest_step

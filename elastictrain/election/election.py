@@ -2,7 +2,7 @@
 
 Key layout (one namespace per run):
   member/<id>            Member registration
-  hb/<id>                last heartbeat, wall time
+  hb/<id>                last heartbeat: a sequence number and training progress (no clock)
   dead/<id>, left/<id>   the driver saw the process die / the member left cleanly
   leader/<term>          the term's leader, claimed create-if-absent
   join/<term>/<id>       a member's bid to be in the term's world
@@ -16,6 +16,7 @@ import json
 import time
 from typing import Optional
 
+from elastictrain.election.heartbeat import Beat, BeatWatch
 from elastictrain.election.store import KVStore
 from elastictrain.election.term import Liveness, Member, WorldPlan, is_live
 from elastictrain.errors import StaleTerm
@@ -30,6 +31,8 @@ class Election:
 
     def __init__(self, store: KVStore) -> None:
         self.store = store
+        self.watch = BeatWatch()  # this process's view of everyone's beats, on its own monotonic clock
+        self._seq = 0
 
     # --- membership ---------------------------------------------------------
 
@@ -37,8 +40,12 @@ class Election:
         self.store.put(f"member/{member.id}", member.to_json())
         self.heartbeat(member.id)
 
-    def heartbeat(self, member_id: str, now: Optional[float] = None) -> None:
-        self.store.put(f"hb/{member_id}", repr(time.time() if now is None else now).encode())
+    def heartbeat(self, member_id: str, beat: Optional[Beat] = None) -> None:
+        """Write a beat (by default a bare one with the next sequence number: every beat must differ)."""
+        if beat is None:
+            self._seq += 1
+            beat = Beat(seq=self._seq)
+        self.store.put(f"hb/{member_id}", beat.to_bytes())
 
     def mark_dead(self, member_id: str) -> None:
         """Record a death (the driver is the only writer) where every member can read it cheaply."""
@@ -62,17 +69,19 @@ class Election:
                 out.append(Member.from_json(raw))
         return out
 
-    def liveness(self, member_id: str) -> Liveness:
-        raw = self.store.get(f"hb/{member_id}")
+    def liveness(self, member_id: str, now: Optional[float] = None) -> Liveness:
+        """Read a member's beat and note, on this process's monotonic clock (or `now`), whether it changed."""
+        seen = self.watch.observe(member_id, self.store.get(f"hb/{member_id}"), time.monotonic() if now is None else now)
         return Liveness(
-            heartbeat=float(raw) if raw is not None else None,
+            heartbeat=seen.beat_at if seen is not None else None,
             dead=self.store.get(f"dead/{member_id}") is not None,
             left=self.store.get(f"left/{member_id}") is not None,
+            seen=seen,
         )
 
     def live_ids(self, heartbeat_timeout: float, now: Optional[float] = None) -> set[str]:
-        now = time.time() if now is None else now
-        return {m.id for m in self.members() if is_live(self.liveness(m.id), now, heartbeat_timeout)}
+        now = time.monotonic() if now is None else now
+        return {m.id for m in self.members() if is_live(self.liveness(m.id, now), now, heartbeat_timeout)}
 
     # --- terms --------------------------------------------------------------
 

@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Optional
 
+from elastictrain.election.heartbeat import Seen
+
 NO_STATE = -1
 """`committed_step` of a member that holds no training state (a new or restarted worker)."""
 
@@ -37,15 +39,19 @@ class Member:
 
 @dataclass(frozen=True)
 class Liveness:
-    """A member's last heartbeat (wall time) and whether the driver saw its process die."""
+    """When the observer last saw a member's heartbeat change (its own monotonic clock), and whether
+    the driver saw its process die or it left."""
 
     heartbeat: Optional[float]
     dead: bool = False
     left: bool = False
+    seen: Optional[Seen] = None
+    """The observer's record of the member's beats and training progress."""
 
 
 def is_live(liveness: Liveness, now: float, heartbeat_timeout: float) -> bool:
-    """A member is live while its process is not known dead and its heartbeat is fresh."""
+    """A member is live while its process is not known dead and its heartbeat is fresh (`now` on the
+    same monotonic clock that noted the beat)."""
     if liveness.dead or liveness.left or liveness.heartbeat is None:
         return False
     return now - liveness.heartbeat <= heartbeat_timeout

@@ -120,16 +120,23 @@ class Context:
             raise RuntimeError("call ctx.state(model=..., optimizer=...) before ctx.steps()")
         if total_steps < 0:
             raise ValueError(f"total_steps={total_steps} must be >= 0")
-        while state.step < total_steps:
-            carrier, self._vote_carrier = self._vote_carrier, None
-            carried = carrier.extra if carrier is not None and carrier._finished else None
-            self._runner.at_step_boundary(state, self._world, carried_vote=carried)
-            step = state.step
-            self._runner.in_flight = step
-            yield step
-            state.step = step + 1
-            self._runner.in_flight = None
-            self._runner.on_commit(state, self._world, step)
+        runner = self._runner
+        runner.in_loop = True
+        try:
+            while state.step < total_steps:
+                carrier, self._vote_carrier = self._vote_carrier, None
+                carried = carrier.extra if carrier is not None and carrier._finished else None
+                runner.at_step_boundary(state, self._world, carried_vote=carried)
+                step = state.step
+                runner.in_flight = step
+                runner.progress += 1
+                yield step
+                state.step = step + 1
+                runner.in_flight = None
+                runner.progress += 1
+                runner.on_commit(state, self._world, step)
+        finally:
+            runner.in_loop = False
 
     def accumulate(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any):
         """One optimizer step over this rank's micro-batches; one all-reduce.
@@ -141,6 +148,7 @@ class Context:
         """
         from elastictrain.accumulate import GradAccumulator, plan_rank
 
+        self._runner.progress += 1
         key = (id(model), id(optimizer))
         acc = self._accumulators.get(key)
         if acc is None:

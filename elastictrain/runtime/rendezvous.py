@@ -67,7 +67,8 @@ class Rendezvous:
             return False
         if leader == self.member_id:
             return True
-        return is_live(self.election.liveness(leader), time.time(), self.policy.heartbeat_timeout_s)
+        now = time.monotonic()
+        return is_live(self.election.liveness(leader, now), now, self.policy.heartbeat_timeout_s)
 
     def next_world(self, me: Member, *, last_term: int, was_member: bool, last_rank: int = 0) -> WorldPlan:
         """Block until a world that includes `me` is published; lead one if need be.

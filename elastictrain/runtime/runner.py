@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from elastictrain.election.election import Election
+from elastictrain.election.heartbeat import Beat
 from elastictrain.election.term import NO_STATE, Member, should_grow
 from elastictrain.errors import LeaveWorld, StaleTerm, TrainingFailed, WorldChanged
 from elastictrain.runtime.context import Context, _set_current
@@ -80,6 +81,9 @@ class Runner:
         self._reports: deque[dict] = deque(maxlen=REPORTS_KEPT)
         self._was_rank0 = False
         self.in_flight: Optional[int] = None  # the step whose body runs now (set by Context.steps)
+        self.progress = 0  # bumped by the training thread at every step, report and accumulate call
+        self.in_loop = False  # inside ctx.steps and not in a runtime wait: the heartbeat says progress is due
+        self._beats = 0
         self._leave = threading.Event()
         self._grow = threading.Event()
         self._stop = threading.Event()
@@ -129,6 +133,7 @@ class Runner:
     def report(self, record: dict, world: WorldInfo) -> None:
         """A `ctx.report` on any rank: every rank keeps its recent reports; rank 0's go to the driver."""
         self._reports.append(record)
+        self.progress += 1
         if world.rank == 0:
             self.emit(dict(record))
 
@@ -233,6 +238,7 @@ class Runner:
                            "step": self.committed, "reason": "the leader was lost before the run ended"})
                 continue
             finally:
+                self.in_loop = False
                 _set_current(None)
                 for hook in self._step_hooks:
                     hook.remove()
@@ -359,10 +365,14 @@ class Runner:
         if leaving:
             if world.rank == leaving[0]:
                 self.emit({"kind": "preemption_notice", "time": time.time(), "term": world.term, "step": state.step})
-            if world.is_leader:
-                self._save(state, world, wait=True)
-            if n > 1:
-                dist.all_reduce(torch.zeros(1, device=self._vote_device()))  # barrier: the save has committed
+            in_loop, self.in_loop = self.in_loop, False  # waiting on storage is not a hang
+            try:
+                if world.is_leader:
+                    self._save(state, world, wait=True)
+                if n > 1:
+                    dist.all_reduce(torch.zeros(1, device=self._vote_device()))  # barrier: the save has committed
+            finally:
+                self.in_loop = in_loop
             if world.rank in leaving:
                 raise LeaveWorld(f"member {self.member_id} leaves at step {state.step}")
         reason = f"ranks {leaving} leave" if leaving else "capacity is waiting to join"
@@ -501,7 +511,8 @@ class Runner:
         next_grow_check = 0.0
         while not self._stop.is_set():
             try:
-                self.election.heartbeat(self.member_id)
+                self._beats += 1
+                self.election.heartbeat(self.member_id, Beat(seq=self._beats, progress=self.progress, in_loop=self.in_loop))
                 if self.election.store.get(f"leave/{self.member_id}") is not None:
                     self._leave.set()
                 world = self.world
