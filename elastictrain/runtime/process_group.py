@@ -21,6 +21,7 @@ _FAILURE_MARKERS = (
     "connection refused",
     "broken pipe",
     "timed out",
+    "pair closure",  # gloo: "Application timeout caused pair closure", a peer silent past the timeout
     "nccl",
     "gloo",
     "socket",

@@ -420,6 +420,8 @@ class Runner:
                     return False
                 time.sleep(0.02)
             return True
+        if state is not None and self._checkpoint_manager() is not None:
+            self.emit({"kind": "final_save_started", "time": time.time(), "term": world.term, "step": state.step})
         if state is not None and isinstance(self._save(state, world, wait=True), StaleTerm):
             return False  # a newer world leads now; its leader writes the final checkpoint
         self.election.set_outcome("done")

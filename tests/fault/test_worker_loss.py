@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
-import time
+import threading
 
 from elastictrain.toy import ToyTask
+from tests.conftest import _wait_for
 from tests.fault.faults import At, a_follower, kill_follower, kill_leader
-from tests.toy_runs import FAILURE, assert_matches_one_process, fit_toy, kinds
+from tests.toy_runs import BATCH, FAILURE, assert_matches_one_process, fit_toy, kinds
 
 TASK = ToyTask(total_steps=30, step_sleep_s=0.05)
 
@@ -42,32 +44,107 @@ def test_sigkill_the_leader(ray_session):
     _assert_same_model(result)
 
 
-def test_second_loss_during_a_rebuild(ray_session):
-    def kill_two(view):
-        first, second = sorted(m for m, info in view.members().items() if not info["leader"])[:2]
-        view.signal(first, signal.SIGKILL)
-        time.sleep(0.03)  # the survivors are electing and re-forming the group now
-        view.signal(second, signal.SIGKILL)
+def _dies_in_the_next_rendezvous(marker: str):
+    """on_step: at step 8 of the first world, rank 1 dies mid-run and rank 2 arms a second death: once it
+    has joined the next term (the survivors are electing and re-forming the group), it marks `marker`
+    with that term and kills itself."""
 
-    fault = At(8, kill_two, min_members=4)
-    result = _fit([fault], workers=(2, 4))
-    assert fault.fired_at is not None
+    def on_step(ctx, step):
+        if ctx.generation != 1 or step != 8:
+            return
+        if ctx.rank == 2:
+            from elastictrain.election import election as election_module
+
+            real_join = election_module.Election.join
+
+            def join_then_die(self, term, member):
+                real_join(self, term, member)
+                if term > 1:
+                    with open(marker, "w") as f:
+                        f.write(str(term))
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            election_module.Election.join = join_then_die
+        elif ctx.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
+def test_second_loss_during_a_rebuild(ray_session, tmp_path):
+    import elastictrain as et
+    from elastictrain.toy import make_train_fn
+
+    marker = tmp_path / "second-death"
+    result = et.ElasticTrainer(
+        make_train_fn(TASK, on_step=_dies_in_the_next_rendezvous(str(marker))),
+        scaling=et.ScalingConfig(min_workers=2, max_workers=4), batch=BATCH, failure=FAILURE,
+    ).fit()
+    assert marker.read_text() == "2"  # the second death landed inside the rebuild after the first
     assert kinds(result).count("worker_lost") == 2
     assert result.steps_redone <= 2
     _assert_same_model(result)
 
 
+def _gone(pid: int) -> bool:
+    """The process no longer runs (absent, or a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pid: int, timeout: float = 30.0) -> bool:
+    return _wait_for(lambda: _gone(pid), timeout=timeout)
+
+
 def test_hung_worker_is_detected_within_the_timeout(ray_session):
-    fault = At(8, lambda view: view.signal(a_follower(view), signal.SIGSTOP), min_members=3)
+    stopped = {}
+
+    def stop_a_follower(view):
+        member = a_follower(view)
+        stopped["member"], stopped["pid"] = member, view.members()[member]["pid"]
+        view.signal(member, signal.SIGSTOP)
+
+    fault = At(8, stop_a_follower, min_members=3)
     result = _fit([fault])
-    hung = next(e["member"] for e in result.events if e["kind"] == "fault_injected")
+    hung = stopped["member"]
     changed = [e for e in result.events if e["kind"] == "world_changed" and e["time"] > fault.fired_at]
     assert changed, "nobody noticed the hung worker"
     detected_after = min(e["time"] for e in changed) - fault.fired_at
     # Whichever comes first: the collective timeout, or the heartbeat lapse the driver acts on.
     assert detected_after < FAILURE.collective_timeout_s + 2.0, detected_after
     assert any(e["kind"] == "heartbeat_lapsed" and e["member"] == hung for e in result.events)
+    assert any(e["kind"] == "worker_lost" and e["member"] == hung for e in result.events)
+    assert _wait_gone(stopped["pid"]), "the hung worker's process was not killed"
     assert result.steps_redone <= 1
+    _assert_same_model(result)
+
+
+def test_a_training_thread_stuck_while_its_heartbeat_lives_is_killed(ray_session, tmp_path):
+    """A rank stuck in user code (a dead data source, a deadlock): its heartbeat thread goes on beating,
+    so only the progress its beats carry shows the hang."""
+    import elastictrain as et
+    from elastictrain.toy import make_train_fn
+
+    pid_file = tmp_path / "stuck-pid"
+
+    def on_step(ctx, step):
+        if ctx.generation == 1 and ctx.rank == 1 and step == 8:
+            pid_file.write_text(str(os.getpid()))
+            threading.Event().wait(120)  # stuck; never returns in time
+
+    failure = FAILURE.model_copy(update={"hang_timeout_s": FAILURE.collective_timeout_s + 2.0})
+    result = et.ElasticTrainer(
+        make_train_fn(TASK, on_step=on_step), scaling=et.ScalingConfig(min_workers=2, max_workers=3),
+        batch=BATCH, failure=failure,
+    ).fit()
+    hangs = [e for e in result.events if e["kind"] == "hang_detected"]
+    assert len(hangs) == 1 and hangs[0]["no_progress_s"] > failure.hang_timeout_s
+    assert [e["member"] for e in result.events if e["kind"] == "worker_lost"] == [hangs[0]["member"]]
+    assert not any(e["kind"] == "heartbeat_lapsed" for e in result.events)  # its heartbeat never stopped
+    assert _wait_gone(int(pid_file.read_text())), "the stuck worker's process was not killed"
     _assert_same_model(result)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import signal
 
 import pytest
@@ -82,8 +83,12 @@ def test_preemption_notice_saves_before_leaving(ray_session, tmp_path):
 FINAL = 12
 
 
-def _slow_final_save_fn(save_s: float):
+def _slow_final_save_fn(save_s: float, stall_first: str = ""):
+    """A loop whose final save takes `save_s`; with `stall_first` (a path), the first member to start the
+    final save stalls in it (bounded) until it is killed, and marks the path so later leaders save at once."""
+
     def train_fn(ctx):
+        import os as _os
         import time as _time
 
         from elastictrain.checkpoint import manager as manager_module
@@ -92,7 +97,11 @@ def _slow_final_save_fn(save_s: float):
 
         def slow(self, tensors, skeleton, step, term, reuse, *, from_snapshot):
             if step == FINAL:
-                _time.sleep(save_s)  # a large model on remote storage
+                if stall_first and not _os.path.exists(stall_first):
+                    open(stall_first, "w").close()
+                    _time.sleep(60)  # stalled in storage: the test kills this leader on final_save_started
+                else:
+                    _time.sleep(save_s)  # a large model on remote storage
             return real(self, tensors, skeleton, step, term, reuse, from_snapshot=from_snapshot)
 
         manager_module.CheckpointManager._save_now = slow
@@ -104,9 +113,9 @@ def _slow_final_save_fn(save_s: float):
     return train_fn
 
 
-def _final_run(tmp_path, save_s, failure, callbacks=()):
+def _final_run(tmp_path, save_s, failure, callbacks=(), stall_first=""):
     ckpt = et.CheckpointConfig(uri=f"file://{tmp_path}/run", every_steps=100)
-    result = et.ElasticTrainer(_slow_final_save_fn(save_s), scaling=et.ScalingConfig(min_workers=2, max_workers=3),
+    result = et.ElasticTrainer(_slow_final_save_fn(save_s, stall_first), scaling=et.ScalingConfig(min_workers=2, max_workers=3),
                                failure=failure, checkpoint=ckpt, callbacks=list(callbacks)).fit()
     return result, [c.step for c in CheckpointManager(ckpt).list()]
 
@@ -122,18 +131,26 @@ def test_a_final_save_slower_than_the_rendezvous_timeout_still_commits(ray_sessi
 
 def test_leader_lost_during_the_final_save_a_new_leader_writes_it(ray_session, tmp_path):
     class KillLeaderWhileSaving:
-        fired = False
+        """Kills the member that announced its final save, once the whole world is there."""
+
+        def __init__(self):
+            self.killed = None
 
         def on_progress(self, view):
-            if not self.fired and view.step >= FINAL - 1 and len(view.members()) == 3:
-                self.fired = True
-                import time as _time
+            pass
 
-                _time.sleep(1.0)  # the leader is inside its 3 s final save now
-                view.signal(view.leader(), signal.SIGKILL)
+        def on_event(self, view, event):
+            if self.killed is None and event["kind"] == "final_save_started":
+                self.killed = event["member"]
+                view.signal(event["member"], signal.SIGKILL)
 
-    result, steps = _final_run(tmp_path, 3.0, FAILURE, [KillLeaderWhileSaving()])
+    kill = KillLeaderWhileSaving()
+    stalled = str(tmp_path / "stalled")
+    result, steps = _final_run(tmp_path, 0.0, FAILURE, [kill], stall_first=stalled)
+    assert kill.killed is not None and os.path.exists(stalled)  # the kill landed inside the stalled final save
     assert steps == [FINAL] and result.steps == FINAL
     saves = [(e["term"], e["member"]) for e in result.events if e["kind"] == "checkpoint"]
     leaders = {(e["term"], e["leader"]) for e in result.events if e["kind"] == "world"}
     assert len(saves) == 1 and saves[0] in leaders and saves[0][0] > 1  # one writer, the new term's leader
+    assert saves[0][1] != kill.killed
+    assert [e["member"] for e in result.events if e["kind"] == "worker_lost"] == [kill.killed]
