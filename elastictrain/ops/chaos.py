@@ -61,6 +61,19 @@ class FaultSchedule:
         self.fired.append(fault)
 
 
+def hold_for_whole_world(fault_steps: Sequence[int], workers: int, timeout_s: float = 120.0) -> Callable:
+    """An `on_step(ctx, step)` for the toy loop: at each fault step, a world smaller than `workers` holds
+    its loop until the missing capacity has started and waits to join (bounded), so the fault lands on a
+    whole world on a busy machine too, where a replacement worker can take many steps to start."""
+    steps = frozenset(fault_steps)
+
+    def on_step(ctx, step: int) -> None:
+        if step in steps and ctx.world_size < workers:
+            ctx._runner.wait_for_capacity(ctx._world, timeout_s)
+
+    return on_step
+
+
 def recovery_report(schedule: FaultSchedule, result) -> list[dict]:
     """Per fault: who was killed, at which step, how long until training went on, steps computed again.
 

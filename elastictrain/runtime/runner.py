@@ -378,6 +378,18 @@ class Runner:
         reason = f"ranks {leaving} leave" if leaving else "capacity is waiting to join"
         raise WorldChanged(world.term, f"planned at step {state.step}: {reason}")
 
+    def wait_for_capacity(self, world: WorldInfo, timeout_s: float) -> bool:
+        """Hold this rank until a live member waits outside `world` (and, on the leader, until it has decided
+        to grow at the next step boundary); False after `timeout_s`. For fault schedules that must land
+        on a whole world however long a replacement takes to start."""
+        deadline = time.monotonic() + timeout_s
+        lapse = self.spec.failure.heartbeat_timeout_s
+        while not self.election.live_ids(lapse) - set(world.plan.members):
+            if time.monotonic() >= deadline or self._stop.is_set():
+                return False
+            self._stop.wait(0.05)
+        return not world.is_leader or self._grow.wait(max(0.0, deadline - time.monotonic()))
+
     def _vote_device(self) -> torch.device:
         return self.device if self.spec.backend == "nccl" else torch.device("cpu")
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 import elastictrain as et
+from elastictrain.ops.chaos import hold_for_whole_world
 from elastictrain.toy import ToyTask, make_train_fn
 from tests.fault.faults import At, a_follower
 from tests.toy_runs import BATCH, assert_matches_one_process, fit_toy
@@ -88,28 +88,6 @@ def test_whole_node_lost_and_workers_stay_on_their_provider(cluster):
     _assert_same_model(result)
 
 
-def _hold_until_capacity_waits(at_step: int, max_workers: int):
-    """on_step: at `at_step` every rank of a smaller world holds the loop (bounded) until a live member waits
-    outside the world, and the leader until it has decided to grow; so the growth lands however long the
-    new node and worker take to come up, and the run cannot end first."""
-
-    def on_step(ctx, step):
-        if step != at_step or ctx.world_size >= max_workers:
-            return
-        import time as _time
-
-        runner = ctx._runner
-        timeout = runner.spec.failure.heartbeat_timeout_s
-        deadline = _time.monotonic() + 120
-        while not runner.election.live_ids(timeout) - set(runner.world.plan.members):
-            assert _time.monotonic() < deadline, "no capacity came to join"
-            threading.Event().wait(0.05)
-        if ctx.is_leader:
-            assert runner._grow.wait(60), "the leader never decided to grow"
-
-    return on_step
-
-
 def test_capacity_added_mid_run_scales_up(cluster):
     for _ in range(2):
         cluster.add_node(num_cpus=1, labels=AWS)
@@ -117,7 +95,7 @@ def test_capacity_added_mid_run_scales_up(cluster):
     task = ToyTask(total_steps=30, step_sleep_s=0.02)
     grow = At(3, lambda view: cluster.add_node(num_cpus=1, labels=AWS), min_members=2)
     result = et.ElasticTrainer(
-        make_train_fn(task, on_step=_hold_until_capacity_waits(at_step=6, max_workers=3)),
+        make_train_fn(task, on_step=hold_for_whole_world([6], workers=3)),
         scaling=et.ScalingConfig(min_workers=2, max_workers=3), batch=BATCH, failure=FAILURE, callbacks=[grow],
     ).fit()
     sizes = _world_sizes(result)

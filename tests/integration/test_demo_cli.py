@@ -21,10 +21,9 @@ def test_demo_recovers_from_every_fault_and_matches_one_process(tmp_path):
     assert "Recovery report" in proc.stdout
     report = json.loads(report_path.read_text())
     assert report["steps"] == 60
-    # The first fault kills the leader; a later one waits for the replacement worker to have
-    # joined, which a busy machine may not allow before the run ends.
-    assert report["faults"] and report["faults"][0]["target"] == "leader"
-    assert report["faults_scheduled"] == 2
+    # Every fault lands, however slowly a replacement starts: the loop waits for a whole world at a fault step.
+    assert [f["target"] for f in report["faults"]] == ["leader", "follower"]
+    assert report["faults_scheduled"] == 2 and report["workers_lost"] == 2
     assert all(f["recovery_s"] is not None and f["steps_redone"] <= 1 for f in report["faults"])
     assert report["max_param_diff_vs_one_process"] < 1e-4
 
