@@ -76,6 +76,7 @@ class RunView:
 
     def __init__(self, driver: "_Driver") -> None:
         self._driver = driver
+        self._faults = 0
 
     @property
     def step(self) -> int:
@@ -101,10 +102,16 @@ class RunView:
         return None
 
     def signal(self, member_id: str, sig: int = signal.SIGKILL) -> float:
-        """Send `sig` to a member's process; returns the wall time it was sent."""
+        """Send `sig` to a member's process; returns the wall time it was sent.
+
+        The fault is also counted in the run's store (`faults/<n>`), where a worker's loop can wait for
+        it (`elastictrain.ops.chaos.hold_until_faults`) instead of racing it with a step count.
+        """
         pid = self._driver.log.world_members[member_id]["pid"]
         now = time.time()
         os.kill(pid, sig)
+        self._faults += 1
+        self._driver.election.store.put(f"faults/{self._faults:06d}", member_id.encode())
         self._driver.record({"kind": "fault_injected", "time": now, "member": member_id, "signal": int(sig)})
         return now
 

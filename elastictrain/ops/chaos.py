@@ -74,6 +74,21 @@ def hold_for_whole_world(fault_steps: Sequence[int], workers: int, timeout_s: fl
     return on_step
 
 
+def hold_until_faults(at_step: int, count: int = 1, timeout_s: float = 120.0) -> Callable:
+    """An `on_step(ctx, step)` for the toy loop: at `at_step` of the first world, every rank holds its loop
+    until the driver has injected `count` faults (`RunView.signal`), bounded by `timeout_s`. A fault fired
+    by a callback at step `at_step - 1` then lands mid-run however slowly the driver sees steps commit."""
+
+    def on_step(ctx, step: int) -> None:
+        if step != at_step or ctx.generation != 1:
+            return
+        store, deadline = ctx._runner.election.store, time.monotonic() + timeout_s
+        while len(store.keys("faults/")) < count and time.monotonic() < deadline:
+            ctx._runner._stop.wait(0.02)
+
+    return on_step
+
+
 def recovery_report(schedule: FaultSchedule, result) -> list[dict]:
     """Per fault: who was killed, at which step, how long until training went on, steps computed again.
 

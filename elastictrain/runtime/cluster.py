@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
+
+log = logging.getLogger(__name__)
+
+LOCAL_START_TRIES = 3
+"""Ray gives a local node 30 s (fixed) to register; a machine busy enough to miss that gets another try."""
 
 
 def ensure_ray(num_cpus: int) -> bool:
@@ -18,6 +24,14 @@ def ensure_ray(num_cpus: int) -> bool:
     quiet = {"logging_level": "ERROR", "log_to_driver": False}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
+        return True
+    for attempt in range(1, LOCAL_START_TRIES + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
+            return True
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == LOCAL_START_TRIES:
+                raise
+            log.warning("the local Ray node did not start in time (a busy machine); starting it again")
+            ray.shutdown()
     return True

@@ -6,16 +6,26 @@ import os
 import signal
 import threading
 
-from elastictrain.toy import ToyTask
+import elastictrain as et
+from elastictrain.ops.chaos import hold_until_faults
+from elastictrain.toy import ToyTask, make_train_fn
 from tests.conftest import _wait_for
 from tests.fault.faults import At, a_follower, kill_follower, kill_leader
-from tests.toy_runs import BATCH, FAILURE, assert_matches_one_process, fit_toy, kinds
+from tests.toy_runs import BATCH, FAILURE, assert_matches_one_process, kinds
 
 TASK = ToyTask(total_steps=30, step_sleep_s=0.05)
+FAULT_STEP = 8
+# The first world waits for every worker, and the loop holds at the step after the fault's until the driver
+# has fired it: the fault lands mid-run in a whole world however slowly this machine runs.
+WHOLE_FIRST_WORLD = FAILURE.model_copy(update={"startup_wait_s": 120.0})
 
 
-def _fit(callbacks, workers=(2, 3)):
-    return fit_toy(TASK, workers=workers, callbacks=callbacks)
+def _fit(callbacks, workers=(2, 3), hold=True):
+    on_step = hold_until_faults(FAULT_STEP + 1) if hold else None
+    return et.ElasticTrainer(
+        make_train_fn(TASK, on_step=on_step), scaling=et.ScalingConfig(min_workers=workers[0], max_workers=workers[1]),
+        batch=BATCH, failure=WHOLE_FIRST_WORLD, callbacks=list(callbacks),
+    ).fit()
 
 
 def _assert_same_model(result) -> None:
@@ -23,7 +33,7 @@ def _assert_same_model(result) -> None:
 
 
 def test_sigkill_a_worker(ray_session):
-    fault = At(8, kill_follower, min_members=3)
+    fault = At(FAULT_STEP, kill_follower, min_members=3)
     result = _fit([fault])
     assert fault.fired_at is not None
     assert kinds(result).count("worker_lost") == 1
@@ -33,7 +43,7 @@ def test_sigkill_a_worker(ray_session):
 
 
 def test_sigkill_the_leader(ray_session):
-    fault = At(8, kill_leader, min_members=3)
+    fault = At(FAULT_STEP, kill_leader, min_members=3)
     result = _fit([fault])
     lost = [e["member"] for e in result.events if e["kind"] == "worker_lost"]
     injected = [e["member"] for e in result.events if e["kind"] == "fault_injected"]
@@ -72,7 +82,6 @@ def _dies_in_the_next_rendezvous(marker: str):
 
 
 def test_second_loss_during_a_rebuild(ray_session, tmp_path):
-    import elastictrain as et
     from elastictrain.toy import make_train_fn
 
     marker = tmp_path / "second-death"
@@ -107,7 +116,7 @@ def test_hung_worker_is_detected_within_the_timeout(ray_session):
         stopped["member"], stopped["pid"] = member, view.members()[member]["pid"]
         view.signal(member, signal.SIGSTOP)
 
-    fault = At(8, stop_a_follower, min_members=3)
+    fault = At(FAULT_STEP, stop_a_follower, min_members=3)
     result = _fit([fault])
     hung = stopped["member"]
     changed = [e for e in result.events if e["kind"] == "world_changed" and e["time"] > fault.fired_at]
@@ -125,7 +134,6 @@ def test_hung_worker_is_detected_within_the_timeout(ray_session):
 def test_a_training_thread_stuck_while_its_heartbeat_lives_is_killed(ray_session, tmp_path):
     """A rank stuck in user code (a dead data source, a deadlock): its heartbeat thread goes on beating,
     so only the progress its beats carry shows the hang."""
-    import elastictrain as et
     from elastictrain.toy import make_train_fn
 
     pid_file = tmp_path / "stuck-pid"
@@ -152,9 +160,9 @@ def test_same_world_size_after_a_loss_is_bitwise_identical(ray_session):
     """min = max = 2: the run waits for a replacement, so every step runs at world size 2."""
     import torch
 
-    uninterrupted = fit_toy(TASK, workers=(2, 2))
-    fault = At(8, kill_follower, min_members=2)
-    interrupted = fit_toy(TASK, workers=(2, 2), callbacks=[fault])
+    uninterrupted = _fit([], workers=(2, 2), hold=False)
+    fault = At(FAULT_STEP, kill_follower, min_members=2)
+    interrupted = _fit([fault], workers=(2, 2))
     assert fault.fired_at is not None and kinds(interrupted).count("worker_lost") == 1
     assert {e["world_size"] for e in interrupted.events if e["kind"] == "world"} == {2}
     assert interrupted.steps_redone <= 1
