@@ -217,9 +217,10 @@ class Runner:
         self.emit({"kind": "in_flight_step_kept", "time": time.time(), "term": term, "step": step})
 
     def _mark_committed(self, state: ElasticState) -> None:
-        """`state` holds a committed step: note it, keep its plain entries and RNG states; no step is in flight."""
+        """`state` holds a committed step: note it, copy what a lost step could change before its optimizer
+        step (buffers, plain entries, RNG states, small stateful objects); no step is in flight."""
         self.committed = state.step
-        self._at_commit, self._stepped = (state.plain(), rng_state()), False
+        self._at_commit, self._stepped = state.commit_copy(reuse=self._at_commit), False
 
     def _watch_optimizers(self, state: ElasticState) -> None:
         def stepped(*_: Any) -> None:
@@ -245,11 +246,9 @@ class Runner:
         """Bring `state` to the world's committed step: from memory, a peer, or storage."""
         plan = world.plan
         if self._live is not None and self.committed != NO_STATE:
-            tree = self._live.tree()
-            if self._at_commit is not None:  # a step lost in flight leaves no counter or random draw behind
-                plain, rng = self._at_commit
-                tree["objects"].update(copy_plain(plain))
-                tree["rng"] = rng
+            tree = self._live.tree(with_rng=False)
+            if self._at_commit is not None:  # a step lost in flight leaves no buffer, counter or draw behind
+                self._at_commit.lay_over(tree)
             state.load_tree(tree)
         elif plan.restore_from_storage and world.rank == 0:
             self._restore_from_checkpoint(state)
