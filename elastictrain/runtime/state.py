@@ -121,10 +121,7 @@ class ElasticState:
         for name, obj in self._objects.items():
             target = _unwrap(obj)
             if _is_stateful(target):
-                saved = objects[name]
-                if isinstance(saved, dict) and not saved and not target.state_dict():
-                    continue  # nothing either side (a disabled GradScaler refuses an empty state_dict)
-                target.load_state_dict(saved)
+                target.load_state_dict(objects[name])
             else:
                 self._objects[name] = objects[name]
         self.step = int(tree["step"])

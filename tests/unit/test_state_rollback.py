@@ -120,13 +120,3 @@ def test_a_step_lost_after_a_skipped_scaler_step_leaves_no_scale_or_lr_change_be
     clean = _run(-1, "")
     _assert_same(_run(2, "after_skipped_step"), clean)
 
-
-def test_restore_on_the_first_commit_and_a_disabled_scaler():
-    runner = _runner()
-    state = ElasticState({"scaler": torch.amp.GradScaler("cpu", enabled=False), "n": 1})
-    runner.restore(state, _world(1, -1))
-    state.step = 1
-    runner.on_commit(state, _world(1, 1), 0)
-    again = ElasticState({"scaler": torch.amp.GradScaler("cpu", enabled=False), "n": 0})
-    runner.restore(again, _world(2, 1))
-    assert again.n == 1 and again.step == 1
