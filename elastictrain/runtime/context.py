@@ -85,6 +85,9 @@ class Context:
 
         Call it on every entry of `train_fn`; after a rebuild it wraps the new
         model over the new world. With one worker the module is returned unwrapped.
+        A `torch.compile`d model may be passed (or the result compiled): state and
+        checkpoints use the plain module's names either way, and a survivor's new
+        instance reuses the process's compiled code.
         """
         model = model.to(self.device)
         if self.world_size == 1:

@@ -28,8 +28,9 @@ from elastictrain.runtime.process_group import (
     start_term_store,
 )
 from elastictrain.runtime.rendezvous import Rendezvous, RunEnded
+from elastictrain.runtime.rollback import CommitCopy
 from elastictrain.runtime.spec import RunSpec
-from elastictrain.runtime.state import ElasticState, broadcast_tree, copy_plain, rng_state
+from elastictrain.runtime.state import ElasticState, broadcast_tree
 from elastictrain.runtime.world import WorldInfo
 from elastictrain.statetree import unflatten_state
 
@@ -95,8 +96,8 @@ class Runner:
         self._save_owed = False  # a periodic save came due while the last one was still in flight
         self._group_sockets: Optional[GroupSockets] = None
         self._group_lock = threading.Lock()
-        # What the last committed step left besides tensors: (plain entries, RNG states).
-        self._at_commit: Optional[tuple[dict, dict]] = None
+        # What a lost step could change before its optimizer step, copied at each commit (runtime/rollback.py).
+        self._at_commit: Optional[CommitCopy] = None
         self._stepped = False  # an optimizer of the state stepped since the last commit
         self._step_hooks: list = []
         self.rendezvous = Rendezvous(election, member_id, spec.rendezvous_policy(), self._open_store)
@@ -268,9 +269,10 @@ class Runner:
         return True
 
     def _mark_committed(self, state: ElasticState) -> None:
-        """`state` holds a committed step: note it, keep its plain entries and RNG states; no step is in flight."""
+        """`state` holds a committed step: note it, copy what a lost step could change before its optimizer
+        step (buffers, plain entries, RNG states, small stateful objects); no step is in flight."""
         self.committed = state.step
-        self._at_commit, self._stepped = (state.plain(), rng_state()), False
+        self._at_commit, self._stepped = state.commit_copy(reuse=self._at_commit), False
 
     def _watch_optimizers(self, state: ElasticState) -> None:
         def stepped(*_: Any) -> None:
@@ -296,11 +298,9 @@ class Runner:
         """Bring `state` to the world's committed step: from memory, a peer, or storage."""
         plan = world.plan
         if self._live is not None and self.committed != NO_STATE:
-            tree = self._live.tree()
-            if self._at_commit is not None:  # a step lost in flight leaves no counter or random draw behind
-                plain, rng = self._at_commit
-                tree["objects"].update(copy_plain(plain))
-                tree["rng"] = rng
+            tree = self._live.tree(with_rng=False)
+            if self._at_commit is not None:  # a step lost in flight leaves no buffer, counter or draw behind
+                self._at_commit.lay_over(tree)
             state.load_tree(tree)
         elif plan.restore_from_storage and world.rank == 0:
             self._restore_from_checkpoint(state)

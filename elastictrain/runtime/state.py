@@ -3,54 +3,52 @@
 Tensors are never copied per step. A survivor keeps the objects of its last entry;
 on re-entry their state is loaded into the new objects once. Members behind the
 newest one (or new) receive rank 0's state by broadcast. What is copied at each
-commit is small: the plain entries' containers and the RNG states, so a step lost
-in flight does not leave its counters or random draws behind.
+commit is small (`rollback.CommitCopy`): buffers, plain entries, RNG states and
+small stateful objects, so a step lost in flight leaves nothing behind.
+Models are saved under the names of the plain module, whatever wraps them (DDP,
+`torch.compile`).
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from elastictrain.runtime.rng import rng_state, set_rng_state
+from elastictrain.runtime.rollback import CommitCopy, copy_plain
 from elastictrain.statetree import flatten_state, unflatten_state
 
+__all__ = ["ElasticState", "broadcast_tree", "copy_plain", "plain_module", "rng_state", "set_rng_state"]
+
 _RESERVED = {"step"}
+MAX_HEADER_BYTES = 100_000_000  # the skeleton and tensor layout a broadcast may carry, as a checkpoint's table
 
 
-def _unwrap(obj: Any) -> Any:
-    return getattr(obj, "module", obj) if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
+def plain_module(obj: Any) -> Any:
+    """The module inside DDP and `torch.compile` wrappers (any nesting); other objects as they are."""
+    while True:
+        if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
+            obj = obj.module
+        elif _is_compiled(obj):
+            obj = obj._orig_mod
+        else:
+            return obj
+
+
+def _is_compiled(obj: Any) -> bool:
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    return eval_frame is not None and isinstance(obj, eval_frame.OptimizedModule)
+
+
+_unwrap = plain_module
 
 
 def _is_stateful(obj: Any) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
-
-
-def copy_plain(value: Any) -> Any:
-    """Copy the containers (dict, list, tuple, set) of a plain value; keep what they hold by reference."""
-    if isinstance(value, dict):
-        return {k: copy_plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [copy_plain(v) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(copy_plain(v) for v in value)
-    if isinstance(value, set):
-        return set(value)
-    return value
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 class ElasticState:
@@ -91,10 +89,17 @@ class ElasticState:
         return [o for o in self._objects.values() if isinstance(o, torch.optim.Optimizer)]
 
     def release_world(self) -> None:
-        """Drop DDP wrappers (they hold the old process group), keeping the modules and their state."""
+        """Drop DDP and compile wrappers (DDP holds the old process group), keeping the modules and their state."""
         for name, obj in self._objects.items():
-            if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
-                self._objects[name] = obj.module
+            if isinstance(obj, torch.nn.Module):
+                self._objects[name] = plain_module(obj)
+
+    def commit_copy(self, reuse: Optional[CommitCopy] = None) -> CommitCopy:
+        """Copy what a lost step could change before its optimizer step (see `rollback`); `reuse` keeps
+        the buffer copies of the last commit."""
+        copy = reuse if isinstance(reuse, CommitCopy) else CommitCopy()
+        copy.take({n: plain_module(o) for n, o in self._objects.items()}, self.plain())
+        return copy
 
     def tree(self, *, with_rng: bool = True) -> dict:
         """The whole state as a tree of tensors and plain values (no copies)."""
@@ -131,26 +136,55 @@ class ElasticState:
 def broadcast_tree(tree: Optional[dict], *, src: int, device: torch.device) -> dict:
     """Send rank `src`'s state tree to every rank of the current group; returns the tree.
 
-    Tensors travel one by one on `device` (CUDA for NCCL, CPU for gloo) and land
-    where the source kept them (a CPU optimizer step count stays on the CPU).
+    The skeleton and tensor layout travel as JSON bytes (no pickle: peers trust no
+    object from another machine), checked before use. Tensors travel one by one on
+    `device` (CUDA for NCCL, CPU for gloo) and land where the source kept them (a
+    CPU optimizer step count stays on the CPU).
     """
     rank = dist.get_rank()
     if rank == src:
         if tree is None:
             raise ValueError("the broadcast source has no state")
         tensors, skeleton = flatten_state(tree)
-        layout = [(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), t.device.type) for n, t in tensors.items()]
-        header: list[Any] = [skeleton, layout]
+        layout = [[n, list(t.shape), str(t.dtype).removeprefix("torch."), t.device.type] for n, t in tensors.items()]
+        header = json.dumps({"skeleton": skeleton, "layout": layout}, separators=(",", ":"), allow_nan=False).encode()
     else:
-        tensors, header = {}, [None, None]
-    dist.broadcast_object_list(header, src=src)
-    skeleton, layout = header
+        tensors, header = {}, b""
+    size = torch.tensor([len(header)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=src)  # every rank learns the size, so every rank refuses an oversized state together
+    nbytes = int(size.item())
+    if not 0 < nbytes <= MAX_HEADER_BYTES:
+        raise ValueError(f"the state's skeleton and tensor names take {nbytes} bytes, over {MAX_HEADER_BYTES}: "
+                         "keep large values in tensors, not in plain lists")
+    raw = (torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device) if rank == src
+           else torch.empty(nbytes, dtype=torch.uint8, device=device))
+    dist.broadcast(raw, src=src)
+    skeleton, layout = (None, None) if rank == src else _parse_header(bytes(raw.cpu().numpy()))
+    if rank == src:
+        layout = [[n, tuple(t.shape), t.dtype, t.device.type] for n, t in tensors.items()]
     received: dict[str, torch.Tensor] = {}
     for name, shape, dtype, home in layout:
         if rank == src:
             buf = tensors[name].detach().to(device).contiguous()
         else:
-            buf = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+            buf = torch.empty(shape, dtype=dtype, device=device)
         dist.broadcast(buf, src=src)
         received[name] = buf if home == device.type else buf.to(home)
     return tree if rank == src else unflatten_state(received, skeleton)
+
+
+def _parse_header(raw: bytes) -> tuple[Any, list]:
+    """The skeleton and a checked layout [(name, shape, dtype, device type)] from a broadcast header."""
+    try:
+        header = json.loads(raw)
+        skeleton, entries = header["skeleton"], header["layout"]
+        layout = []
+        for name, shape, dtype, home in entries:
+            torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+            if not isinstance(name, str) or not isinstance(torch_dtype, torch.dtype) or home not in ("cpu", "cuda") \
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise ValueError(f"bad entry {name!r}")
+            layout.append((name, tuple(shape), torch_dtype, home))
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        raise ValueError(f"the state broadcast by rank 0 is malformed: {exc}") from None
+    return skeleton, layout
