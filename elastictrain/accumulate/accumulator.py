@@ -84,7 +84,7 @@ class AccumulationStep:
             # and backward stays inside no_sync so the reducer sees nothing to reduce.
             if self._mode == "manual" or (self._mode == "ddp" and self.num_micro_batches > 1):
                 if acc._ddp:
-                    self._no_sync.enter_context(acc.model.no_sync())
+                    self._no_sync.enter_context(acc._ddp_module.no_sync())
         except BaseException:
             self._no_sync.close()
             self._autocast.close()
@@ -297,7 +297,8 @@ class GradAccumulator:
         self.max_grad_norm = max_grad_norm
         self.fp32_grad_accum = fp32_grad_accum
         self._process_group = process_group
-        self._ddp = isinstance(model, DistributedDataParallel)
+        self._ddp_module = _ddp_inside(model)
+        self._ddp = self._ddp_module is not None
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._fp32_params = [p for p in self._params if fp32_grad_accum and p.dtype in _LOW_PRECISION]
@@ -329,7 +330,7 @@ class GradAccumulator:
         if self._process_group is not None:
             return self._process_group
         if self._ddp:
-            return self.model.process_group
+            return self._ddp_module.process_group
         return None
 
     def _world_size(self) -> int:
@@ -417,3 +418,13 @@ class GradAccumulator:
     def _write_back_fp32_grads(self, used: Optional[set[int]]) -> None:
         for p, buf in zip(self._fp32_params, self._fp32_bufs):
             p.grad = buf.to(p.dtype) if self._is_used(p, used) else None
+
+
+def _ddp_inside(model: torch.nn.Module) -> Optional[DistributedDataParallel]:
+    """The DDP module `model` is, or wraps through `torch.compile` (whose module hides DDP's `no_sync`)."""
+    while not isinstance(model, DistributedDataParallel):
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, torch.nn.Module):
+            return None
+        model = inner
+    return model

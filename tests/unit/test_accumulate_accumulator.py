@@ -368,3 +368,23 @@ def test_sparse_gradients_without_ddp_get_a_clear_error_on_every_rank(tmp_path):
     mp.spawn(_sparse_rank, args=(str(tmp_path / "store"), out), nprocs=2)
     for rank in (0, 1):
         assert "sparse gradient" in torch.load(f"{out}.{rank}")
+
+
+def test_a_compiled_ddp_model_is_reduced_by_ddp_alone(tmp_path):
+    """torch.compile(DDP(m)) hides DDP's no_sync: the accumulator must still find it, or it would
+    all-reduce the gradients a second time on top of DDP's own reduction."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = torch.compile(DDP(torch.nn.Linear(4, 1)), backend="eager")
+        acc = GradAccumulator(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        assert acc._ddp and acc._ddp_module is model._orig_mod
+        assert acc._reduce_mode(2, 1) == "ddp"
+        with acc.step(2) as s:
+            for x in torch.ones(2, 3, 4):
+                s.backward(model(x).sum(), num_items=3)
+        assert s.num_items == 6
+    finally:
+        dist.destroy_process_group()
