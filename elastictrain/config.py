@@ -172,5 +172,5 @@ class RunConfig(_Config):
     """Run-wide settings that are not about one component."""
 
     name: Optional[str] = Field(None, description="Run name; derived from the checkpoint URI or generated.")
-    seed: int = Field(0, description="Seed for torch's RNG on every worker at first entry.")
+    seed: int = Field(0, description="Seed for torch's, numpy's and Python's RNGs on every worker at first entry.")
     progress: bool = Field(False, description="Print a progress line on the driver while training.")

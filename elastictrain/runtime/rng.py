@@ -15,6 +15,17 @@ from typing import Any
 import torch
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch (and CUDA), numpy's global generator and `random` alike: a fresh worker's first entry."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy
+    except ImportError:
+        return
+    numpy.random.seed(seed % 2**32)
+
+
 def rng_state() -> dict:
     """The current states of torch, CUDA (when initialised), numpy and `random`."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}

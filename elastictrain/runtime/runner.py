@@ -28,6 +28,7 @@ from elastictrain.runtime.process_group import (
     start_term_store,
 )
 from elastictrain.runtime.rendezvous import Rendezvous, RunEnded
+from elastictrain.runtime.rng import seed_everything
 from elastictrain.runtime.rollback import CommitCopy
 from elastictrain.runtime.spec import RunSpec
 from elastictrain.runtime.state import ElasticState, broadcast_tree
@@ -199,7 +200,7 @@ class Runner:
                 with self._group_lock:
                     self._group_sockets = sockets
                 if self.committed == NO_STATE:
-                    torch.manual_seed(self.spec.run.seed)
+                    seed_everything(self.spec.run.seed)
                 ctx = Context(self, world, self.device)
                 _set_current(ctx)
                 self.train_fn(ctx)

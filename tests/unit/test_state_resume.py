@@ -97,3 +97,20 @@ def test_rng_states_flatten_to_tensors_and_json_scalars():
 def test_a_malformed_rng_state_is_refused_by_name(bad):
     with pytest.raises(ValueError, match="RNG state|random state"):
         set_rng_state({"torch": torch.get_rng_state(), **bad})
+
+
+def test_seed_everything_seeds_torch_numpy_and_random_alike():
+    import random
+
+    import numpy as np
+
+    from elastictrain.runtime.rng import seed_everything
+
+    draws = []
+    for _ in range(2):
+        seed_everything(7)
+        draws.append((float(torch.rand(())), float(np.random.rand()), random.random()))
+        seed_everything(8)
+        draws.append((float(torch.rand(())), float(np.random.rand()), random.random()))
+    assert draws[0] == draws[2] and draws[1] == draws[3]
+    assert all(a != b for a, b in zip(draws[0], draws[1]))
