@@ -16,9 +16,11 @@ how far the elastic run's final weights are from it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +75,8 @@ def optimizer_and_schedule(model: torch.nn.Module, args: argparse.Namespace):
     return opt, get_cosine_schedule_with_warmup(opt, args.warmup, args.decay_steps or args.steps)
 
 
-def make_train_fn(args: argparse.Namespace):
+def make_train_fn(args: argparse.Namespace, at_step: Optional[Callable[[et.Context, int], None]] = None):
+    """The training loop; `at_step(ctx, step)`, if given, runs at the top of every step (tests place faults there)."""
     autocast = torch.bfloat16 if args.bf16 else None
 
     def train_fn(ctx: et.Context) -> None:
@@ -85,6 +88,8 @@ def make_train_fn(args: argparse.Namespace):
         # hf_config: a plain entry, so `ckpt export --model model --hf-config hf_config` writes config.json
         ctx.state(model=model, optimizer=opt, scheduler=schedule, hf_config=config.to_dict())
         for step in ctx.steps(total_steps=args.steps):
+            if at_step is not None:
+                at_step(ctx, step)
             with ctx.accumulate(model, opt, max_grad_norm=args.clip, autocast_dtype=autocast) as acc:
                 for x, y in ctx.micro_batches(dataset, step):
                     acc.backward(loss_sum(model, x, y), num_items=y.numel())
@@ -169,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.export or args.check:
         from elastictrain.checkpoint.export import export_model
 
-        out = args.export or f"{args.uri.removeprefix('file://')}-export"
+        out = args.export or os.path.join(tempfile.mkdtemp(prefix="hf-lm-"), "model")
         done = export_model(args.uri, out, "model", keys=[args.key] if args.key else None, overwrite=True,
                             hf_config_entry="hf_config")
         print(f"exported step {done.step} to {out}: AutoModelForCausalLM.from_pretrained({out!r})")

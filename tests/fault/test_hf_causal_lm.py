@@ -4,6 +4,11 @@ one-process PyTorch run ends, and `ckpt export --model` of the run loads with `f
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,7 +18,6 @@ from elastictrain.checkpoint import CheckpointManager
 from elastictrain.checkpoint.weights import state_entries
 from elastictrain.cli import main
 from elastictrain.config import CheckpointConfig
-from tests.fault.faults import At, kill_follower, kill_leader
 from tests.toy_runs import FAILURE
 
 transformers = pytest.importorskip("transformers")  # in the `test` extra; CI fails on any skip
@@ -38,29 +42,49 @@ def _distance(weights: dict, reference: dict, initial: dict) -> float:
     return (num / den) ** 0.5
 
 
+class KillOnce:
+    """At the top of step FOLLOWER_AT the first follower there, and at LEADER_AT the leader there, SIGKILL
+    themselves, once each in the whole run (a file created exclusively claims each fault; local Ray shares
+    the disk). Placed by the step each reaches, so no race with the speed of the machine."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __call__(self, ctx: et.Context, step: int) -> None:
+        for kind, at, leader in (("follower", FOLLOWER_AT, False), ("leader", LEADER_AT, True)):
+            if step == at and ctx.is_leader == leader and self._claim(kind, ctx):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def _claim(self, kind: str, ctx: et.Context) -> bool:
+        try:
+            fd = os.open(self.folder / kind, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return False
+        with open(fd, "w") as fh:
+            json.dump({"member": ctx.member_id, "world_size": ctx.world_size, "term": ctx.generation}, fh)
+        return True
+
+    def killed(self, kind: str) -> dict:
+        return json.loads((self.folder / kind).read_text())
+
+
 def test_gpt2_through_follower_and_leader_kills_matches_one_process_and_exports(ray_session, tmp_path):
     transformers.utils.logging.disable_progress_bar()  # its tqdm monitor thread would outlive the test
-    leaders: list = []
-
-    def kill_the_leader(view):
-        leaders.append((view.leader(), view.step))
-        kill_leader(view)
-
-    follower = At(FOLLOWER_AT, kill_follower, min_members=3)
-    leader = At(LEADER_AT, kill_the_leader, min_members=2)
+    faults = KillOnce(tmp_path)
     uri = f"file://{tmp_path}/run"
     result = et.ElasticTrainer(
-        make_train_fn(ARGS), scaling=et.ScalingConfig(min_workers=1, max_workers=3), batch=batch_config(ARGS),
-        checkpoint=et.CheckpointConfig(uri=uri, every_steps=8), failure=FAILURE, callbacks=[follower, leader],
+        make_train_fn(ARGS, at_step=faults), scaling=et.ScalingConfig(min_workers=1, max_workers=3),
+        batch=batch_config(ARGS), checkpoint=et.CheckpointConfig(uri=uri, every_steps=8),
+        failure=FAILURE.model_copy(update={"startup_wait_s": 120.0}),  # the first world holds all three
     ).fit()
     assert result.steps == ARGS.steps
-    # both faults landed mid-run, the second on the leader of its term
-    faults = [e for e in result.events if e["kind"] == "fault_injected"]
-    assert follower.fired_at is not None and leader.fired_at is not None and len(faults) == 2
-    (killed_leader, kill_step), = leaders
-    assert faults[1]["member"] == killed_leader and kill_step < ARGS.steps - 2
-    assert sum(e["kind"] == "worker_lost" for e in result.events) >= 2
+    # a follower of the full world died, then a leader; each was seen lost and the run recovered without storage
+    follower, leader = faults.killed("follower"), faults.killed("leader")
+    assert follower["world_size"] == 3 and leader["term"] > follower["term"]
+    lost = [e["member"] for e in result.events if e["kind"] == "worker_lost"]
+    assert follower["member"] in lost and leader["member"] in lost
     assert sum(e["kind"] == "recovered" for e in result.events) >= 2
+    assert "restored_from_checkpoint" not in [e["kind"] for e in result.events]
 
     with CheckpointManager(CheckpointConfig(uri=uri)) as mgr:
         final = mgr.latest()
