@@ -196,3 +196,26 @@ def test_a_config_stored_as_a_json_string_works_too(tmp_path):
     out = tmp_path / "hf"
     done = export_model(uri, str(out), "model", hf_config_entry="cfg")
     assert done.folder and json.loads((out / "config.json").read_text())["n_embd"] == 32
+
+
+def test_an_out_that_appears_while_the_export_is_written_is_not_replaced(tmp_path):
+    from elastictrain.checkpoint.export import install_file, install_folder
+
+    tmp, out = tmp_path / "m.tmp", tmp_path / "m.safetensors"
+    tmp.write_bytes(b"new")
+    out.write_bytes(b"theirs")
+    with pytest.raises(FileExistsError, match="--force"):
+        install_file(str(tmp), str(out), overwrite=False)
+    assert out.read_bytes() == b"theirs"
+    folder = tmp_path / "hf.tmp"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    for theirs in (tmp_path / "a-folder", tmp_path / "a-file"):
+        if theirs.name == "a-folder":
+            theirs.mkdir()
+            (theirs / "notes.txt").write_text("x")
+        else:
+            theirs.write_text("x")
+        with pytest.raises(FileExistsError, match="--force"):
+            install_folder(str(folder), str(theirs), overwrite=False)
+    assert (tmp_path / "a-folder" / "notes.txt").read_text() == "x" and (tmp_path / "a-file").read_text() == "x"
