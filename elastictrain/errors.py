@@ -96,3 +96,19 @@ class UnsupportedFormat(CheckpointError):
 
 class KeySpecError(CheckpointError):
     """A key spec cannot be resolved (unset variable, unreadable file, bad length)."""
+
+
+class UnknownStateEntry(CheckpointError):
+    """An export asked for a `ctx.state(...)` entry the checkpoint does not hold."""
+
+    def __init__(self, name: str, entries: list[str], models: list[str], what: str = "model"):
+        hint = f"models: {', '.join(models)}; " if models and what == "model" else ""
+        super().__init__(
+            f"the checkpoint has no state entry {name!r} ({what}): {hint}entries: {', '.join(entries) or 'none'}"
+        )
+        self.name = name
+        self.entries = entries
+
+
+class NotExportable(CheckpointError):
+    """An export was asked of something that is not what it needs (a model's weights, a transformers config)."""

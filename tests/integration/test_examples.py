@@ -100,3 +100,14 @@ def test_char_gpt_on_s3_resumes(tmp_path, moto_s3):
     assert "resumed from checkpoint at step 3" in second and "steps=5 " in second
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="runs", Prefix="char-gpt/")["Contents"]]
     assert keys and all(k.startswith("char-gpt/") for k in keys)
+
+
+def test_hf_causal_lm_trains_and_exports_for_from_pretrained(tmp_path):
+    transformers = pytest.importorskip("transformers")  # in the `test` extra; CI fails on any skip
+    transformers.utils.logging.disable_progress_bar()  # its tqdm monitor thread would outlive the test
+    uri, out = f"file://{tmp_path}/hf", tmp_path / "hf-model"
+    res = _ok(_run([sys.executable, "examples/hf_causal_lm.py", "--uri", uri, "--steps", "4", "--every", "2",
+                    "--workers", "2", "--export", str(out)], timeout=180))
+    assert "steps=4 " in res and f"exported step 4 to {out}" in res
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.config.n_layer == 2 and model.config.vocab_size == 64
