@@ -1,0 +1,44 @@
+"""Too few workers for too long, on a multi-node `ray.cluster_utils.Cluster`: a node is lost and no
+capacity comes back, so after `below_min_timeout_s` fit() ends with TrainingFailed naming the cause,
+and no worker actor (the pending replacement included) holds resources."""
+
+from __future__ import annotations
+
+import pytest
+
+import elastictrain as et
+from elastictrain.toy import ToyTask
+from tests.fault.faults import At, a_follower
+from tests.fault.test_cluster import AWS, cluster, _node_of  # noqa: F401 - the fixture is used by name
+from tests.fault.test_give_up import wait_until_released
+from tests.toy_runs import FAILURE, fit_toy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(180)
+def test_below_min_workers_for_too_long_ends_the_run(cluster):
+    import ray
+
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, labels=AWS)
+    cluster.wait_for_nodes()
+    removed = []
+
+    def remove_a_followers_node(view):
+        node_id = view.members()[a_follower(view)]["node_id"]
+        removed.append(node_id)
+        cluster.remove_node(_node_of(cluster, node_id), allow_graceful=False)
+
+    # The wait also bounds how long the first world waits for its second worker to come up: long
+    # enough for a busy machine to start one, short next to the test's timeout.
+    failure = FAILURE.model_copy(update={"startup_wait_s": 1.0, "below_min_timeout_s": 15.0})
+    task = ToyTask(total_steps=400, step_sleep_s=0.02)  # far more than the run gets to
+    with pytest.raises(et.TrainingFailed, match=r"fewer than min_workers=2") as failed:
+        fit_toy(task, workers=(2, 2), callbacks=[At(4, remove_a_followers_node, min_members=2)], failure=failure)
+    assert removed, "the node was never removed"
+    assert "1 live worker(s) for 15s" in failed.value.reason and failed.value.cause is None
+    # The replacement the driver asked for never found a node; it must not linger pending either.
+    total = ray.cluster_resources().get("CPU", 0)
+    assert total == 1
+    assert wait_until_released(ray, total) == total, "a worker actor still holds its CPU"
