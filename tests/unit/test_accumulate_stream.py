@@ -103,6 +103,10 @@ def test_shuffled_stream_windows_are_permutations_and_open_anywhere():
     batch = BatchConfig(global_batch_size=8, micro_batch_size=3)
     got = _run_entry(stream, 3, [2, 3, 4], batch)
     assert [got[s] for s in (2, 3, 4)] == [full[16:24], full[24:32], full[32:40]]
+    small = base.shuffled(window=2, seed=3)  # ranks skip whole windows between their slices
+    full = list(small.open(0))
+    got = _run_entry(small, 3, [2, 3, 4], batch)
+    assert [got[s] for s in (2, 3, 4)] == [full[16:24], full[24:32], full[32:40]]
 
 
 def test_resume_skips_whole_shards_of_known_length_unread():
