@@ -46,7 +46,6 @@ class _Feed:
                  collate_fn: Callable, num_workers: int, prefetch_factor: int):
         self.source = source  # held so that its id stays this feed's key
         self.config = (plan, num_workers, prefetch_factor)
-        self.collate_fn = collate_fn
         if num_workers:
             self.steps: Any = WorkerSteps(None if stream is not None else source, stream, plan, batch,
                                           collate_fn, num_workers, prefetch_factor)
