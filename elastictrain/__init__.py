@@ -23,6 +23,8 @@ _EXPORTS = {
     "Context": "elastictrain.runtime.context",
     "get_context": "elastictrain.runtime.context",
     "GradAccumulator": "elastictrain.accumulate",
+    "ShardStream": "elastictrain.accumulate.stream",
+    "as_stream": "elastictrain.accumulate.stream",
     "WorldChanged": "elastictrain.errors",
     "TrainingFailed": "elastictrain.errors",
     "TooFewWorkers": "elastictrain.errors",
@@ -31,6 +33,9 @@ _EXPORTS = {
     "WrongKey": "elastictrain.errors",
     "KeyServiceError": "elastictrain.errors",
     "UnsupportedFormat": "elastictrain.errors",
+    "StreamExhausted": "elastictrain.errors",
+    "StepOrderError": "elastictrain.errors",
+    "UnsupportedSource": "elastictrain.errors",
     "errors": "elastictrain.errors",
 }
 
@@ -53,6 +58,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from elastictrain.accumulate import GradAccumulator
+    from elastictrain.accumulate.stream import ShardStream, as_stream
     from elastictrain.config import (
         BatchConfig,
         CheckpointConfig,

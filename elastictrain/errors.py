@@ -60,6 +60,68 @@ class NotInWorker(ElasticTrainError):
     """A worker-only call (get_context) was made outside a worker."""
 
 
+# --- data ----------------------------------------------------------------
+
+
+class DataError(ElasticTrainError):
+    """Base class for problems with the data that `ctx.micro_batches` reads."""
+
+
+class UnsupportedSource(DataError, TypeError):
+    """`micro_batches` was given something it cannot read from an exact position."""
+
+
+class StepOrderError(DataError):
+    """A step's micro-batches were asked for after a later step's in the same entry of train_fn."""
+
+    def __init__(self, step: int, last_step: int):
+        super().__init__(
+            f"micro_batches was asked for step {step} after step {last_step} in the same entry of train_fn: "
+            "an open stream only moves forward; ask for each step once, in increasing order"
+        )
+        self.step = step
+        self.last_step = last_step
+
+    def __reduce__(self):  # crosses the DataLoader's worker queue
+        return (type(self), (self.step, self.last_step))
+
+
+class StreamExhausted(DataError):
+    """The stream ended before the last sample of a step's global batch (a partial batch is never trained)."""
+
+    def __init__(self, step: int, available: int, global_batch_size: int, exact: bool = True):
+        held = f"{available} samples" if exact else f"fewer than {available} samples"
+        super().__init__(
+            f"the stream ended before step {step} was complete: it holds {held}, and step {step} needs samples "
+            f"[{step * global_batch_size}, {(step + 1) * global_batch_size}). A partial last global batch is "
+            f"dropped (as drop_last does): set total_steps to at most {available // global_batch_size}, "
+            "or make the stream longer (several epochs: have the shard function yield them)"
+        )
+        self.step = step
+        self.available = available
+        self.global_batch_size = global_batch_size
+        self.exact = exact
+
+    def __reduce__(self):
+        return (type(self), (self.step, self.available, self.global_batch_size, self.exact))
+
+
+class ShardLengthMismatch(DataError):
+    """A shard read to its end held another number of samples than its declared length."""
+
+    def __init__(self, shard: int, declared: int, actual: int):
+        super().__init__(
+            f"shard {shard} yielded {actual} samples but lengths[{shard}]={declared}: whole shards are skipped "
+            "by their declared lengths, so fix lengths (or pass lengths=None to read every shard)"
+        )
+        self.shard = shard
+        self.declared = declared
+        self.actual = actual
+
+    def __reduce__(self):
+        return (type(self), (self.shard, self.declared, self.actual))
+
+
 # --- checkpoints -----------------------------------------------------------
 
 

@@ -164,11 +164,42 @@ class Context:
         self._vote_carrier = step
         return step
 
-    def micro_batches(self, dataset: Any, step: int, collate_fn: Optional[Callable] = None) -> Iterator[Any]:
-        """This rank's micro-batches of global step `step` (the same samples at any world size)."""
-        from elastictrain.accumulate import micro_batches
+    def micro_batches(
+        self,
+        dataset: Any,
+        step: int,
+        collate_fn: Optional[Callable] = None,
+        *,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+    ) -> Iterator[Any]:
+        """This rank's micro-batches of global step `step` (the same samples at any world size).
 
-        return micro_batches(
+        Step s takes samples [s*G, (s+1)*G) of the source, split over the ranks alive. The
+        position is a function of the step, so a rebuild or a restart from a checkpoint
+        resumes at the exact sample; within one entry of train_fn a stream stays open and
+        DataLoader workers keep loading ahead, and both stop when the entry ends.
+
+        Args:
+            dataset: A map-style dataset (seeded permutation per epoch), an `et.ShardStream`
+                (or its `.shuffled(window)`), a Hugging Face or torch `IterableDataset`, or
+                another re-iterable (the stream's order; a partial last global batch is dropped).
+            step: The global step; within an entry each step is asked for once, in order.
+            collate_fn: Turns a list of samples into a batch (torch's default_collate if None);
+                with workers, the first call's runs in them for the whole entry.
+            num_workers: DataLoader worker processes loading this rank's steps ahead; 0 loads
+                here. Either way the batches are the same, in the same order.
+            prefetch_factor: Steps each worker loads ahead.
+
+        Raises:
+            UnsupportedSource, StepOrderError, StreamExhausted (from `elastictrain.errors`).
+        """
+        feeds = self.__dict__.get("_data_feeds")
+        if feeds is None:
+            from elastictrain.accumulate.feeds import DataFeeds
+
+            feeds = self._data_feeds = DataFeeds()
+        return feeds.micro_batches(
             dataset,
             step,
             rank=self.rank,
@@ -176,7 +207,15 @@ class Context:
             batch=self._runner.spec.batch,
             collate_fn=collate_fn,
             device=self.device,
+            num_workers=num_workers,
+            prefetch_factor=prefetch_factor,
         )
+
+    def _close_data(self) -> None:
+        """The entry of train_fn ended: stop its DataLoader workers and drop its open streams."""
+        feeds = self.__dict__.pop("_data_feeds", None)
+        if feeds is not None:
+            feeds.close()
 
     def report(self, metrics: dict[str, Any]) -> None:
         """Send metrics to the driver (rank 0's are kept; the call does not block).

@@ -246,6 +246,7 @@ class Runner:
                     hook.remove()
                 self._step_hooks.clear()
                 if ctx is not None:
+                    ctx._close_data()  # no DataLoader worker outlives its world
                     ctx._accumulators.clear()
                 ctx = None
                 if self._live is not None:
