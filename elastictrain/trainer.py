@@ -102,18 +102,20 @@ class RunView:
         return None
 
     def signal(self, member_id: str, sig: int = signal.SIGKILL) -> float:
-        """Send `sig` to a member's process; returns the wall time it was sent.
-
-        The fault is also counted in the run's store (`faults/<n>`), where a worker's loop can wait for
-        it (`elastictrain.ops.chaos.hold_until_faults`) instead of racing it with a step count.
-        """
+        """Send `sig` to a member's process; returns the wall time it was sent (see `note_fault`)."""
         pid = self._driver.log.world_members[member_id]["pid"]
         now = time.time()
         os.kill(pid, sig)
+        self.note_fault(member_id, signal=int(sig), time=now)
+        return now
+
+    def note_fault(self, member_id: str, **facts: Any) -> None:
+        """Record a fault injected on `member_id` (a signal, a node removed or drained): a `fault_injected`
+        event, and a count in the run's store (`faults/<n>`) where a worker's loop can wait for it
+        (`elastictrain.ops.chaos.hold_until_faults`) instead of racing it with a step count."""
         self._faults += 1
         self._driver.election.store.put(f"faults/{self._faults:06d}", member_id.encode())
-        self._driver.record({"kind": "fault_injected", "time": now, "member": member_id, "signal": int(sig)})
-        return now
+        self._driver.record({"kind": "fault_injected", "time": time.time(), "member": member_id, **facts})
 
 
 class Callback(Protocol):

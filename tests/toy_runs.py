@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 import elastictrain as et
+from elastictrain.ops.chaos import hold_until_faults
 from elastictrain.toy import ToyDataset, ToyTask, make_model, make_train_fn, reference_params
 
 BATCH = et.BatchConfig(global_batch_size=24, micro_batch_size=4)
@@ -22,9 +23,17 @@ def fit_toy(
     failure: et.FailureConfig = FAILURE,
     checkpoint: Optional[et.CheckpointConfig] = None,
     label_selector: Optional[dict] = None,
+    hold_at: Optional[int] = None,
 ) -> et.Result:
+    """Train the toy task. With `hold_at`, the first world waits for all its workers and holds its loop at that
+    step until a callback has injected a fault: a fault a callback fires at an earlier step lands mid-run in a
+    whole world however slowly this machine runs (no race against the step count)."""
+    on_step = None
+    if hold_at is not None:
+        on_step = hold_until_faults(hold_at)
+        failure = failure.model_copy(update={"startup_wait_s": 120.0})
     return et.ElasticTrainer(
-        make_train_fn(task),
+        make_train_fn(task, on_step=on_step),
         scaling=et.ScalingConfig(min_workers=workers[0], max_workers=workers[1], label_selector=label_selector),
         batch=BATCH,
         checkpoint=checkpoint,

@@ -26,16 +26,17 @@ def test_below_min_workers_for_too_long_ends_the_run(cluster):
     removed = []
 
     def remove_a_followers_node(view):
-        node_id = view.members()[a_follower(view)]["node_id"]
+        member = a_follower(view)
+        node_id = view.members()[member]["node_id"]
         removed.append(node_id)
         cluster.remove_node(_node_of(cluster, node_id), allow_graceful=False)
+        view.note_fault(member, node_removed=node_id)
 
-    # The wait also bounds how long the first world waits for its second worker to come up: long
-    # enough for a busy machine to start one, short next to the test's timeout.
     failure = FAILURE.model_copy(update={"startup_wait_s": 1.0, "below_min_timeout_s": 15.0})
-    task = ToyTask(total_steps=400, step_sleep_s=0.02)  # far more than the run gets to
+    task = ToyTask(total_steps=40, step_sleep_s=0.02)  # more than the run gets to: it holds at step 5 for the fault
     with pytest.raises(et.TrainingFailed, match=r"fewer than min_workers=2") as failed:
-        fit_toy(task, workers=(2, 2), callbacks=[At(4, remove_a_followers_node, min_members=2)], failure=failure)
+        fit_toy(task, workers=(2, 2), callbacks=[At(4, remove_a_followers_node, min_members=2)], failure=failure,
+                hold_at=5)
     assert removed, "the node was never removed"
     assert "1 live worker(s) for 15s" in failed.value.reason and failed.value.cause is None
     # The replacement the driver asked for never found a node; it must not linger pending either.

@@ -56,8 +56,9 @@ def _node_of(cluster, node_id: str):
     return next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
 
 
-def _fit(callbacks, *, workers, label_selector=None, task=TASK) -> et.Result:
-    return fit_toy(task, workers=workers, callbacks=callbacks, failure=FAILURE, label_selector=label_selector)
+def _fit(callbacks, *, workers, label_selector=None, task=TASK, hold_at=None) -> et.Result:
+    return fit_toy(task, workers=workers, callbacks=callbacks, failure=FAILURE, label_selector=label_selector,
+                   hold_at=hold_at)
 
 
 def _assert_same_model(result: et.Result, task: ToyTask = TASK) -> None:
@@ -76,11 +77,14 @@ def test_whole_node_lost_and_workers_stay_on_their_provider(cluster):
     removed: list[str] = []
 
     def remove_a_followers_node(view):
-        node_id = view.members()[a_follower(view)]["node_id"]
+        member = a_follower(view)
+        node_id = view.members()[member]["node_id"]
         removed.append(node_id)
         cluster.remove_node(_node_of(cluster, node_id), allow_graceful=False)
+        view.note_fault(member, node_removed=node_id)
 
-    result = _fit([watch, At(8, remove_a_followers_node, min_members=3)], workers=(2, 3), label_selector={"provider": "aws"})
+    result = _fit([watch, At(8, remove_a_followers_node, min_members=3)], workers=(2, 3),
+                  label_selector={"provider": "aws"}, hold_at=9)
     assert removed and any(e["kind"] == "worker_lost" for e in result.events)
     assert gcp.node_id not in watch.nodes, "a worker ran on a node the label selector excludes"
     assert watch.nodes <= {n.node_id for n in aws}
@@ -115,9 +119,11 @@ class LoseANodeThenGetOneBack:
 
     def on_progress(self, view) -> None:
         if self.fired_at is None and view.step >= self.step and len(view.members()) >= 2:
-            node_id = view.members()[a_follower(view)]["node_id"]
+            member = a_follower(view)
+            node_id = view.members()[member]["node_id"]
             self.cluster.remove_node(_node_of(self.cluster, node_id), allow_graceful=False)
             self.fired_at = time.time()
+            view.note_fault(member, node_removed=node_id)
         elif self.fired_at is not None and self.added_at is None and time.time() - self.fired_at >= self.wait_s:
             self.cluster.add_node(num_cpus=1, labels=AWS)
             self.added_at = time.time()
@@ -128,7 +134,7 @@ def test_below_min_workers_waits_then_continues(cluster):
         cluster.add_node(num_cpus=1, labels=AWS)
     cluster.wait_for_nodes()
     fault = LoseANodeThenGetOneBack(cluster, step=6, wait_s=3.0)
-    result = _fit([fault], workers=(2, 2))
+    result = _fit([fault], workers=(2, 2), hold_at=7)
     assert fault.added_at is not None
     later_worlds = [e for e in result.events if e["kind"] == "world" and e["time"] > fault.fired_at]
     assert later_worlds, "training never resumed"
@@ -147,7 +153,8 @@ def test_draining_node_worker_leaves_cleanly(cluster):
     cluster.wait_for_nodes()
 
     def drain(view):
-        node_id = view.members()[a_follower(view)]["node_id"]
+        member = a_follower(view)
+        node_id = view.members()[member]["node_id"]
         gcs = ray._raylet.GcsClient(address=cluster.address)
         accepted, _ = gcs.drain_node(
             node_id,
@@ -157,7 +164,17 @@ def test_draining_node_worker_leaves_cleanly(cluster):
         )
         assert accepted
 
-    result = _fit([At(8, drain, min_members=3)], workers=(2, 3))
+    class ReleaseOnceSeen:
+        """The loop holds until the driver has seen the drain and asked the member to leave."""
+
+        def on_progress(self, view):
+            pass
+
+        def on_event(self, view, event):
+            if event["kind"] == "node_draining":
+                view.note_fault(event["member"], drained=event["node"])
+
+    result = _fit([At(8, drain, min_members=3), ReleaseOnceSeen()], workers=(2, 3), hold_at=9)
     kinds = [e["kind"] for e in result.events]
     assert "node_draining" in kinds and "worker_left" in kinds
     assert "worker_lost" not in kinds
@@ -174,10 +191,17 @@ def test_driver_side_actors_stay_on_the_driver_node(cluster):
     cluster.wait_for_nodes()
     placed = {}
 
-    def record(view):
-        hub = view._driver.hub
-        placed["hub"] = ray.get(hub.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+    class RecordHub:
+        """Where the hub runs, looked up at the run's first event (a worker started), before any step."""
 
-    result = _fit([At(2, record, min_members=2)], workers=(2, 2))
+        def on_progress(self, view):
+            pass
+
+        def on_event(self, view, event):
+            if "hub" not in placed:
+                hub = view._driver.hub
+                placed["hub"] = ray.get(hub.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+
+    result = _fit([RecordHub()], workers=(2, 2))
     assert placed["hub"] == cluster.head_node.node_id
     assert result.steps == TASK.total_steps

@@ -25,9 +25,10 @@ def wait_until_released(ray, total_cpus: float, deadline_s: float = 30.0) -> flo
 def test_a_loss_past_max_failures_ends_the_run(ray_session):
     total = ray_session.cluster_resources()["CPU"]
     fault = At(4, kill_follower, min_members=3)
-    task = ToyTask(total_steps=400)  # far more than the run gets to: it must end by failing, not by finishing
+    task = ToyTask(total_steps=40)  # more than the run gets to: it holds at step 5 until the kill, then must fail
     with pytest.raises(et.TrainingFailed, match=r"1 workers lost, more than max_failures=0") as failed:
-        fit_toy(task, workers=(2, 3), callbacks=[fault], failure=FAILURE.model_copy(update={"max_failures": 0}))
+        fit_toy(task, workers=(2, 3), callbacks=[fault], failure=FAILURE.model_copy(update={"max_failures": 0}),
+                hold_at=5)
     assert fault.fired_at is not None
     assert failed.value.cause is None  # no user code raised
     assert wait_until_released(ray_session, total) == total, "a worker actor still holds its CPU"

@@ -11,11 +11,13 @@ import signal
 import time
 
 import elastictrain as et
+from elastictrain.ops.chaos import hold_until_faults
 from elastictrain.toy import ToyTask, make_train_fn
 from tests.toy_runs import BATCH, FAILURE, assert_matches_one_process, kinds
 
 TASK = ToyTask(total_steps=30, step_sleep_s=0.05)
 RESTORE_CALLS = ("latest", "load", "load_manifest")
+HOLD_AT = 10
 
 
 def _log_reads(log_path: str) -> None:
@@ -26,10 +28,12 @@ def _log_reads(log_path: str) -> None:
     if getattr(FsspecStorage, "_reads_logged_to", None) == log_path:
         return
 
-    busy: dict[str, int] = {"retention": 0}  # retention runs on the save's threads and its io pool
+    # Bookkeeping of the leader's saves, not restores: retention (on the save's threads and its io pool) reads
+    # the manifests it keeps; a leader's first save opens the run (run.json, the manifests' run id and keys).
+    busy: dict[str, int] = {"retention": 0, "open_run": 0}
 
     def write(op: str, name: str) -> None:
-        during = "retention" if busy["retention"] else None
+        during = next((what for what, depth in busy.items() if depth), None)
         line = json.dumps({"time": time.time(), "pid": os.getpid(), "op": op, "name": name, "during": during})
         with open(log_path, "a") as f:
             f.write(line + "\n")
@@ -48,22 +52,26 @@ def _log_reads(log_path: str) -> None:
         logged(FsspecStorage, method, lambda args: str(args[0]) if args else "")
     for method in RESTORE_CALLS:
         logged(CheckpointManager, method, lambda args: str(args[0]) if args and not isinstance(args[0], dict) else "")
-    retention = CheckpointManager._apply_retention
+    def marked(method: str, what: str) -> None:
+        original = getattr(CheckpointManager, method)
 
-    @functools.wraps(retention)
-    def marked_retention(self, *args, **kwargs):
-        busy["retention"] += 1
-        try:
-            return retention(self, *args, **kwargs)
-        finally:
-            busy["retention"] -= 1
+        @functools.wraps(original)
+        def wrapper(self, *args, **kwargs):
+            busy[what] += 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                busy[what] -= 1
 
-    CheckpointManager._apply_retention = marked_retention
+        setattr(CheckpointManager, method, wrapper)
+
+    marked("_apply_retention", "retention")
+    marked("_open_run", "open_run")
     FsspecStorage._reads_logged_to = log_path
 
 
 def _train_fn(log_path: str):
-    inner = make_train_fn(TASK)
+    inner = make_train_fn(TASK, on_step=hold_until_faults(HOLD_AT))  # the fault lands mid-run on any machine
 
     def train_fn(ctx):
         _log_reads(log_path)
@@ -112,7 +120,7 @@ def _fit(tmp_path, action, min_members: int):
         scaling=et.ScalingConfig(min_workers=2, max_workers=3),
         batch=BATCH,
         checkpoint=et.CheckpointConfig(uri=f"file://{ckpt}", every_steps=2),
-        failure=FAILURE,
+        failure=FAILURE.model_copy(update={"startup_wait_s": 120.0}),  # the first world has all three
         callbacks=[fault],
     ).fit()
     assert fault.fired_at is not None, "the fault never fired"
@@ -126,7 +134,7 @@ def test_losing_a_follower_reads_nothing_from_storage(ray_session, tmp_path):
     assert any(r["op"] == "latest" for r in reads if r["time"] < lost_at), "the read log is not live in the workers"
     # The leader's saves go on after the loss, and each one's retention reads the manifests it keeps
     # (to know which chunks they share): a save's bookkeeping, not a restore. Anything else is one.
-    after = [r for r in reads if r["time"] >= lost_at and r["op"] != "list" and r["during"] != "retention"]
+    after = [r for r in reads if r["time"] >= lost_at and r["op"] != "list" and r["during"] is None]
     assert not after, f"storage read while a replica survived: {after}"
     assert not [r for r in reads if r["time"] >= lost_at and r["name"].startswith("chunks/")]
     assert "restored_from_checkpoint" not in kinds(result)

@@ -3,7 +3,6 @@ GradScaler and numpy / `random` draws end as in an uninterrupted run of the same
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from pathlib import Path

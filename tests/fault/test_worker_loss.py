@@ -87,7 +87,7 @@ def test_second_loss_during_a_rebuild(ray_session, tmp_path):
     marker = tmp_path / "second-death"
     result = et.ElasticTrainer(
         make_train_fn(TASK, on_step=_dies_in_the_next_rendezvous(str(marker))),
-        scaling=et.ScalingConfig(min_workers=2, max_workers=4), batch=BATCH, failure=FAILURE,
+        scaling=et.ScalingConfig(min_workers=2, max_workers=4), batch=BATCH, failure=WHOLE_FIRST_WORLD,
     ).fit()
     assert marker.read_text() == "2"  # the second death landed inside the rebuild after the first
     assert kinds(result).count("worker_lost") == 2
@@ -143,7 +143,7 @@ def test_a_training_thread_stuck_while_its_heartbeat_lives_is_killed(ray_session
             pid_file.write_text(str(os.getpid()))
             threading.Event().wait(120)  # stuck; never returns in time
 
-    failure = FAILURE.model_copy(update={"hang_timeout_s": FAILURE.collective_timeout_s + 2.0})
+    failure = WHOLE_FIRST_WORLD.model_copy(update={"hang_timeout_s": FAILURE.collective_timeout_s + 2.0})
     result = et.ElasticTrainer(
         make_train_fn(TASK, on_step=on_step), scaling=et.ScalingConfig(min_workers=2, max_workers=3),
         batch=BATCH, failure=failure,

@@ -23,8 +23,8 @@ def key_spec(tmp_path):
     return f"file:{path}"
 
 
-def _fit(task, ckpt, *, workers=(2, 2), callbacks=()):
-    return fit_toy(task, workers=workers, callbacks=callbacks, checkpoint=ckpt)
+def _fit(task, ckpt, *, workers=(2, 2), callbacks=(), hold_at=None):
+    return fit_toy(task, workers=workers, callbacks=callbacks, checkpoint=ckpt, hold_at=hold_at)
 
 
 def _assert_reference(result, task):
@@ -54,7 +54,7 @@ def test_every_replica_lost_falls_back_to_the_newest_checkpoint(ray_session, tmp
             view.signal(member, signal.SIGKILL)
 
     fault = At(10, kill_everyone, min_members=2)
-    result = _fit(task, ckpt, callbacks=[fault])
+    result = _fit(task, ckpt, callbacks=[fault], hold_at=11)
     restored = [e for e in result.events if e["kind"] == "restored_from_checkpoint"]
     assert fault.fired_at is not None and restored
     assert restored[-1]["step"] % 4 == 0 and restored[-1]["step"] >= 8
@@ -66,7 +66,7 @@ def test_preemption_notice_saves_before_leaving(ray_session, tmp_path):
     task = ToyTask(total_steps=24, step_sleep_s=0.05)
     ckpt = et.CheckpointConfig(uri=f"file://{tmp_path}/run", every_steps=1000)
     notice = At(7, lambda view: view.signal(a_follower(view), signal.SIGTERM), min_members=3)
-    result = _fit(task, ckpt, workers=(2, 3), callbacks=[notice])
+    result = _fit(task, ckpt, workers=(2, 3), callbacks=[notice], hold_at=8)
     saved = sorted(c.step for c in CheckpointManager(ckpt).list())
     notice_event = next(e for e in result.events if e["kind"] == "preemption_notice")
     left_at = notice_event["step"]

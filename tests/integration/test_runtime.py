@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import elastictrain as et
+from elastictrain.ops.chaos import hold_until_faults
 from elastictrain.toy import ToyTask
 from tests.fault.faults import At, a_follower
 from tests.toy_runs import FAILURE, assert_matches_one_process, fit_toy
@@ -75,7 +76,7 @@ def test_context_is_a_value_per_world(ray_session):
 def test_sigterm_notice_leaves_at_a_step_boundary_costing_no_step(ray_session):
     task = ToyTask(total_steps=30, step_sleep_s=0.05)
     notice = At(8, lambda view: view.signal(a_follower(view), signal.SIGTERM), min_members=3)
-    result = _fit(task, workers=(2, 3), callbacks=[notice])
+    result = fit_toy(task, workers=(2, 3), callbacks=[notice], hold_at=9)
     kinds = [e["kind"] for e in result.events]
     assert notice.fired_at is not None
     assert "worker_left" in kinds and "preemption_notice" in kinds
@@ -168,7 +169,9 @@ def test_plain_loop_without_accumulate_still_votes_and_leaves_cleanly(ray_sessio
         model = ctx.prepare_model(torch.nn.Linear(4, 1))
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         state = ctx.state(model=model, optimizer=opt)
+        hold = hold_until_faults(9)
         for step in ctx.steps(total_steps=40):
+            hold(ctx, step)
             opt.zero_grad()
             model(torch.ones(2, 4)).sum().backward()
             opt.step()
@@ -177,7 +180,7 @@ def test_plain_loop_without_accumulate_still_votes_and_leaves_cleanly(ray_sessio
 
     notice = At(8, lambda view: view.signal(a_follower(view), signal.SIGTERM), min_members=3)
     result = et.ElasticTrainer(train_fn, scaling=et.ScalingConfig(min_workers=2, max_workers=3),
-                               failure=FAILURE, callbacks=[notice]).fit()
+                               failure=FAILURE.model_copy(update={"startup_wait_s": 120.0}), callbacks=[notice]).fit()
     kinds = [e["kind"] for e in result.events]
     assert "worker_left" in kinds and "worker_lost" not in kinds
     assert result.steps == 40 and result.steps_redone == 0
