@@ -57,7 +57,23 @@ def init_group(plan: WorldPlan, rank: int, *, backend: str, timeout_s: float, de
 
 
 def destroy_group(backend: str) -> None:
-    """Leave the current group without waiting on dead peers."""
+    """Leave the current group without waiting on dead peers; the next term's group is named as on a new worker."""
+    try:
+        _destroy(backend)
+    finally:
+        _reset_group_names()
+
+
+def _reset_group_names() -> None:
+    """torch names a process group by a per-process count that only a successful destroy resets: after an
+    `init_process_group` that failed (a peer died while the group formed) a survivor would name its next
+    group "1" where a new worker names it "0", and their rendezvous keys would never meet again."""
+    world = getattr(dist.distributed_c10d, "_world", None)
+    if world is not None and not dist.is_initialized() and hasattr(world, "group_count"):
+        world.group_count = 0
+
+
+def _destroy(backend: str) -> None:
     if not dist.is_initialized():
         return
     try:

@@ -121,3 +121,25 @@ def test_pool_controller_refills_and_counts_failures():
     assert pool.lost("c").fail is not None
     assert pool.returned("d", "finished") == Decision() and pool.ended
     assert pool.lost("e").spawn == 0  # the run is over: no replacement
+
+
+def test_a_group_that_failed_to_form_leaves_the_next_one_named_as_on_a_new_worker():
+    """A peer that dies while a term's group forms makes init_process_group raise half-way; the next
+    term's group must still get the name (and so the rendezvous keys) a brand-new worker gives it."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from elastictrain.runtime.process_group import destroy_group
+
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=1), wait_for_workers=False)
+    with pytest.raises(Exception):  # rank 1 of 2 never comes: the wait times out
+        dist.init_process_group("gloo", store=dist.PrefixStore("t1", store), rank=0, world_size=2,
+                                timeout=timedelta(seconds=1))
+    assert not dist.is_initialized()
+    destroy_group("gloo")
+    dist.init_process_group("gloo", store=dist.PrefixStore("t2", store), rank=0, world_size=1)
+    try:
+        assert dist.distributed_c10d._get_default_group().group_name == "0"
+    finally:
+        dist.destroy_process_group()
