@@ -8,8 +8,8 @@ import pytest
 
 import elastictrain as et
 from elastictrain.toy import ToyTask
-from tests.fault.faults import At, a_follower
-from tests.fault.test_cluster import AWS, cluster, _node_of  # noqa: F401 - the fixture is used by name
+from tests.fault.faults import At
+from tests.fault.test_cluster import AWS, cluster, remove_a_followers_node  # noqa: F401 - the fixture is used by name
 from tests.fault.test_give_up import wait_until_released
 from tests.toy_runs import FAILURE, fit_toy
 
@@ -25,17 +25,10 @@ def test_below_min_workers_for_too_long_ends_the_run(cluster):
     cluster.wait_for_nodes()
     removed = []
 
-    def remove_a_followers_node(view):
-        member = a_follower(view)
-        node_id = view.members()[member]["node_id"]
-        removed.append(node_id)
-        cluster.remove_node(_node_of(cluster, node_id), allow_graceful=False)
-        view.note_fault(member, node_removed=node_id)
-
-    failure = FAILURE.model_copy(update={"startup_wait_s": 1.0, "below_min_timeout_s": 15.0})
+    failure = FAILURE.model_copy(update={"below_min_timeout_s": 15.0})
     task = ToyTask(total_steps=40, step_sleep_s=0.02)  # more than the run gets to: it holds at step 5 for the fault
     with pytest.raises(et.TrainingFailed, match=r"fewer than min_workers=2") as failed:
-        fit_toy(task, workers=(2, 2), callbacks=[At(4, remove_a_followers_node, min_members=2)], failure=failure,
+        fit_toy(task, workers=(2, 2), callbacks=[At(4, lambda view: removed.append(remove_a_followers_node(cluster, view)), min_members=2)], failure=failure,
                 hold_at=5)
     assert removed, "the node was never removed"
     assert "1 live worker(s) for 15s" in failed.value.reason and failed.value.cause is None

@@ -56,6 +56,15 @@ def _node_of(cluster, node_id: str):
     return next(n for n in cluster.list_all_nodes() if n.node_id == node_id)
 
 
+def remove_a_followers_node(cluster, view) -> str:
+    """Remove (ungracefully) the node a follower runs on and record the fault; returns the node id."""
+    member = a_follower(view)
+    node_id = view.members()[member]["node_id"]
+    cluster.remove_node(_node_of(cluster, node_id), allow_graceful=False)
+    view.note_fault(member, node_removed=node_id)
+    return node_id
+
+
 def _fit(callbacks, *, workers, label_selector=None, task=TASK, hold_at=None) -> et.Result:
     return fit_toy(task, workers=workers, callbacks=callbacks, failure=FAILURE, label_selector=label_selector,
                    hold_at=hold_at)
@@ -76,15 +85,8 @@ def test_whole_node_lost_and_workers_stay_on_their_provider(cluster):
     watch = NodeWatch()
     removed: list[str] = []
 
-    def remove_a_followers_node(view):
-        member = a_follower(view)
-        node_id = view.members()[member]["node_id"]
-        removed.append(node_id)
-        cluster.remove_node(_node_of(cluster, node_id), allow_graceful=False)
-        view.note_fault(member, node_removed=node_id)
-
-    result = _fit([watch, At(8, remove_a_followers_node, min_members=3)], workers=(2, 3),
-                  label_selector={"provider": "aws"}, hold_at=9)
+    fault = At(8, lambda view: removed.append(remove_a_followers_node(cluster, view)), min_members=3)
+    result = _fit([watch, fault], workers=(2, 3), label_selector={"provider": "aws"}, hold_at=9)
     assert removed and any(e["kind"] == "worker_lost" for e in result.events)
     assert gcp.node_id not in watch.nodes, "a worker ran on a node the label selector excludes"
     assert watch.nodes <= {n.node_id for n in aws}
@@ -119,11 +121,8 @@ class LoseANodeThenGetOneBack:
 
     def on_progress(self, view) -> None:
         if self.fired_at is None and view.step >= self.step and len(view.members()) >= 2:
-            member = a_follower(view)
-            node_id = view.members()[member]["node_id"]
-            self.cluster.remove_node(_node_of(self.cluster, node_id), allow_graceful=False)
+            remove_a_followers_node(self.cluster, view)
             self.fired_at = time.time()
-            view.note_fault(member, node_removed=node_id)
         elif self.fired_at is not None and self.added_at is None and time.time() - self.fired_at >= self.wait_s:
             self.cluster.add_node(num_cpus=1, labels=AWS)
             self.added_at = time.time()

@@ -3,21 +3,18 @@ TrainingFailed naming the cause, in bounded time, and leaves no worker holding r
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 import elastictrain as et
 from elastictrain.toy import ToyTask
+from tests.conftest import _wait_for
 from tests.fault.faults import At, kill_follower
 from tests.toy_runs import FAILURE, fit_toy
 
 
 def wait_until_released(ray, total_cpus: float, deadline_s: float = 30.0) -> float:
     """Poll until every CPU of the cluster is free again (the run's actors are gone); returns what is free."""
-    deadline = time.monotonic() + deadline_s
-    while ray.available_resources().get("CPU", 0) < total_cpus and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_for(lambda: ray.available_resources().get("CPU", 0) >= total_cpus, timeout=deadline_s, interval=0.1)
     return ray.available_resources().get("CPU", 0)
 
 
