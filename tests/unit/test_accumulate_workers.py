@@ -13,6 +13,7 @@ from elastictrain.accumulate.feeds import DataFeeds
 from elastictrain.accumulate.stream import ShardStream
 from elastictrain.config import BatchConfig
 from elastictrain.errors import StepOrderError, StreamExhausted
+from tests.conftest import _wait_for
 
 BATCH = BatchConfig(global_batch_size=12, micro_batch_size=4, seed=5)
 N = 150
@@ -53,11 +54,7 @@ def _steps(source, steps, *, world, rank, workers):
 
 def _no_children(deadline_s=10.0):
     """Worker processes of this test process that are still alive after close (polled with a deadline)."""
-    import time
-
-    end = time.monotonic() + deadline_s
-    while multiprocessing.active_children() and time.monotonic() < end:
-        time.sleep(0.05)
+    _wait_for(lambda: not multiprocessing.active_children(), timeout=deadline_s)
     return multiprocessing.active_children()
 
 
