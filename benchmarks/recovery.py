@@ -225,7 +225,7 @@ def trial_elastictrain(a: argparse.Namespace, d: Path) -> None:
         from benchmarks import _common as CC
 
         CC.set_threads(1)
-        log = CC.StepLog(log_dir, ctx.rank, attempt=getattr(ctx, "generation", None))
+        log = CC.StepLog(log_dir, ctx.rank, attempt=getattr(ctx, "term", None))
         try:
             data = CC.make_dataset("tiny")
             model = ctx.prepare_model(CC.make_model("tiny"))

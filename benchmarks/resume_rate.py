@@ -196,8 +196,8 @@ def run_elastictrain(a: argparse.Namespace, work: Path) -> dict:
     import torch
 
     import elastictrain as et
-    from elastictrain.ops.chaos import ChaosSchedule, chaos_report
-    from elastictrain.toy import ToyTask, make_train_fn, reference_params
+    from elastictrain.testing.faults import ChaosSchedule, chaos_report
+    from elastictrain.testing.toy import ToyTask, make_train_fn, reference_params
 
     task = ToyTask(total_steps=a.steps, step_sleep_s=a.step_sleep, seed=a.seed)
     batch = et.BatchConfig(global_batch_size=a.global_batch, micro_batch_size=a.micro_batch, seed=a.seed)
@@ -274,8 +274,8 @@ def trial_raytrain(a: argparse.Namespace, d: Path) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from elastictrain.config import BatchConfig
-    from elastictrain.ops.chaos import ChaosSchedule
-    from elastictrain.toy import ToyTask, reference_params
+    from elastictrain.testing.faults import ChaosSchedule
+    from elastictrain.testing.toy import ToyTask, reference_params
 
     task = ToyTask(total_steps=a.steps, step_sleep_s=a.step_sleep, seed=a.seed)
     batch = BatchConfig(global_batch_size=a.global_batch, micro_batch_size=a.micro_batch, seed=a.seed)
@@ -296,7 +296,7 @@ def trial_raytrain(a: argparse.Namespace, d: Path) -> None:
         from benchmarks import _common as CC
         from elastictrain.accumulate import GradAccumulator, micro_batches, plan_rank
         from elastictrain.config import BatchConfig as BC
-        from elastictrain.toy import ToyDataset, ToyTask as TT, flat_params, loss_sum, make_model
+        from elastictrain.testing.toy import ToyDataset, ToyTask as TT, flat_params, loss_sum, make_model
 
         CC.set_threads(1)
         t = TT(**config["task"])

@@ -6,9 +6,12 @@ in one place only (`elastictrain.ops.env`), never in these constructors.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from elastictrain.election.topology import TopologyPolicy
 
 
 class _Config(BaseModel):
@@ -31,6 +34,11 @@ class ScalingConfig(_Config):
     label_selector: Optional[dict[str, str]] = Field(
         None, description="Ray node labels a worker's node must carry, e.g. {'provider': 'aws'}."
     )
+    group_by: list[str] = Field(
+        default_factory=list, description="Node labels to group ranks by: a process group per label value "
+        "(['region'] gives 'region:<value>') and one of each group's lowest rank ('leaders:region'); "
+        "`ctx.group(name)` returns it."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ScalingConfig":
@@ -42,6 +50,7 @@ class ScalingConfig(_Config):
         for name, amount in self.resources_per_worker.items():
             if amount < 0:
                 raise ValueError(f"resources_per_worker[{name!r}]={amount} is negative: use 0 or more")
+        self.topology_policy()  # a bad label name fails here, not on the workers
         gpus = self.resources_per_worker.get("GPU")
         if gpus is not None and (gpus > 0) != self.use_gpu:
             raise ValueError(
@@ -49,6 +58,12 @@ class ScalingConfig(_Config):
                 "on GPUs (a worker drives one, cuda:0 of what Ray gives it), or drop the 'GPU' entry"
             )
         return self
+
+    def topology_policy(self) -> "TopologyPolicy":
+        """The named groups every world of this run has (`group_by`)."""
+        from elastictrain.election.topology import TopologyPolicy
+
+        return TopologyPolicy(group_by=tuple(self.group_by))
 
 
 class FailureConfig(_Config):

@@ -16,8 +16,8 @@ import torch
 
 from elastictrain.config import BatchConfig, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from elastictrain.runtime.cluster import ensure_ray
-from elastictrain.ops.chaos import FaultSchedule, hold_for_whole_world, recovery_report
-from elastictrain.toy import ToyTask, make_train_fn, reference_params
+from elastictrain.testing.faults import FaultSchedule, hold_for_whole_world, recovery_report
+from elastictrain.testing.toy import ToyTask, make_train_fn, reference_params
 from elastictrain.trainer import ElasticTrainer
 
 

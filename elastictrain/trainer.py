@@ -112,7 +112,7 @@ class RunView:
     def note_fault(self, member_id: str, **facts: Any) -> None:
         """Record a fault injected on `member_id` (a signal, a node removed or drained): a `fault_injected`
         event, and a count in the run's store (`faults/<n>`) where a worker's loop can wait for it
-        (`elastictrain.ops.chaos.hold_until_faults`) instead of racing it with a step count."""
+        (`elastictrain.testing.faults.hold_until_faults`) instead of racing it with a step count."""
         self._faults += 1
         self._driver.election.store.put(f"faults/{self._faults:06d}", member_id.encode())
         self._driver.record({"kind": "fault_injected", "time": time.time(), "member": member_id, **facts})

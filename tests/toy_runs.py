@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 import elastictrain as et
-from elastictrain.ops.chaos import hold_until_faults
-from elastictrain.toy import ToyDataset, ToyTask, make_model, make_train_fn, reference_params
+from elastictrain.testing.faults import hold_until_faults
+from elastictrain.testing.toy import ToyDataset, ToyTask, make_model, make_train_fn, reference_params
 
 BATCH = et.BatchConfig(global_batch_size=24, micro_batch_size=4)
 FAILURE = et.FailureConfig(collective_timeout_s=4, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.5)

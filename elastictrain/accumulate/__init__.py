@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from elastictrain.accumulate.accumulator import AccumulationStep, GradAccumulator
-from elastictrain.accumulate.plan import RankPlan, plan_rank, plan_world
+from elastictrain.accumulate.plan import RankPlan, plan_rank, plan_world, split_batch
 from elastictrain.accumulate.prefetch import prefetch_to_device
 from elastictrain.accumulate.sampler import MicroBatches, epoch_permutation, micro_batches, sample_indices
 from elastictrain.accumulate.stream import ShardStream, Stream, as_stream
@@ -22,4 +22,5 @@ __all__ = [
     "plan_world",
     "prefetch_to_device",
     "sample_indices",
+    "split_batch",
 ]

@@ -103,8 +103,8 @@ def plan_rank(global_batch_size: int, micro_batch_size: int, world_size: int, ra
     return RankPlan(rank=rank, world_size=world_size, start=start, num_samples=num_samples, micro_sizes=micro_sizes)
 
 
-def plan_world(global_batch_size: int, micro_batch_size: int, world_size: int) -> tuple[RankPlan, ...]:
-    """Plan every rank of a world; the slices tile ``[0, global_batch_size)`` in rank order.
+def split_batch(global_batch_size: int, micro_batch_size: int, world_size: int) -> tuple[RankPlan, ...]:
+    """Split the global batch over every rank of a world of a world; the slices tile ``[0, global_batch_size)`` in rank order.
 
     Args:
         global_batch_size: Samples per optimizer step over all ranks (G).
@@ -118,3 +118,11 @@ def plan_world(global_batch_size: int, micro_batch_size: int, world_size: int) -
         ValueError: as ``plan_rank``.
     """
     return tuple(plan_rank(global_batch_size, micro_batch_size, world_size, r) for r in range(world_size))
+
+
+def plan_world(global_batch_size: int, micro_batch_size: int, world_size: int) -> tuple[RankPlan, ...]:
+    """Deprecated name of `split_batch` (the election's rank assignment is `election.policy.assign_ranks`)."""
+    import warnings
+
+    warnings.warn("elastictrain.accumulate.plan_world is now split_batch", DeprecationWarning, stacklevel=2)
+    return split_batch(global_batch_size, micro_batch_size, world_size)

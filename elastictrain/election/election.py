@@ -18,7 +18,8 @@ from typing import Optional
 
 from elastictrain.election.heartbeat import Beat, BeatWatch
 from elastictrain.election.store import KVStore
-from elastictrain.election.term import Liveness, Member, WorldPlan, is_live
+from elastictrain.election.policy import is_live
+from elastictrain.election.term import Liveness, Member, WorldPlan
 from elastictrain.errors import StaleTerm
 
 

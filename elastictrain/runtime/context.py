@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from elastictrain.election.topology import WORLD, Topology
 from elastictrain.errors import NotInWorker
+from elastictrain.runtime.session import Session
 from elastictrain.runtime.state import ElasticState
 from elastictrain.runtime.world import WorldInfo
-
-if TYPE_CHECKING:
-    from elastictrain.runtime.runner import Runner
 
 _current: Optional["Context"] = None
 _current_lock = threading.Lock()
@@ -43,13 +42,13 @@ class Context:
 
     Attributes:
         rank, world_size: this worker's place in the current world.
-        generation: the term of the current world; it grows with every rebuild.
+        term: the term of the current world; it grows with every rebuild (`generation` is its old name).
         device: where the model lives (cuda:N with use_gpu, else cpu).
         is_leader: whether this worker leads the current term.
     """
 
-    def __init__(self, runner: "Runner", world: WorldInfo, device: torch.device) -> None:
-        self._runner = runner
+    def __init__(self, session: Session, world: WorldInfo, device: torch.device) -> None:
+        self._session = session
         self._world = world
         self.device = device
         self._state: Optional[ElasticState] = None
@@ -67,7 +66,15 @@ class Context:
         return self._world.world_size
 
     @property
+    def term(self) -> int:
+        return self._world.term
+
+    @property
     def generation(self) -> int:
+        """Deprecated name of `term`."""
+        import warnings
+
+        warnings.warn("ctx.term is now ctx.term", DeprecationWarning, stacklevel=2)
         return self._world.term
 
     @property
@@ -77,6 +84,20 @@ class Context:
     @property
     def member_id(self) -> str:
         return self._world.member_id
+
+    @property
+    def topology(self) -> Topology:
+        """Every rank's labels and the world's named groups (`ScalingConfig.group_by`)."""
+        return self._session.topology
+
+    def group(self, name: str = WORLD) -> Any:
+        """The process group of a named group of this world: `"world"`, or with
+        `ScalingConfig(group_by=["region"])` say `"region:us-east"` and `"leaders:region"`.
+
+        Raises:
+            KeyError: no such group, or this rank is not in it (the message lists its groups).
+        """
+        return self._session.group(name)
 
     # --- model and state ----------------------------------------------------
 
@@ -94,6 +115,7 @@ class Context:
             return model
         if self.device.type == "cuda":
             ddp_kwargs.setdefault("device_ids", [self.device.index])
+        ddp_kwargs.setdefault("process_group", self.group())
         return torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
 
     def state(self, **objects: Any) -> ElasticState:
@@ -106,7 +128,7 @@ class Context:
         if self._state is not None:
             raise RuntimeError("ctx.state() was already called in this entry of train_fn")
         state = ElasticState(objects)
-        self._runner.restore(state, self._world)
+        self._session.restore(state)
         self._state = state
         return state
 
@@ -123,23 +145,19 @@ class Context:
             raise RuntimeError("call ctx.state(model=..., optimizer=...) before ctx.steps()")
         if total_steps < 0:
             raise ValueError(f"total_steps={total_steps} must be >= 0")
-        runner = self._runner
-        runner.in_loop = True
+        session = self._session
+        session.loop(True)
         try:
             while state.step < total_steps:
                 carrier, self._vote_carrier = self._vote_carrier, None
                 carried = carrier.extra if carrier is not None and carrier._finished else None
-                runner.at_step_boundary(state, self._world, carried_vote=carried)
+                session.step_begins(state, carried)
                 step = state.step
-                runner.in_flight = step
-                runner.progress += 1
                 yield step
                 state.step = step + 1
-                runner.in_flight = None
-                runner.progress += 1
-                runner.on_commit(state, self._world, step)
+                session.step_ends(state, step)
         finally:
-            runner.in_loop = False
+            session.loop(False)
 
     def accumulate(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any):
         """One optimizer step over this rank's micro-batches; one all-reduce.
@@ -151,16 +169,18 @@ class Context:
         """
         from elastictrain.accumulate import GradAccumulator, plan_rank
 
-        self._runner.progress += 1
+        self._session.progress()
         key = (id(model), id(optimizer))
         acc = self._accumulators.get(key)
         if acc is None:
+            if self.world_size > 1:
+                kwargs.setdefault("process_group", self.group())
             acc = GradAccumulator(model, optimizer, **kwargs)
             self._accumulators[key] = acc
-        batch = self._runner.spec.batch
+        batch = self._session.batch
         plan = plan_rank(batch.global_batch_size, batch.micro_batch_size, self.world_size, self.rank)
         # The boundary vote rides on the step's item-count all-reduce: no collective of its own.
-        step = acc.step(num_micro_batches=plan.num_micro_batches, extra=self._runner.vote(self._world))
+        step = acc.step(num_micro_batches=plan.num_micro_batches, extra=self._session.vote())
         self._vote_carrier = step
         return step
 
@@ -204,7 +224,7 @@ class Context:
             step,
             rank=self.rank,
             world_size=self.world_size,
-            batch=self._runner.spec.batch,
+            batch=self._session.batch,
             collate_fn=collate_fn,
             device=self.device,
             num_workers=num_workers,
@@ -225,5 +245,4 @@ class Context:
         reports reach the driver, the next rank 0 sends its own of those steps instead.
         """
         step = self._state.step if self._state is not None else None
-        self._runner.report({"kind": "metrics", "time": time.time(), "step": step, "term": self.generation, **metrics},
-                            self._world)
+        self._session.report({"kind": "metrics", "time": time.time(), "step": step, "term": self.term, **metrics})

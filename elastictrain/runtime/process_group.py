@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import traceback
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from elastictrain.election.term import WorldPlan
+from elastictrain.election.topology import WORLD, Topology
 
 _FAILURE_MARKERS = (
     "connection reset",
@@ -54,6 +56,20 @@ def init_group(plan: WorldPlan, rank: int, *, backend: str, timeout_s: float, de
         timeout=timedelta(seconds=timeout_s),
         **kwargs,
     )
+
+
+def build_groups(topology: Topology, rank: int, *, timeout_s: float) -> dict[str, Any]:
+    """The process group of every named group of `topology` that `rank` belongs to: `"world"` is the
+    term's default group; every other one is created here, by every rank in the topology's order
+    (creation is collective over the world). Nothing is created for a flat world."""
+    groups: dict[str, Any] = {WORLD: dist.group.WORLD}
+    for name in topology.names():
+        if name == WORLD:
+            continue
+        group = dist.new_group(list(topology.ranks(name)), timeout=timedelta(seconds=timeout_s))
+        if rank in topology.ranks(name):
+            groups[name] = group
+    return groups
 
 
 def destroy_group(backend: str) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from elastictrain.election.election import Election
-from elastictrain.election.term import Member, WorldPlan, decide_gather, is_live, plan_world
+from elastictrain.election.policy import assign_ranks, decide_gather, is_live
+from elastictrain.election.term import Member, WorldPlan
 from elastictrain.errors import StaleTerm, TooFewWorkers
 
 
@@ -152,7 +153,7 @@ class Rendezvous:
             if decision.publish:
                 members = [joined[i] for i in joined if i in live]
                 detected = [m.detected_at for m in members if m.detected_at is not None]
-                plan = plan_world(
+                plan = assign_ranks(
                     term,
                     self.member_id,
                     members,

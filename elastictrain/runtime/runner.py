@@ -17,11 +17,14 @@ import torch.distributed as dist
 
 from elastictrain.election.election import Election
 from elastictrain.election.heartbeat import Beat
-from elastictrain.election.term import NO_STATE, Member, should_grow
+from elastictrain.election.policy import should_grow
+from elastictrain.election.term import NO_STATE, Member
 from elastictrain.errors import LeaveWorld, StaleTerm, TrainingFailed, WorldChanged
 from elastictrain.runtime.context import Context, _set_current
+from elastictrain.election.topology import plan_topology
 from elastictrain.runtime.process_group import (
     GroupSockets,
+    build_groups,
     destroy_group,
     init_group,
     is_collective_failure,
@@ -30,6 +33,7 @@ from elastictrain.runtime.process_group import (
 from elastictrain.runtime.rendezvous import Rendezvous, RunEnded
 from elastictrain.runtime.rng import seed_everything
 from elastictrain.runtime.rollback import CommitCopy
+from elastictrain.runtime.session import TermSession
 from elastictrain.runtime.spec import RunSpec
 from elastictrain.runtime.state import ElasticState, broadcast_tree
 from elastictrain.runtime.world import WorldInfo
@@ -104,6 +108,11 @@ class Runner:
         self.rendezvous = Rendezvous(election, member_id, spec.rendezvous_policy(), self._open_store)
 
     # --- signals from outside ---------------------------------------------------
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set when this worker's run is over (waits in the training thread end early)."""
+        return self._stop
 
     def request_leave(self) -> None:
         """A preemption notice: leave at the next step boundary (after saving)."""
@@ -194,14 +203,16 @@ class Runner:
             ctx: Optional[Context] = None
             try:
                 sockets = GroupSockets()
-                init_group(plan, world.rank, backend=self.spec.backend,
-                           timeout_s=self.spec.failure.collective_timeout_s, device=self.device)
+                timeout_s = self.spec.failure.collective_timeout_s
+                init_group(plan, world.rank, backend=self.spec.backend, timeout_s=timeout_s, device=self.device)
+                topology = plan_topology(plan.members, plan.labels or None, self.spec.scaling.topology_policy())
+                groups = build_groups(topology, world.rank, timeout_s=timeout_s)
                 sockets.capture()
                 with self._group_lock:
                     self._group_sockets = sockets
                 if self.committed == NO_STATE:
                     seed_everything(self.spec.run.seed)
-                ctx = Context(self, world, self.device)
+                ctx = Context(TermSession(self, world, topology, groups), world, self.device)
                 _set_current(ctx)
                 self.train_fn(ctx)
             except LeaveWorld:
@@ -296,8 +307,9 @@ class Runner:
 
     # --- hooks called from Context ------------------------------------------------
 
-    def restore(self, state: ElasticState, world: WorldInfo) -> None:
-        """Bring `state` to the world's committed step: from memory, a peer, or storage."""
+    def restore(self, state: ElasticState, world: WorldInfo, group: Any = None) -> None:
+        """Bring `state` to the world's committed step: from memory, a peer, or storage (over `group`,
+        the world's; rank 0 of the world is the source)."""
         plan = world.plan
         if self._live is not None and self.committed != NO_STATE:
             tree = self._live.tree(with_rng=False)
@@ -307,7 +319,7 @@ class Runner:
         elif plan.restore_from_storage and world.rank == 0:
             self._restore_from_checkpoint(state)
         if world.world_size > 1 and (plan.needs_sync or plan.restore_from_storage):
-            tree = broadcast_tree(state.tree() if world.rank == 0 else None, src=0, device=self.device)
+            tree = broadcast_tree(state.tree() if world.rank == 0 else None, src=0, device=self.device, group=group)
             if world.rank != 0:
                 state.load_tree(tree)
         self._live = state
@@ -339,7 +351,8 @@ class Runner:
         votes[n] = float(world.is_leader and self._grow.is_set())
         return votes
 
-    def at_step_boundary(self, state: ElasticState, world: WorldInfo, carried_vote: Optional[torch.Tensor] = None) -> None:
+    def at_step_boundary(self, state: ElasticState, world: WorldInfo, carried_vote: Optional[torch.Tensor] = None,
+                         group: Any = None) -> None:
         """Agree with every rank whether the world changes before the next step.
 
         Leaving a gloo group does not close its sockets, so a rank that simply left
@@ -358,7 +371,7 @@ class Runner:
         else:
             votes = self.vote(world).to(self._vote_device())
             if n > 1:
-                dist.all_reduce(votes)
+                dist.all_reduce(votes, group=group)
         votes = votes.tolist()
         leaving = [r for r in range(n) if votes[r] > 0]
         if not leaving and votes[n] == 0:
@@ -372,7 +385,7 @@ class Runner:
                 if world.is_leader:
                     self._save(state, world, wait=True)
                 if n > 1:
-                    dist.all_reduce(torch.zeros(1, device=self._vote_device()))  # barrier: the save has committed
+                    dist.all_reduce(torch.zeros(1, device=self._vote_device()), group=group)  # barrier: the save committed
             finally:
                 self.in_loop = in_loop
             if world.rank in leaving:

@@ -133,15 +133,16 @@ class ElasticState:
         return flatten_state(self.tree())
 
 
-def broadcast_tree(tree: Optional[dict], *, src: int, device: torch.device) -> dict:
-    """Send rank `src`'s state tree to every rank of the current group; returns the tree.
+def broadcast_tree(tree: Optional[dict], *, src: int, device: torch.device, group: Any = None) -> dict:
+    """Send the state tree of rank `src` of `group` (default: the default group) to its every rank;
+    returns the tree.
 
     The skeleton and tensor layout travel as JSON bytes (no pickle: peers trust no
     object from another machine), checked before use. Tensors travel one by one on
     `device` (CUDA for NCCL, CPU for gloo) and land where the source kept them (a
     CPU optimizer step count stays on the CPU).
     """
-    rank = dist.get_rank()
+    rank = dist.get_rank(group)
     if rank == src:
         if tree is None:
             raise ValueError("the broadcast source has no state")
@@ -151,14 +152,14 @@ def broadcast_tree(tree: Optional[dict], *, src: int, device: torch.device) -> d
     else:
         tensors, header = {}, b""
     size = torch.tensor([len(header)], dtype=torch.int64, device=device)
-    dist.broadcast(size, src=src)  # every rank learns the size, so every rank refuses an oversized state together
+    dist.broadcast(size, group=group, group_src=src)  # every rank learns the size, so every rank refuses an oversized state together
     nbytes = int(size.item())
     if not 0 < nbytes <= MAX_HEADER_BYTES:
         raise ValueError(f"the state's skeleton and tensor names take {nbytes} bytes, over {MAX_HEADER_BYTES}: "
                          "keep large values in tensors, not in plain lists")
     raw = (torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device) if rank == src
            else torch.empty(nbytes, dtype=torch.uint8, device=device))
-    dist.broadcast(raw, src=src)
+    dist.broadcast(raw, group=group, group_src=src)
     skeleton, layout = (None, None) if rank == src else _parse_header(bytes(raw.cpu().numpy()))
     if rank == src:
         layout = [[n, tuple(t.shape), t.dtype, t.device.type] for n, t in tensors.items()]
@@ -168,7 +169,7 @@ def broadcast_tree(tree: Optional[dict], *, src: int, device: torch.device) -> d
             buf = tensors[name].detach().to(device).contiguous()
         else:
             buf = torch.empty(shape, dtype=dtype, device=device)
-        dist.broadcast(buf, src=src)
+        dist.broadcast(buf, group=group, group_src=src)
         received[name] = buf if home == device.type else buf.to(home)
     return tree if rank == src else unflatten_state(received, skeleton)
 

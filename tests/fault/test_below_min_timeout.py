@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import elastictrain as et
-from elastictrain.toy import ToyTask
+from elastictrain.testing.toy import ToyTask
 from tests.fault.faults import At
 from tests.fault.test_cluster import AWS, cluster, remove_a_followers_node  # noqa: F401 - the fixture is used by name
 from tests.fault.test_give_up import wait_until_released

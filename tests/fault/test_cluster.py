@@ -7,8 +7,8 @@ import time
 import pytest
 
 import elastictrain as et
-from elastictrain.ops.chaos import hold_for_whole_world
-from elastictrain.toy import ToyTask, make_train_fn
+from elastictrain.testing.faults import hold_for_whole_world
+from elastictrain.testing.toy import ToyTask, make_train_fn
 from tests.fault.faults import At, a_follower
 from tests.toy_runs import BATCH, assert_matches_one_process, fit_toy
 from tests.toy_runs import FAILURE as BASE_FAILURE

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import elastictrain as et
-from elastictrain.toy import ToyTask
+from elastictrain.testing.toy import ToyTask
 from tests.conftest import _wait_for
 from tests.fault.faults import At, kill_follower
 from tests.toy_runs import FAILURE, fit_toy

@@ -58,7 +58,7 @@ class KillOnce:
         except FileExistsError:
             return False
         with open(fd, "w") as fh:
-            json.dump({"member": ctx.member_id, "world_size": ctx.world_size, "term": ctx.generation}, fh)
+            json.dump({"member": ctx.member_id, "world_size": ctx.world_size, "term": ctx.term}, fh)
         return True
 
     def killed(self, kind: str) -> dict:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 import elastictrain as et
-from elastictrain.toy import ToyDataset, ToyTask, flat_params, loss_sum, make_model
+from elastictrain.testing.toy import ToyDataset, ToyTask, flat_params, loss_sum, make_model
 from tests.toy_runs import BATCH, FAILURE, assert_matches_one_process, kinds
 
 TASK = ToyTask(total_steps=16)
@@ -27,7 +27,7 @@ def _train_fn(die: str):
             state.tokens += 1
             state.seen.append(step)
             noise = float(torch.rand(()))  # as dropout or augmentation would draw
-            dying = die and ctx.generation == 1 and ctx.rank == 1 and step == DIE_AT
+            dying = die and ctx.term == 1 and ctx.rank == 1 and step == DIE_AT
             if dying and die == "before_optimizer":
                 os.kill(os.getpid(), signal.SIGKILL)
             with ctx.accumulate(model, opt) as acc:

@@ -11,8 +11,8 @@ import signal
 import time
 
 import elastictrain as et
-from elastictrain.ops.chaos import hold_until_faults
-from elastictrain.toy import ToyTask, make_train_fn
+from elastictrain.testing.faults import hold_until_faults
+from elastictrain.testing.toy import ToyTask, make_train_fn
 from tests.toy_runs import BATCH, FAILURE, assert_matches_one_process, kinds
 
 TASK = ToyTask(total_steps=30, step_sleep_s=0.05)

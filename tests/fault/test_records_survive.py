@@ -10,7 +10,7 @@ import torch
 
 import elastictrain as et
 from elastictrain.checkpoint import CheckpointManager
-from elastictrain.toy import ToyDataset, ToyTask, flat_params, loss_sum, make_model
+from elastictrain.testing.toy import ToyDataset, ToyTask, flat_params, loss_sum, make_model
 from tests.toy_runs import BATCH, FAILURE, assert_matches_one_process
 
 TASK = ToyTask(total_steps=12)
@@ -32,9 +32,9 @@ def _train_fn(rank0_dies_after_last_report: bool = False, leader_dies_after_save
         opt = torch.optim.AdamW(model.parameters(), lr=TASK.lr)
         ctx.state(model=model, optimizer=opt)
         for step in ctx.steps(total_steps=TASK.total_steps):
-            dying_leader = leader_dies_after_save_at is not None and ctx.generation == 1 and ctx.is_leader
+            dying_leader = leader_dies_after_save_at is not None and ctx.term == 1 and ctx.is_leader
             if dying_leader and step == leader_dies_after_save_at + 1:
-                manager = ctx._runner._checkpoints
+                manager = ctx._session.runner._checkpoints
                 manager.wait()  # the save of the step before has committed: its manifest is written
                 os.kill(os.getpid(), signal.SIGKILL)
             with ctx.accumulate(model, opt) as acc:
@@ -45,8 +45,8 @@ def _train_fn(rank0_dies_after_last_report: bool = False, leader_dies_after_save
             last = step == TASK.total_steps - 1
             if last:
                 metrics["params"] = flat_params(model).tolist()
-            if last and rank0_dies_after_last_report and ctx.generation == 1 and ctx.rank == 0:
-                _cut_off(ctx._runner)
+            if last and rank0_dies_after_last_report and ctx.term == 1 and ctx.rank == 0:
+                _cut_off(ctx._session.runner)
                 ctx.report(metrics)
                 os.kill(os.getpid(), signal.SIGKILL)
             ctx.report(metrics)

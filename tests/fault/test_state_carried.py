@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import elastictrain as et
-from elastictrain.toy import ToyDataset, ToyTask
+from elastictrain.testing.toy import ToyDataset, ToyTask
 from tests.fault.faults import At, kill_follower
 from tests.toy_runs import BATCH, FAILURE, kinds
 
@@ -39,7 +39,7 @@ def _train_fn(killed: Optional[Path]):
         scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
         state = ctx.state(model=model, optimizer=opt, scheduler=sched, scaler=scaler, noise=np.float64(0.0))
         for step in ctx.steps(total_steps=TASK.total_steps):
-            if killed is not None and ctx.generation == 1 and step == KILL_AFTER + 1:
+            if killed is not None and ctx.term == 1 and step == KILL_AFTER + 1:
                 deadline = time.monotonic() + 120
                 while not killed.exists():  # the follower dies while this world waits here
                     if time.monotonic() > deadline:

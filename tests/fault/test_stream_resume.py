@@ -14,7 +14,7 @@ import torch
 
 import elastictrain as et
 from elastictrain.accumulate import plan_rank
-from elastictrain.toy import ToyDataset, ToyTask, flat_params, loss_sum, make_model
+from elastictrain.testing.toy import ToyDataset, ToyTask, flat_params, loss_sum, make_model
 from tests.fault.faults import At, kill_follower
 from tests.toy_runs import BATCH, FAILURE, kinds
 
@@ -50,7 +50,7 @@ def _make_train_fn(log_dir: Path, total_steps: int, gate: Optional[Path]):
                         ids += ids_batch.tolist()
                         total, n = loss_sum(model, (x, y, mask))
                         acc.backward(total, num_items=n)
-                log.write(json.dumps({"step": step, "term": ctx.generation, "rank": ctx.rank,
+                log.write(json.dumps({"step": step, "term": ctx.term, "rank": ctx.rank,
                                       "world_size": ctx.world_size, "ids": ids,
                                       "children_at_entry": children_at_entry}) + "\n")
                 log.flush()

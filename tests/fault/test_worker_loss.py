@@ -7,8 +7,8 @@ import signal
 import threading
 
 import elastictrain as et
-from elastictrain.ops.chaos import hold_until_faults
-from elastictrain.toy import ToyTask, make_train_fn
+from elastictrain.testing.faults import hold_until_faults
+from elastictrain.testing.toy import ToyTask, make_train_fn
 from tests.conftest import _wait_for
 from tests.fault.faults import At, a_follower, kill_follower, kill_leader
 from tests.toy_runs import BATCH, FAILURE, assert_matches_one_process, kinds
@@ -60,7 +60,7 @@ def _dies_in_the_next_rendezvous(marker: str):
     with that term and kills itself."""
 
     def on_step(ctx, step):
-        if ctx.generation != 1 or step != 8:
+        if ctx.term != 1 or step != 8:
             return
         if ctx.rank == 2:
             from elastictrain.election import election as election_module
@@ -82,7 +82,7 @@ def _dies_in_the_next_rendezvous(marker: str):
 
 
 def test_second_loss_during_a_rebuild(ray_session, tmp_path):
-    from elastictrain.toy import make_train_fn
+    from elastictrain.testing.toy import make_train_fn
 
     marker = tmp_path / "second-death"
     result = et.ElasticTrainer(
@@ -134,12 +134,12 @@ def test_hung_worker_is_detected_within_the_timeout(ray_session):
 def test_a_training_thread_stuck_while_its_heartbeat_lives_is_killed(ray_session, tmp_path):
     """A rank stuck in user code (a dead data source, a deadlock): its heartbeat thread goes on beating,
     so only the progress its beats carry shows the hang."""
-    from elastictrain.toy import make_train_fn
+    from elastictrain.testing.toy import make_train_fn
 
     pid_file = tmp_path / "stuck-pid"
 
     def on_step(ctx, step):
-        if ctx.generation == 1 and ctx.rank == 1 and step == 8:
+        if ctx.term == 1 and ctx.rank == 1 and step == 8:
             pid_file.write_text(str(os.getpid()))
             threading.Event().wait(120)  # stuck; never returns in time
 

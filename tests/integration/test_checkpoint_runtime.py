@@ -11,7 +11,7 @@ import torch
 
 import elastictrain as et
 from elastictrain.checkpoint import CheckpointManager
-from elastictrain.toy import ToyTask
+from elastictrain.testing.toy import ToyTask
 from tests.fault.faults import At, a_follower
 from tests.toy_runs import FAILURE, assert_matches_one_process, fit_toy
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import elastictrain as et
-from elastictrain.ops.chaos import hold_until_faults
-from elastictrain.toy import ToyTask
+from elastictrain.testing.faults import hold_until_faults
+from elastictrain.testing.toy import ToyTask
 from tests.fault.faults import At, a_follower
 from tests.toy_runs import FAILURE, assert_matches_one_process, fit_toy
 
@@ -51,7 +51,7 @@ def test_context_is_a_value_per_world(ray_session):
         state = ctx.state(model=ctx.prepare_model(torch.nn.Linear(2, 1)), tokens=0)
         for step in ctx.steps(total_steps=3):
             state.tokens += 5
-            ctx.report({"rank": ctx.rank, "world_size": ctx.world_size, "generation": ctx.generation,
+            ctx.report({"rank": ctx.rank, "world_size": ctx.world_size, "generation": ctx.term,
                         "is_leader": ctx.is_leader, "device": str(ctx.device), "tokens": state.tokens,
                         "ddp": isinstance(state.model, torch.nn.parallel.DistributedDataParallel)})
 

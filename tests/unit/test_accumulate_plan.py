@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elastictrain.accumulate.plan import RankPlan, plan_rank, plan_world
+from elastictrain.accumulate.plan import RankPlan, plan_rank, plan_world, split_batch
 
 
 @settings(max_examples=300, deadline=None)
@@ -14,9 +14,9 @@ from elastictrain.accumulate.plan import RankPlan, plan_rank, plan_world
 def test_world_plan_tiles_global_batch_exactly(g, m, w):
     if g < w:
         with pytest.raises(ValueError):
-            plan_world(g, m, w)
+            split_batch(g, m, w)
         return
-    plans = plan_world(g, m, w)
+    plans = split_batch(g, m, w)
     covered = [i for p in plans for lo, hi in p.micro_ranges() for i in range(lo, hi)]
     assert covered == list(range(g))  # no sample dropped, repeated or out of order
     for r, p in enumerate(plans):
@@ -30,7 +30,7 @@ def test_world_plan_tiles_global_batch_exactly(g, m, w):
 
 
 def test_uneven_split_gives_extra_samples_to_lowest_ranks():
-    plans = plan_world(10, 2, 3)
+    plans = split_batch(10, 2, 3)
     assert [(p.start, p.num_samples) for p in plans] == [(0, 4), (4, 3), (7, 3)]
     assert [p.micro_sizes for p in plans] == [(2, 2), (2, 1), (2, 1)]
     assert plans[1].micro_ranges() == ((4, 6), (6, 7))
@@ -63,3 +63,8 @@ def test_global_batch_smaller_than_world_says_what_to_change():
 def test_bad_arguments_raise(args, match):
     with pytest.raises(ValueError, match=match):
         plan_rank(*args)
+
+
+def test_old_name_plan_world_warns_and_gives_the_same_split():
+    with pytest.warns(DeprecationWarning, match="split_batch"):
+        assert plan_world(10, 2, 3) == split_batch(10, 2, 3)

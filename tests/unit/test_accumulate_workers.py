@@ -96,9 +96,9 @@ def test_workers_stop_when_the_entry_ends_and_the_next_entry_resumes_at_its_step
 def test_the_context_closes_its_workers_when_the_runner_ends_the_entry():
     from elastictrain.runtime.context import Context
 
-    runner = types.SimpleNamespace(spec=types.SimpleNamespace(batch=BATCH))
+    session = types.SimpleNamespace(batch=BATCH)
     world = types.SimpleNamespace(rank=1, world_size=2, term=3, is_leader=False, member_id="m1")
-    ctx = Context(runner, world, torch.device("cpu"))
+    ctx = Context(session, world, torch.device("cpu"))
     source = ShardStream(_shards, lengths=[20] * 7 + [10])
     got = [list(ctx.micro_batches(source, s, num_workers=2)) for s in (4, 5)]
     assert [int(i) for _, idx in got[1] for i in idx] == list(range(66, 72))

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from elastictrain.ops.chaos import FAULT_KINDS, ChaosFault, ChaosSchedule, chaos_report
+from elastictrain.testing.faults import FAULT_KINDS, ChaosFault, ChaosSchedule, chaos_report
 
 
 class FakeView:

@@ -8,17 +8,8 @@ import pytest
 
 from elastictrain.election.election import Election
 from elastictrain.election.store import MemoryStore
-from elastictrain.election.term import (
-    NO_STATE,
-    Liveness,
-    Member,
-    WorldPlan,
-    decide_gather,
-    is_live,
-    leader_preference,
-    plan_world,
-    should_grow,
-)
+from elastictrain.election.policy import assign_ranks, decide_gather, is_live, leader_preference, should_grow
+from elastictrain.election.term import NO_STATE, Liveness, Member, WorldPlan
 from elastictrain.errors import StaleTerm
 
 
@@ -126,19 +117,19 @@ def test_leader_preference_newest_step_then_oldest():
     assert leader_preference(members) == ["old-new", "young-new", "old-behind", "fresh"]
 
 
-def test_plan_world_ranks_state_holders_first_and_keeps_the_leader():
+def test_assign_ranks_puts_state_holders_first_and_keeps_the_leader():
     members = [
         Member("a", 1.0, committed_step=NO_STATE),
         Member("b", 2.0, committed_step=7),
         Member("c", 3.0, committed_step=6),
     ]
-    plan = plan_world(4, "a", members, max_workers=2, host="h", port=9)
+    plan = assign_ranks(4, "a", members, max_workers=2, host="h", port=9)
     assert plan.members == ("b", "a")  # c, least preferred, waits outside; the leader stays
     assert plan.source_step == 7 and plan.needs_sync and not plan.restore_from_storage
-    fresh = plan_world(1, "a", [Member("a", 1.0), Member("b", 2.0)], max_workers=4, host="h", port=9)
+    fresh = assign_ranks(1, "a", [Member("a", 1.0), Member("b", 2.0)], max_workers=4, host="h", port=9)
     assert fresh.restore_from_storage and not fresh.needs_sync
     with pytest.raises(ValueError):
-        plan_world(1, "z", members, max_workers=2, host="h", port=9)
+        assign_ranks(1, "z", members, max_workers=2, host="h", port=9)
 
 
 def test_world_plan_round_trips_through_json():

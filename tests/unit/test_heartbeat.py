@@ -8,7 +8,8 @@ from elastictrain.config import FailureConfig
 from elastictrain.election.election import Election
 from elastictrain.election.heartbeat import Beat, BeatWatch, is_hung
 from elastictrain.election.store import MemoryStore
-from elastictrain.election.term import Member, is_live
+from elastictrain.election.policy import is_live
+from elastictrain.election.term import Member
 
 
 def test_a_beat_round_trips_and_junk_is_not_a_beat():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from elastictrain.accumulate.sampler import sample_indices
-from elastictrain.toy import ToyTask, reference_params
+from elastictrain.testing.toy import ToyTask, reference_params
 from tests.toy_runs import BATCH, INDEPENDENT_ATOL, global_batch_indices, independent_reference_params
 
 
@@ -33,7 +33,7 @@ def test_independent_reference_is_sensitive_to_normalisation():
     task = ToyTask(total_steps=30)
     good = independent_reference_params(task, BATCH)
     torch.manual_seed(task.seed)
-    from elastictrain.toy import ToyDataset, make_model
+    from elastictrain.testing.toy import ToyDataset, make_model
 
     data, model = ToyDataset(task), make_model(task)
     opt = torch.optim.AdamW(model.parameters(), lr=task.lr)
