@@ -49,11 +49,21 @@ def test_context_is_a_value_per_world(ray_session):
     def train_fn(ctx):
         assert et.get_context() is ctx
         state = ctx.state(model=ctx.prepare_model(torch.nn.Linear(2, 1)), tokens=0)
+        # no node carries a "region" label: every rank is in "region:", and rank 0 leads it
+        in_region = torch.ones(1)
+        torch.distributed.all_reduce(in_region, group=ctx.group("region:"))
+        try:
+            leaders = ctx.group("leaders:region")
+        except KeyError:
+            leaders = None
         for step in ctx.steps(total_steps=3):
             state.tokens += 5
             ctx.report({"rank": ctx.rank, "world_size": ctx.world_size, "generation": ctx.term,
                         "is_leader": ctx.is_leader, "device": str(ctx.device), "tokens": state.tokens,
-                        "ddp": isinstance(state.model, torch.nn.parallel.DistributedDataParallel)})
+                        "ddp": isinstance(state.model, torch.nn.parallel.DistributedDataParallel),
+                        "ddp_group_is_world": getattr(state.model, "process_group", None) is ctx.group(),
+                        "in_region": in_region.item(), "leads_region": leaders is not None,
+                        "groups": sorted(ctx.topology.groups)})
 
     class Namespace:
         name = None
@@ -61,13 +71,15 @@ def test_context_is_a_value_per_world(ray_session):
         def on_progress(self, view):
             Namespace.name = view._driver.spec.namespace
 
-    result = et.ElasticTrainer(train_fn, scaling=et.ScalingConfig(min_workers=2, max_workers=2), failure=FAILURE,
-                               callbacks=[Namespace()]).fit()
+    result = et.ElasticTrainer(train_fn, scaling=et.ScalingConfig(min_workers=2, max_workers=2, group_by=["region"]),
+                               failure=FAILURE, callbacks=[Namespace()]).fit()
     from ray.experimental import internal_kv
 
     assert Namespace.name and internal_kv._internal_kv_list(b"", namespace=Namespace.name) == []  # nothing left behind
     m = result.metrics
     assert (m["rank"], m["world_size"], m["generation"], m["device"], m["tokens"], m["ddp"]) == (0, 2, 1, "cpu", 15, True)
+    assert m["ddp_group_is_world"] and m["in_region"] == 2.0 and m["leads_region"]
+    assert m["groups"] == ["leaders:region", "region:", "world"]
     assert [h["step"] for h in result.history] == [0, 1, 2]  # stamped with the step being run
     with pytest.raises(et.errors.NotInWorker):
         et.get_context()
