@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from elastictrain.election.topology import WORLD, Topology
 from elastictrain.errors import NotInWorker
+from elastictrain.events import event
 from elastictrain.runtime.session import Session
 from elastictrain.runtime.state import ElasticState
 from elastictrain.runtime.world import WorldInfo
@@ -245,4 +245,4 @@ class Context:
         reports reach the driver, the next rank 0 sends its own of those steps instead.
         """
         step = self._state.step if self._state is not None else None
-        self._session.report({"kind": "metrics", "time": time.time(), "step": step, "term": self.term, **metrics})
+        self._session.report({**event("metrics", step=step, term=self.term), **metrics})

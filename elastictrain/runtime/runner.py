@@ -20,6 +20,7 @@ from elastictrain.election.heartbeat import Beat
 from elastictrain.election.policy import should_grow
 from elastictrain.election.term import NO_STATE, Member
 from elastictrain.errors import LeaveWorld, StaleTerm, TrainingFailed, WorldChanged
+from elastictrain.events import QUIET_KINDS, Event, event
 from elastictrain.runtime.context import Context, _set_current
 from elastictrain.election.topology import plan_topology
 from elastictrain.runtime.process_group import (
@@ -43,8 +44,6 @@ MAX_REBUILDS_WITHOUT_PROGRESS = 20
 GROW_CHECK_INTERVAL_S = 0.5
 REPORTS_KEPT = 1024
 """Reports every rank keeps of its last steps, for a new rank 0 to resend what a dead one never sent."""
-QUIET_KINDS = frozenset({"metrics", "commit"})
-"""Records sent with the next heartbeat; every other kind is an event, sent at once so it outlives a kill."""
 
 
 class Runner:
@@ -118,7 +117,7 @@ class Runner:
         """A preemption notice: leave at the next step boundary (after saving)."""
         self._leave.set()
 
-    def emit(self, record: dict) -> None:
+    def emit(self, record: Event) -> None:
         """Queue a record for the driver; an event (anything but metrics and commits) is sent at once."""
         record.setdefault("member", self.member_id)
         with self._buffer_lock:
@@ -196,9 +195,8 @@ class Runner:
             self.world, self._first_commit_of_term = world, True
             self._grow.clear()
             committed_before = self.committed
-            self.emit({"kind": "joined", "time": time.time(), "term": plan.term, "rank": world.rank,
-                       "world_size": world.world_size, "leader": world.is_leader,
-                       "pid": self.node.get("pid"), "node_id": self.node.get("node_id")})
+            self.emit(event("joined", term=plan.term, rank=world.rank, world_size=world.world_size,
+                            leader=world.is_leader, pid=self.node.get("pid"), node_id=self.node.get("node_id")))
             self._replay_reports(world)
             ctx: Optional[Context] = None
             try:
@@ -217,14 +215,14 @@ class Runner:
                 self.train_fn(ctx)
             except LeaveWorld:
                 self.election.mark_left(self.member_id)
-                self.emit({"kind": "left", "time": time.time(), "term": plan.term, "step": self.committed})
+                self.emit(event("left", term=plan.term, step=self.committed))
                 return {"status": "left", "step": self.committed}
             except BaseException as exc:  # noqa: BLE001 - sorted into world changes and user errors below
                 if not (isinstance(exc, WorldChanged) or is_collective_failure(exc)):
                     reason = f"train_fn raised {type(exc).__name__}: {exc}"
                     where = "".join(traceback.format_exception(exc)).rstrip()
                     self.election.set_outcome(f"failed:{reason}", detail=where)
-                    self.emit({"kind": "error", "time": time.time(), "term": plan.term, "reason": reason})
+                    self.emit(event("error", term=plan.term, reason=reason))
                     raise TrainingFailed(reason, cause=where) from exc
                 self.detected_at = time.time()
                 self._sever_group()
@@ -233,9 +231,9 @@ class Runner:
                     in_flight = None
                 self._forget_uncommitted_reports()
                 rebuilds_without_progress = 0 if self.committed > committed_before else rebuilds_without_progress + 1
-                self.emit({"kind": "world_changed", "time": self.detected_at, "term": plan.term,
-                           "step": self.committed, "in_flight": in_flight,
-                           "reason": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})
+                self.emit(event("world_changed", time=self.detected_at, term=plan.term, step=self.committed,
+                                in_flight=in_flight,
+                                reason=str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__))
                 if rebuilds_without_progress > MAX_REBUILDS_WITHOUT_PROGRESS:
                     reason = f"{rebuilds_without_progress} rebuilds without a committed step; last: {exc}"
                     self.election.set_outcome(f"failed:{reason}")
@@ -247,8 +245,8 @@ class Runner:
                     return {"status": "finished", "step": self.committed}
                 self.detected_at = time.time()
                 rebuilds_without_progress += 1
-                self.emit({"kind": "world_changed", "time": self.detected_at, "term": plan.term,
-                           "step": self.committed, "reason": "the leader was lost before the run ended"})
+                self.emit(event("world_changed", time=self.detected_at, term=plan.term, step=self.committed,
+                                reason="the leader was lost before the run ended"))
                 continue
             finally:
                 self.in_loop = False
@@ -277,8 +275,8 @@ class Runner:
         self._live.step = step + 1
         self._mark_committed(self._live)
         rank = self.world.rank if self.world is not None else None
-        self.emit({"kind": "commit", "time": time.time(), "term": term, "step": step, "rank": rank})
-        self.emit({"kind": "in_flight_step_kept", "time": time.time(), "term": term, "step": step})
+        self.emit(event("commit", term=term, step=step, rank=rank))
+        self.emit(event("in_flight_step_kept", term=term, step=step))
         return True
 
     def _mark_committed(self, state: ElasticState) -> None:
@@ -338,10 +336,10 @@ class Runner:
         if loaded is None:
             return
         for uri, reason in getattr(loaded, "skipped", []) or []:
-            self.emit({"kind": "checkpoint_skipped", "time": time.time(), "checkpoint": str(uri), "reason": str(reason)})
+            self.emit(event("checkpoint_skipped", checkpoint=str(uri), reason=str(reason)))
         state.load_tree(unflatten_state(loaded.tensors, loaded.skeleton))
-        self.emit({"kind": "restored_from_checkpoint", "time": time.time(), "step": state.step,
-                   "checkpoint": str(getattr(loaded, "manifest_uri", ""))})
+        self.emit(event("restored_from_checkpoint", step=state.step,
+                        checkpoint=str(getattr(loaded, "manifest_uri", ""))))
 
     def vote(self, world: WorldInfo) -> torch.Tensor:
         """This rank's boundary vote: a leave flag per rank, then the leader's grow flag."""
@@ -379,7 +377,7 @@ class Runner:
         self._grow.clear()
         if leaving:
             if world.rank == leaving[0]:
-                self.emit({"kind": "preemption_notice", "time": time.time(), "term": world.term, "step": state.step})
+                self.emit(event("preemption_notice", term=world.term, step=state.step))
             in_loop, self.in_loop = self.in_loop, False  # waiting on storage is not a hang
             try:
                 if world.is_leader:
@@ -411,15 +409,14 @@ class Runner:
     def on_commit(self, state: ElasticState, world: WorldInfo, step: int) -> None:
         self._mark_committed(state)
         now = time.time()
-        self.emit({"kind": "commit", "time": now, "term": world.term, "step": step, "rank": world.rank})
+        self.emit(event("commit", time=now, term=world.term, step=step, rank=world.rank))
         if self._first_commit_of_term:
             self._first_commit_of_term = False
             if world.rank == 0 and world.plan.detected_at is not None:
                 detected = world.plan.detected_at
-                self.emit({"kind": "recovered", "time": now, "term": world.term, "world_size": world.world_size,
-                           "resumed_from": world.plan.source_step, "recovery_s": now - detected,
-                           "elected_s": world.plan.published_at - detected,
-                           "restored_s": self._restored_at - detected})
+                self.emit(event("recovered", time=now, term=world.term, world_size=world.world_size,
+                                resumed_from=world.plan.source_step, recovery_s=now - detected,
+                                elected_s=world.plan.published_at - detected, restored_s=self._restored_at - detected))
         if world.is_leader:
             manager = self._checkpoint_manager()
             if manager is not None and (self._save_owed or manager.should_save(state.step)):
@@ -427,7 +424,7 @@ class Runner:
                     # Training stalls only for the snapshot, never on storage: a save that comes due while
                     # the last one is still uploading is taken at the first commit after that one lands.
                     if not self._save_owed:
-                        self.emit({"kind": "checkpoint_deferred", "time": now, "term": world.term, "step": step})
+                        self.emit(event("checkpoint_deferred", time=now, term=world.term, step=step))
                     self._save_owed = True
                 else:
                     self._save_owed = False
@@ -448,7 +445,7 @@ class Runner:
                 time.sleep(0.02)
             return True
         if state is not None and self._checkpoint_manager() is not None:
-            self.emit({"kind": "final_save_started", "time": time.time(), "term": world.term, "step": state.step})
+            self.emit(event("final_save_started", term=world.term, step=state.step))
         if state is not None and isinstance(self._save(state, world, wait=True), StaleTerm):
             return False  # a newer world leads now; its leader writes the final checkpoint
         self.election.set_outcome("done")
@@ -475,10 +472,10 @@ class Runner:
             )
         return self._checkpoints
 
-    def _on_checkpoint_event(self, event: dict) -> None:
+    def _on_checkpoint_event(self, record: Event) -> None:
         """A manifest was written: tell the driver now (from the saving thread), before this process can die."""
-        if event.get("event") == "saved":
-            self.emit({"kind": "checkpoint", "time": event["time"], "term": event.get("term"), "step": event.get("step")})
+        if record.get("event") == "saved":
+            self.emit(event("checkpoint", time=record["time"], term=record.get("term"), step=record.get("step")))
 
     def _save(self, state: ElasticState, world: WorldInfo, *, wait: bool) -> Optional[BaseException]:
         """Save through the checkpoint manager; a failed save is an event, not the end of training.
@@ -502,8 +499,8 @@ class Runner:
             tensors, skeleton = state.flatten()
             manager.save(tensors, skeleton, step=state.step, term=world.term)
         except Exception as exc:  # noqa: BLE001 - storage trouble must not stop training
-            self.emit({"kind": "checkpoint_failed", "time": time.time(), "term": world.term, "step": state.step,
-                       "reason": f"{type(exc).__name__}: {exc}"})
+            self.emit(event("checkpoint_failed", term=world.term, step=state.step,
+                            reason=f"{type(exc).__name__}: {exc}"))
             return exc
         self._last_saved_step = state.step
         self._pending_save = (world.term, state.step)
@@ -520,8 +517,7 @@ class Runner:
         except Exception as exc:  # noqa: BLE001
             if step is not None and step == self._last_saved_step:
                 self._last_saved_step = None  # not saved after all: a later _save of this step writes it
-            self.emit({"kind": "checkpoint_failed", "time": time.time(), "term": term, "step": step,
-                       "reason": f"{type(exc).__name__}: {exc}"})
+            self.emit(event("checkpoint_failed", term=term, step=step, reason=f"{type(exc).__name__}: {exc}"))
             return exc
         return None  # a commit was reported by `_on_checkpoint_event` as its manifest was written
 

@@ -1,0 +1,122 @@
+"""One event vocabulary for a run: what workers, the checkpoint manager and the driver emit.
+
+Every event is a plain dict (it crosses process boundaries as data, and `Result.events` is a list
+of them) with one type field, `kind`, and a wall-clock `time`; `KINDS` says which kinds exist, who
+emits them and which facts each one always carries. `event(kind, ...)` builds one and refuses an
+unknown kind or a missing fact, so a new kind is added here first, with its description.
+
+Emitters write through an `EventSink`; the driver folds what arrives into the run log, from which
+`Result.events`, `Result.history`, `Result.metrics` and the commit spans are read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping, Protocol
+
+Event = dict[str, Any]
+"""An event: `{"kind": ..., "time": ..., **facts}`."""
+
+
+@dataclass(frozen=True)
+class EventKind:
+    """One kind of event: who emits it, the facts it always carries, what it means."""
+
+    source: str
+    """"worker", "driver" or "checkpoint"."""
+    facts: tuple[str, ...]
+    doc: str
+
+
+def _kinds(*rows: tuple[str, str, tuple[str, ...], str]) -> Mapping[str, EventKind]:
+    return MappingProxyType({name: EventKind(source, facts, doc) for name, source, facts, doc in rows})
+
+
+KINDS: Mapping[str, EventKind] = _kinds(
+    # --- records every step (kept compact by the run log, not listed in Result.events) ---------
+    ("metrics", "worker", ("step", "term"), "A `ctx.report` of rank 0 (or one resent by a new rank 0, `replay`)."),
+    ("commit", "worker", ("term", "step", "rank"), "A step committed on a rank."),
+    # --- a worker's life in the world ---------------------------------------------------------
+    ("joined", "worker", ("term", "rank", "world_size", "leader"), "A member entered the world of a term."),
+    ("left", "worker", ("term", "step"), "A member left the run at a step boundary (a preemption notice)."),
+    ("world_changed", "worker", ("term", "step", "reason"),
+     "A member's world ended (a peer lost, a planned rebuild); `in_flight` names a step lost in flight."),
+    ("recovered", "worker", ("term", "world_size", "resumed_from", "recovery_s"),
+     "The rebuilt world committed its first step; how long it took since the failure was detected."),
+    ("in_flight_step_kept", "worker", ("term", "step"),
+     "The world changed after the optimizer stepped: the step counts as committed, not redone."),
+    ("preemption_notice", "worker", ("term", "step"), "A rank asked to leave; the world stops at this boundary."),
+    ("error", "worker", ("reason",), "The user's `train_fn` raised; the run fails with this reason."),
+    ("final_save_started", "worker", ("term", "step"), "The leader began the run's last checkpoint."),
+    ("restored_from_checkpoint", "worker", ("step", "checkpoint"), "No member held state: rank 0 read storage."),
+    ("checkpoint_skipped", "worker", ("checkpoint", "reason"),
+     "A stored checkpoint could not be used (damaged, wrong key); an older one was tried."),
+    ("checkpoint_deferred", "worker", ("term", "step"), "A periodic save came due while the last was in flight."),
+    ("checkpoint_failed", "worker", ("step", "reason"), "A save failed; training goes on and saves again."),
+    # --- the checkpoint manager ---------------------------------------------------------------
+    ("checkpoint", "checkpoint", ("term", "step"), "A checkpoint's manifest was written: it is committed."),
+    ("retention", "checkpoint", (), "Old checkpoints, chunks or temporaries were deleted."),
+    ("retention_failed", "checkpoint", ("reason",), "Deleting old checkpoints failed; they stay."),
+    ("retention_skipped", "checkpoint", ("term", "reason"), "A newer term leads; its writer deletes what is old."),
+    # --- the driver ---------------------------------------------------------------------------
+    ("world", "driver", ("term", "world_size", "leader"), "The world of a term, as its members reported joining."),
+    ("worker_started", "driver", ("member",), "A worker process was asked for."),
+    ("worker_lost", "driver", ("member", "reason"), "A worker process died or was killed."),
+    ("worker_left", "driver", ("member", "step"), "A worker left at a step boundary and returned."),
+    ("heartbeat_lapsed", "driver", ("member",), "A worker's heartbeat stopped: it was killed (hung process)."),
+    ("hang_detected", "driver", ("member", "no_progress_s"),
+     "A worker's training thread made no progress for `hang_timeout_s` while its heartbeat lived: killed."),
+    ("node_draining", "driver", ("member", "node"), "A worker's node drains: the worker was asked to leave."),
+    ("fault_injected", "driver", ("member",), "A callback injected a fault on a member (`RunView.signal`, `note_fault`)."),
+    ("stragglers_killed", "driver", ("members",), "Workers still running long after the run ended were killed."),
+    ("cleanup_failed", "driver", ("reason",), "Deleting the run's keys from the cluster's store failed."),
+)
+
+QUIET_KINDS = frozenset({"metrics", "commit"})
+"""Records sent in batches with the next heartbeat; every other kind is an event, sent at once."""
+
+
+class UnknownEvent(ValueError):
+    """An event of a kind `KINDS` does not list, or without a fact its kind always carries."""
+
+
+def event(kind: str, /, **facts: Any) -> Event:
+    """An event of `kind` carrying `facts`, stamped with the wall time unless `time` is given.
+
+    Raises:
+        UnknownEvent: `kind` is not in `KINDS`, or a fact its kind always carries is missing.
+    """
+    spec = KINDS.get(kind)
+    if spec is None:
+        raise UnknownEvent(f"no event kind {kind!r}; add it to elastictrain.events.KINDS with its facts")
+    missing = [f for f in spec.facts if f not in facts]
+    if missing:
+        raise UnknownEvent(f"a {kind!r} event needs {missing}")
+    facts.setdefault("time", time.time())
+    return {"kind": kind, **facts}
+
+
+def check(record: Mapping[str, Any]) -> None:
+    """Raise `UnknownEvent` unless `record` is a well-formed event (for tests and sinks that validate)."""
+    facts = {k: v for k, v in record.items() if k != "kind"}
+    event(str(record.get("kind")), **facts)
+    if not isinstance(record.get("time"), (int, float)):
+        raise UnknownEvent(f"a {record.get('kind')!r} event has no numeric time")
+
+
+class EventSink(Protocol):
+    """Where an emitter's events go: the worker's queue to the driver, the driver's run log, a list."""
+
+    def emit(self, event: Event) -> None: ...
+
+
+class ListSink:
+    """Keeps events in a list (a checkpoint manager with no runtime around it, tests)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
