@@ -1,7 +1,7 @@
 """Pydantic configs, one per component; every field has a description and a default.
 
-Errors raised by validation say what to change. Environment variables are read
-in one place only (`elastictrain.ops.env`), never in these constructors.
+Errors raised by validation say what to change. These constructors read no
+environment variables: a key spec names one, and `elastictrain.checkpoint.keys` reads it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ class _Config(BaseModel):
 class ScalingConfig(_Config):
     """How many workers to run and where."""
 
-    min_workers: int = Field(1, ge=1, description="Training waits (does not fail) while fewer are alive.")
+    min_workers: int = Field(
+        1, ge=1, description="Training waits while fewer are alive (up to failure.below_min_timeout_s, then fails)."
+    )
     max_workers: int = Field(1, ge=1, description="Never more workers than this; new capacity joins up to it.")
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1.0}, description="Ray resources each worker actor reserves."
@@ -137,7 +139,9 @@ class EncryptionConfig(_Config):
         default_factory=list, description="Key specs of earlier rotations, to read older checkpoints."
     )
     signing_key: Optional[str] = Field(
-        None, description="Key spec of the manifest signing seed; derived from `key` when unset."
+        None,
+        description="Key spec of the manifest signing seed; unset: derived from `key` (a kms: key: from the run's "
+        "data key, so set one with KMS).",
     )
 
     @model_validator(mode="after")
@@ -156,7 +160,9 @@ class EncryptionConfig(_Config):
 class CheckpointConfig(_Config):
     """Where and how often checkpoints are written."""
 
-    uri: Optional[str] = Field(None, description="fsspec URI: file:///path, s3://bucket/prefix, memory://x.")
+    uri: Optional[str] = Field(
+        None, description="fsspec URI: file:///path, s3://bucket/prefix, memory://x; None: no checkpoints."
+    )
     every_steps: Optional[int] = Field(None, ge=1, description="Save after every N committed steps.")
     every_seconds: Optional[float] = Field(None, gt=0, description="Save when this long passed since the last.")
     keep_last: int = Field(3, ge=1, description="Manifests kept; older ones and their unshared chunks go.")
@@ -186,6 +192,8 @@ class CheckpointConfig(_Config):
 class RunConfig(_Config):
     """Run-wide settings that are not about one component."""
 
-    name: Optional[str] = Field(None, description="Run name; derived from the checkpoint URI or generated.")
+    name: Optional[str] = Field(
+        None, description="Run name, in the run's Ray key-value namespace and its errors; unset: a random one."
+    )
     seed: int = Field(0, description="Seed for torch's, numpy's and Python's RNGs on every worker at first entry.")
     progress: bool = Field(False, description="Print a progress line on the driver while training.")

@@ -66,7 +66,7 @@ def loss_sum(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def make_train_fn(task: ToyTask, on_step: Optional[Callable] = None) -> Callable:
-    """The training loop of DESIGN.md, on the toy task; reports loss and final weights."""
+    """The training loop of the README, on the toy task; reports loss and final weights."""
 
     def train_fn(ctx) -> None:
         dataset = ToyDataset(task)

@@ -28,7 +28,7 @@ from examples.hf_causal_lm import (  # noqa: E402
 ARGS = build_parser().parse_args(["--steps", "24", "--decay-steps", "32", "--warmup", "4"])
 FOLLOWER_AT, LEADER_AT = 6, 12
 # bf16 autocast turns the last-bit differences of another summation order (3, then fewer ranks instead
-# of one process) into a visible drift. Measured (README, "bf16 and world size"): an uninterrupted
+# of one process) into a visible drift. Measured (docs/training-loop.md, "bf16 and world size"): an uninterrupted
 # 3-worker run ends 0.025 of the training update's L2 norm away from the one-process run (fp32: 1.1e-5);
 # one step applied twice or skipped at step 12 (where the leader dies) moves it 0.063-0.070, at step 6
 # (where the follower dies) 0.137. 0.045 lets the first pass and catches the others.
@@ -100,7 +100,7 @@ def test_gpt2_through_follower_and_leader_kills_matches_one_process_and_exports(
     initial = make_model(model_config(ARGS)).state_dict()
     assert sorted(weights) == sorted(initial)
     drift = distance(weights, ref_weights, initial)
-    print(f"drift from the one-process run: {drift:.3g} of the update")  # the README figure (pytest -s)
+    print(f"drift from the one-process run: {drift:.3g} of the update")  # the figure in the docs (pytest -s)
     assert drift < REL_TOL
 
     # the from_pretrained folder gives the trained weights' logits
