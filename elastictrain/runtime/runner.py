@@ -42,8 +42,20 @@ from elastictrain.statetree import unflatten_state
 
 MAX_REBUILDS_WITHOUT_PROGRESS = 20
 GROW_CHECK_INTERVAL_S = 0.5
+LEFT, WORLD_CHANGED, USER_ERROR = "left", "world_changed", "user_error"
 REPORTS_KEPT = 1024
 """Reports every rank keeps of its last steps, for a new rank 0 to resend what a dead one never sent."""
+
+
+def classify_exit(exc: BaseException) -> str:
+    """How an entry of `train_fn` that raised `exc` ended: `LEFT` (this member leaves at a boundary),
+    `WORLD_CHANGED` (a planned rebuild, or a collective failed because a peer is gone), or
+    `USER_ERROR` (anything else the user's code raised: the run fails)."""
+    if isinstance(exc, LeaveWorld):
+        return LEFT
+    if isinstance(exc, WorldChanged) or is_collective_failure(exc):
+        return WORLD_CHANGED
+    return USER_ERROR
 
 
 class Runner:
@@ -185,85 +197,116 @@ class Runner:
             self._close_checkpoints()
 
     def _serve(self, me: Member) -> dict:
+        """Enter one world after another until this worker's run ends: finished, left, or failed.
+
+        Whatever ended an entry is handled before the world is torn down (peers blocked on this rank
+        are released by severing its sockets, which tearing down would forget).
+        """
         last_term, was_member, last_rank = 0, False, 0
         rebuilds_without_progress = 0
         while True:
             bid = Member(**{**me.__dict__, "committed_step": self.committed, "detected_at": self.detected_at})
             plan = self.rendezvous.next_world(bid, last_term=last_term, was_member=was_member, last_rank=last_rank)
-            world = WorldInfo.from_plan(plan, self.member_id)
+            world = self._enter(plan)
             last_term, was_member, last_rank = plan.term, True, world.rank
-            self.world, self._first_commit_of_term = world, True
-            self._grow.clear()
             committed_before = self.committed
-            self.emit(event("joined", term=plan.term, rank=world.rank, world_size=world.world_size,
-                            leader=world.is_leader, pid=self.node.get("pid"), node_id=self.node.get("node_id")))
-            self._replay_reports(world)
             ctx: Optional[Context] = None
             try:
-                sockets = GroupSockets()
-                timeout_s = self.spec.failure.collective_timeout_s
-                init_group(plan, world.rank, backend=self.spec.backend, timeout_s=timeout_s, device=self.device)
-                topology = plan_topology(plan.members, plan.labels or None, self.spec.scaling.topology_policy())
-                groups = build_groups(topology, world.rank, timeout_s=timeout_s)
-                sockets.capture()
-                with self._group_lock:
-                    self._group_sockets = sockets
-                if self.committed == NO_STATE:
-                    seed_everything(self.spec.run.seed)
-                ctx = Context(TermSession(self, world, topology, groups), world, self.device)
-                _set_current(ctx)
+                ctx = self._open_context(world)
                 self.train_fn(ctx)
-            except LeaveWorld:
-                self.election.mark_left(self.member_id)
-                self.emit(event("left", term=plan.term, step=self.committed))
-                return {"status": "left", "step": self.committed}
-            except BaseException as exc:  # noqa: BLE001 - sorted into world changes and user errors below
-                if not (isinstance(exc, WorldChanged) or is_collective_failure(exc)):
-                    reason = f"train_fn raised {type(exc).__name__}: {exc}"
-                    where = "".join(traceback.format_exception(exc)).rstrip()
-                    self.election.set_outcome(f"failed:{reason}", detail=where)
-                    self.emit(event("error", term=plan.term, reason=reason))
-                    raise TrainingFailed(reason, cause=where) from exc
-                self.detected_at = time.time()
-                self._sever_group()
-                in_flight, self.in_flight = self.in_flight, None
-                if self._keep_stepped_step(plan.term):
-                    in_flight = None
-                self._forget_uncommitted_reports()
-                rebuilds_without_progress = 0 if self.committed > committed_before else rebuilds_without_progress + 1
-                self.emit(event("world_changed", time=self.detected_at, term=plan.term, step=self.committed,
-                                in_flight=in_flight,
-                                reason=str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__))
-                if rebuilds_without_progress > MAX_REBUILDS_WITHOUT_PROGRESS:
-                    reason = f"{rebuilds_without_progress} rebuilds without a committed step; last: {exc}"
-                    self.election.set_outcome(f"failed:{reason}")
-                    raise TrainingFailed(reason) from exc
-                continue
+            except BaseException as exc:  # noqa: BLE001 - sorted by classify_exit
+                exit_kind = classify_exit(exc)
+                if exit_kind == LEFT:
+                    self.election.mark_left(self.member_id)
+                    self.emit(event("left", term=plan.term, step=self.committed))
+                    return {"status": "left", "step": self.committed}
+                if exit_kind == USER_ERROR:
+                    self._fail_on_user_error(plan.term, exc)
+                reason, cause = self._world_changed(plan.term, exc), exc
+                progressed = self.committed > committed_before
             else:
-                state = ctx._state if ctx is not None else None
-                if self._finish(state, world):
+                if self._finish(ctx._state, world):
                     return {"status": "finished", "step": self.committed}
-                self.detected_at = time.time()
-                rebuilds_without_progress += 1
-                self.emit(event("world_changed", time=self.detected_at, term=plan.term, step=self.committed,
-                                reason="the leader was lost before the run ended"))
-                continue
+                reason, cause, progressed = self._leader_lost_at_the_end(plan.term), None, False
             finally:
-                self.in_loop = False
-                _set_current(None)
-                for hook in self._step_hooks:
-                    hook.remove()
-                self._step_hooks.clear()
-                if ctx is not None:
-                    ctx._close_data()  # no DataLoader worker outlives its world
-                    ctx._accumulators.clear()
-                ctx = None
-                if self._live is not None:
-                    self._live.release_world()
-                with self._group_lock:
-                    self._group_sockets = None
-                destroy_group(self.spec.backend)
-                self.rendezvous.store_handle = None
+                self._close_world(ctx)
+            rebuilds_without_progress = 0 if progressed else rebuilds_without_progress + 1
+            if rebuilds_without_progress > MAX_REBUILDS_WITHOUT_PROGRESS:
+                reason = f"{rebuilds_without_progress} rebuilds without a committed step; last: {reason}"
+                self.election.set_outcome(f"failed:{reason}")
+                raise TrainingFailed(reason) from cause
+
+    def _enter(self, plan) -> WorldInfo:
+        """This member's place in the world `plan` publishes; tells the driver it joined."""
+        world = WorldInfo.from_plan(plan, self.member_id)
+        self.world, self._first_commit_of_term = world, True
+        self._grow.clear()
+        self.emit(event("joined", term=plan.term, rank=world.rank, world_size=world.world_size,
+                        leader=world.is_leader, pid=self.node.get("pid"), node_id=self.node.get("node_id")))
+        self._replay_reports(world)
+        return world
+
+    def _open_context(self, world: WorldInfo) -> Context:
+        """Form the term's process groups (the world's and the topology's named ones) and the `Context`."""
+        plan = world.plan
+        sockets = GroupSockets()
+        timeout_s = self.spec.failure.collective_timeout_s
+        init_group(plan, world.rank, backend=self.spec.backend, timeout_s=timeout_s, device=self.device)
+        topology = plan_topology(plan.members, plan.labels or None, self.spec.scaling.topology_policy())
+        groups = build_groups(topology, world.rank, timeout_s=timeout_s)
+        sockets.capture()
+        with self._group_lock:
+            self._group_sockets = sockets
+        if self.committed == NO_STATE:
+            seed_everything(self.spec.run.seed)
+        ctx = Context(TermSession(self, world, topology, groups), world, self.device)
+        _set_current(ctx)
+        return ctx
+
+    def _close_world(self, ctx: Optional[Context]) -> None:
+        """The entry of `train_fn` ended: nothing of this world (hooks, data workers, DDP, groups) outlives it."""
+        self.in_loop = False
+        _set_current(None)
+        for hook in self._step_hooks:
+            hook.remove()
+        self._step_hooks.clear()
+        if ctx is not None:
+            ctx._close_data()  # no DataLoader worker outlives its world
+            ctx._accumulators.clear()
+        if self._live is not None:
+            self._live.release_world()
+        with self._group_lock:
+            self._group_sockets = None
+        destroy_group(self.spec.backend)
+        self.rendezvous.store_handle = None
+
+    def _fail_on_user_error(self, term: int, exc: BaseException) -> None:
+        """The user's code raised: the run ends for every member, with the worker's traceback."""
+        reason = f"train_fn raised {type(exc).__name__}: {exc}"
+        where = "".join(traceback.format_exception(exc)).rstrip()
+        self.election.set_outcome(f"failed:{reason}", detail=where)
+        self.emit(event("error", term=term, reason=reason))
+        raise TrainingFailed(reason, cause=where) from exc
+
+    def _world_changed(self, term: int, exc: BaseException) -> str:
+        """A peer was lost or a rebuild was planned: fail peers fast, settle the step in flight; the reason."""
+        self.detected_at = time.time()
+        self._sever_group()
+        in_flight, self.in_flight = self.in_flight, None
+        if self._keep_stepped_step(term):
+            in_flight = None
+        self._forget_uncommitted_reports()
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        self.emit(event("world_changed", time=self.detected_at, term=term, step=self.committed,
+                        in_flight=in_flight, reason=reason))
+        return reason
+
+    def _leader_lost_at_the_end(self, term: int) -> str:
+        """The loop ran to the end, but the final save found a newer term: a rebuild finishes the run."""
+        self.detected_at = time.time()
+        reason = "the leader was lost before the run ended"
+        self.emit(event("world_changed", time=self.detected_at, term=term, step=self.committed, reason=reason))
+        return reason
 
     def _keep_stepped_step(self, term: int) -> bool:
         """A world change after the optimizer stepped (say, in a collective the loop body issues after

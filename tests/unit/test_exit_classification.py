@@ -1,0 +1,40 @@
+"""How an entry of train_fn ended decides what the worker does next (pure, no Ray or groups)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch.distributed as dist
+
+from elastictrain.errors import LeaveWorld, WorldChanged
+from elastictrain.runtime.runner import LEFT, USER_ERROR, WORLD_CHANGED, classify_exit
+
+
+@pytest.mark.parametrize("exc,kind", [
+    (LeaveWorld("w1 leaves at step 4"), LEFT),
+    (WorldChanged(3, "planned at step 4: capacity is waiting to join"), WORLD_CHANGED),
+    (dist.DistNetworkError("Connection reset by peer"), WORLD_CHANGED),
+    # the words of a lost peer, raised by the user's code and not by torch's: still the user's error
+    (RuntimeError("[gloo] Application timeout caused pair closure"), USER_ERROR),
+    (ValueError("bad batch at step 3"), USER_ERROR),
+    (KeyError("params"), USER_ERROR),
+    (ZeroDivisionError("division by zero"), USER_ERROR),
+])
+def test_exits_are_sorted_into_leaving_a_world_change_or_the_users_error(exc, kind):
+    assert classify_exit(exc) == kind
+
+
+def _raised_in(filename: str, message: str) -> RuntimeError:
+    try:
+        exec(compile(f"raise RuntimeError({message!r})", filename, "exec"))
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("unreachable")
+
+
+def test_transport_words_count_only_when_torch_distributed_raised_them():
+    torch_side = os.path.join(os.sep, "site-packages", "torch", "distributed", "distributed_c10d.py")
+    assert classify_exit(_raised_in(torch_side, "Connection reset by peer")) == WORLD_CHANGED
+    assert classify_exit(_raised_in(torch_side, "Expected a tensor of dtype float")) == USER_ERROR
+    assert classify_exit(_raised_in(os.path.join(os.sep, "home", "me", "train.py"), "Connection reset by peer")) == USER_ERROR
