@@ -168,13 +168,42 @@ class AccumulationStep:
             self._stats_work = dist.all_reduce(self._stats, group=self._acc._group(), async_op=async_op)
 
     def _finish(self) -> None:
+        """Close the step: agree on the global item count, normalise (and clip) the gradients, step."""
+        self._check_micro_steps()
+        items_total = self._settle_stats()
+        if items_total <= 0:  # every rank sees the same total, so every rank skips
+            self.loss, self.skipped = math.nan, True
+            return
+        used, factor = self._reduce_grads(items_total)
         acc = self._acc
+        found_inf = False
+        if acc.scaler is not None:
+            acc.scaler.unscale_(acc.optimizer)
+            found_inf = agree_found_inf(acc.scaler, acc.optimizer, acc._group(), self._world, acc._param_device())
+        grads = acc._grads_to_step(used)
+        if acc.max_grad_norm is not None and grads:
+            self._grad_norm = clip_and_scale(grads, acc.max_grad_norm, factor)
+        elif factor != 1.0 and grads:
+            torch._foreach_mul_(grads, factor)
+        acc._write_back_fp32_grads(used)
+        if acc.scaler is not None:
+            acc.scaler.step(acc.optimizer)
+            acc.scaler.update()
+            self.skipped = found_inf
+        else:
+            acc.optimizer.step()
+
+    def _check_micro_steps(self) -> None:
         k = self.num_micro_batches
         if self.micro_steps_done == 0 or (k is not None and self.micro_steps_done != k):
             raise RuntimeError(
                 f"the step ran {self.micro_steps_done} backward() calls but num_micro_batches={k}: "
                 "pass the rank's plan_rank(...).num_micro_batches, or None when unknown"
             )
+
+    def _settle_stats(self) -> float:
+        """Finish the all-reduce of (loss, items, bad counts, extra); set `loss`, `num_items`, `extra`;
+        returns the global item count. Raises when a rank passed an item count that is not a count."""
         if self._stats is None:
             self._launch_stats(async_op=False)
         elif self._stats_work is not None:
@@ -193,10 +222,14 @@ class AccumulationStep:
                 "negative, inf or nan: the step is not applied"
             )
         self.num_items = int(items_total) if float(items_total).is_integer() else items_total
-        if items_total <= 0:  # every rank sees the same total, so every rank skips
-            self.loss, self.skipped = math.nan, True
-            return
-        self.loss = loss_total / items_total
+        if items_total > 0:
+            self.loss = loss_total / items_total
+        return items_total
+
+    def _reduce_grads(self, items_total: float) -> tuple[Optional[set], float]:
+        """Sum the gradients over ranks where the accumulator does it (DDP did already); returns the
+        parameters with a gradient (None: DDP tracks them) and the factor still to apply."""
+        acc = self._acc
         # which parameters got a gradient (the others keep None, as in one process); DDP tracks its own
         used = None if self._mode == "ddp" else self._used | acc._with_grads()
         if self._mode == "manual" and self._world > 1:
@@ -207,33 +240,22 @@ class AccumulationStep:
             all_reduce_grads(grads + [flags], acc._group())
             used = {i for i, f in enumerate(flags.tolist()) if f > 0}
             acc._drop_unused_grads(used)
-            factor = 1.0
-        else:  # DDP averages over ranks; a single process sums
-            factor = (self._world if self._mode == "ddp" else 1) / items_total
-        found_inf = False
-        if acc.scaler is not None:
-            acc.scaler.unscale_(acc.optimizer)
-            found_inf = agree_found_inf(acc.scaler, acc.optimizer, acc._group(), self._world, acc._param_device())
-        grads = acc._grads_to_step(used)
-        if acc.max_grad_norm is not None and grads:
-            # per-tensor norms in fp32: an fp16 norm of the summed gradient overflows to inf
-            low = [g for g in grads if g.dtype in _LOW_PRECISION]
-            rest = [g for g in grads if g.dtype not in _LOW_PRECISION]
-            norms = (list(torch._foreach_norm(low, 2, dtype=torch.float32)) if low else []) + (
-                list(torch._foreach_norm(rest, 2)) if rest else [])
-            norm = torch.nn.utils.get_total_norm(norms, 2.0) * factor
-            self._grad_norm = norm
-            coef = torch.clamp(acc.max_grad_norm / (norm + 1e-6), max=1.0) * factor
-            torch._foreach_mul_(grads, coef)
-        elif factor != 1.0 and grads:
-            torch._foreach_mul_(grads, factor)
-        acc._write_back_fp32_grads(used)
-        if acc.scaler is not None:
-            acc.scaler.step(acc.optimizer)
-            acc.scaler.update()
-            self.skipped = found_inf
-        else:
-            acc.optimizer.step()
+            return used, 1.0
+        return used, (self._world if self._mode == "ddp" else 1) / items_total  # DDP averages over ranks
+
+
+def clip_and_scale(grads: list[torch.Tensor], max_norm: float, factor: float) -> torch.Tensor:
+    """Scale `grads` by `factor` and clip their total norm (after scaling) to `max_norm`, in place, in
+    one pass; returns the total norm after scaling, before clipping. Per-tensor norms are taken in
+    fp32: an fp16 norm of a summed gradient overflows to inf."""
+    low = [g for g in grads if g.dtype in _LOW_PRECISION]
+    rest = [g for g in grads if g.dtype not in _LOW_PRECISION]
+    norms = (list(torch._foreach_norm(low, 2, dtype=torch.float32)) if low else []) + (
+        list(torch._foreach_norm(rest, 2)) if rest else [])
+    norm = torch.nn.utils.get_total_norm(norms, 2.0) * factor
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0) * factor
+    torch._foreach_mul_(grads, coef)
+    return norm
 
 
 class GradAccumulator:

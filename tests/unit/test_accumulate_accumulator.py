@@ -388,3 +388,19 @@ def test_a_compiled_ddp_model_is_reduced_by_ddp_alone(tmp_path):
         assert s.num_items == 6
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("factor,max_norm", [(0.25, 0.5), (0.25, 100.0), (1.0, 1.0)])
+def test_clip_and_scale_equals_scaling_then_torchs_clip(factor, max_norm):
+    from elastictrain.accumulate.accumulator import clip_and_scale
+
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(5, 3, generator=g) * 4, torch.randn(7, generator=g)]
+    params = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    for p, x in zip(params, grads):
+        p.grad = x * factor
+    expected_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = clip_and_scale(grads, max_norm, factor)
+    assert torch.allclose(norm, expected_norm)
+    for p, x in zip(params, grads):
+        assert torch.allclose(x, p.grad, atol=1e-6)
