@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterator, Optional
 
+from elastictrain.events import event
+
 NON_EVENT_KINDS = {"metrics", "commit", "joined"}
 UNSTEPPED_KEPT = 1000
 """Reports made outside `ctx.steps` (no step number) kept: the newest ones."""
@@ -85,8 +87,10 @@ class RunLog:
                 "rank": record["rank"], "term": term, "leader": record["leader"],
                 "pid": record.get("pid"), "node_id": record.get("node_id"),
             }
-        world = self._worlds.setdefault(term, {"kind": "world", "time": record["time"], "term": term,
-                                               "world_size": record["world_size"], "leader": None})
+        world = self._worlds.get(term)
+        if world is None:
+            world = self._worlds[term] = event("world", time=record["time"], term=term,
+                                               world_size=record["world_size"], leader=None)
         if record.get("leader"):
             world["leader"] = record["member"]
 

@@ -10,7 +10,6 @@ import pytest
 from elastictrain.election.election import Election
 from elastictrain.election.store import MemoryStore
 from elastictrain.election.term import NO_STATE, Member
-from elastictrain.runtime.controller import Decision, PoolController
 from elastictrain.runtime.rendezvous import Rendezvous, RendezvousPolicy, RunEnded
 
 POLICY = RendezvousPolicy(
@@ -107,20 +106,6 @@ def test_too_few_workers_for_too_long_ends_the_run():
     assert election.outcome().startswith("failed:")
     with pytest.raises(RunEnded):
         _rendezvous(election, "other", policy).next_world(Member("other", 1.0), last_term=0, was_member=False)
-
-
-def test_pool_controller_refills_and_counts_failures():
-    pool = PoolController(max_workers=3, max_failures=1)
-    assert pool.start().spawn == 3
-    for m in "abc":
-        pool.spawned(m)
-    assert pool.lost("a").spawn == 1
-    pool.spawned("d")
-    assert pool.left("b").spawn == 1  # a clean leave costs no failure
-    pool.spawned("e")
-    assert pool.lost("c").fail is not None
-    assert pool.returned("d", "finished") == Decision() and pool.ended
-    assert pool.lost("e").spawn == 0  # the run is over: no replacement
 
 
 def test_a_group_that_failed_to_form_leaves_the_next_one_named_as_on_a_new_worker():

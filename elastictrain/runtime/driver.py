@@ -1,0 +1,310 @@
+"""The driver of one `fit()`, steppable: each `step()` observes the workers once and acts.
+
+The driver starts workers, keeps the pool full, tells the workers about deaths it sees (so elections
+need not wait for a heartbeat to lapse), kills workers whose heartbeat lapsed or whose training
+stopped making progress, asks workers on draining nodes to leave, and folds their records into the
+run log a `Result` is read from. Elections, rebuilds and state hand-over happen among the workers.
+
+What it decides comes from its policies (`runtime/policy.py`) and from `judge_health`; what it acts
+on goes through a `Workers` backend: Ray actors in a run (`runtime/ray_workers.py`), a fake in the
+driver's unit tests, which step it by hand.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Protocol
+
+from elastictrain.config import FailureConfig
+from elastictrain.election.election import Election
+from elastictrain.election.heartbeat import is_hung
+from elastictrain.election.term import Member
+from elastictrain.errors import TrainingFailed
+from elastictrain.events import Event, event
+from elastictrain.runtime.policy import Decision, FailurePolicy, PlacementPolicy
+from elastictrain.runtime.results import Result, RunView
+from elastictrain.runtime.runlog import RunLog
+from elastictrain.runtime.spec import RunSpec
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How a worker's run ended, as the driver saw it.
+
+    Attributes:
+        member: the worker.
+        status: what its run returned ("finished", "ended", "left"), None when it did not return.
+        step: its committed step when it returned.
+        error: the reason of the user error that ended the run on it, if any.
+        lost: why its process is gone (the exception's type name) when it died or was killed.
+    """
+
+    member: str
+    status: Optional[str] = None
+    step: Optional[int] = None
+    error: Optional[str] = None
+    lost: Optional[str] = None
+
+
+class Workers(Protocol):
+    """What the driver needs of the cluster."""
+
+    def start(self, member_id: str) -> None:
+        """Start a worker process that runs the user's loop as `member_id`."""
+
+    def kill(self, member_id: str) -> None:
+        """Kill a worker's process (nothing if it is gone)."""
+
+    def exits(self, timeout_s: float) -> list[WorkerExit]:
+        """Workers whose run ended since the last call, waiting up to `timeout_s` for one."""
+
+    def running(self) -> list[str]:
+        """Workers started and not yet exited."""
+
+    def pull(self) -> list[Event]:
+        """Records workers sent since the last pull."""
+
+    def draining_nodes(self) -> set[str]:
+        """Nodes the cluster is draining (their workers are asked to leave)."""
+
+    def close(self) -> None:
+        """Kill every worker and helper this run started."""
+
+
+@dataclass(frozen=True)
+class Kill:
+    """A health decision: kill `member`, and say why with `event`."""
+
+    member: str
+    event: Event
+
+
+def judge_health(
+    members: Iterable[Member], election: Election, now: float, failure: FailureConfig, skip: set[str],
+) -> list[Kill]:
+    """Members to kill: a lapsed heartbeat (hung or stopped process), or a training thread with no
+    progress for `hang_timeout_s` while its heartbeat lives (hung in user code). Judged on this
+    process's monotonic clock (`now`): when each member's beat and progress last changed here."""
+    kills = []
+    for member in members:
+        if member.id in skip:
+            continue
+        live = election.liveness(member.id, now)
+        if live.dead or live.heartbeat is None:
+            continue
+        if now - live.heartbeat > failure.heartbeat_timeout_s:
+            kills.append(Kill(member.id, event("heartbeat_lapsed", member=member.id)))
+        elif is_hung(live.seen, now, failure.hang_timeout_s):
+            kills.append(Kill(member.id, event("hang_detected", member=member.id,
+                                               no_progress_s=now - live.seen.progress_at)))
+    return kills
+
+
+class Driver:
+    """The driver of one run. `run()` steps it to the end; tests call `start()` and `step()` themselves.
+
+    Args:
+        spec: the run's configs.
+        workers: the cluster backend.
+        election: the run's election (its store is where workers register and beat).
+        callbacks: `on_progress(view)` / `on_event(view, event)` objects, called on this thread.
+        clock: monotonic seconds (the health checks and pacing).
+    """
+
+    POLL_S = 0.02
+    PULL_EVERY_S = 0.1
+    HEALTH_EVERY_S = 0.25
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        workers: Workers,
+        election: Election,
+        callbacks: Iterable = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spec = spec
+        self.workers = workers
+        self.election = election
+        self.callbacks = list(callbacks)
+        self.clock = clock
+        self.placement = PlacementPolicy(spec.scaling)
+        self.failures = FailurePolicy(spec.failure.max_failures)
+        self.log = RunLog()
+        self.view = RunView(self)
+        self.failure: Optional[str] = None
+        self._spawned = 0
+        self._last_progress = 0.0
+        self._returns: dict[str, WorkerExit] = {}
+        self._killed: set[str] = set()  # members killed for a lapsed heartbeat or a hang
+        self._next_pull = self._next_health = 0.0
+        self._ended_at: Optional[float] = None
+        # Once the run is over, workers return on their own (the leader after its final
+        # save); only a hung one is still running after this long.
+        self._end_grace = spec.failure.rendezvous_timeout_s + spec.failure.heartbeat_timeout_s
+
+    # --- the loop ------------------------------------------------------------------
+
+    def run(self) -> Result:
+        """Start the workers and step until the run ends; returns the Result.
+
+        Raises:
+            TrainingFailed: the run failed (the reason, and the worker's traceback for a user error).
+        """
+        self.start()
+        try:
+            while self.step():
+                pass
+            self._ingest(self.workers.pull())
+        finally:
+            where = self._failure_traceback() if self.failure is not None else None
+            self.close()
+        if self.failure is not None:
+            raise TrainingFailed(f"run {self.spec.run_id} failed: {self.failure}", cause=where)
+        return self.result()
+
+    def start(self) -> None:
+        self._act(self.placement.start())
+
+    def step(self) -> bool:
+        """Observe once and act: exits, records, health, the outcome. False when the run is over."""
+        for ended in self.workers.exits(self.POLL_S):
+            self._act(self._on_exit(ended))
+        now = self.clock()
+        if now >= self._next_pull:
+            self._next_pull = now + self.PULL_EVERY_S
+            self._ingest(self.workers.pull())
+        if now >= self._next_health:
+            self._next_health = now + self.HEALTH_EVERY_S
+            self._check_health(now)
+            self._notify_callbacks()
+        outcome = self.election.outcome()
+        if self.failure is None and outcome is not None and outcome.startswith("failed:"):
+            self.failure = outcome.removeprefix("failed:")
+        if self.failure is not None:
+            self.election.set_outcome(f"failed:{self.failure}")
+            return False
+        if self._ended_at is None and (outcome == "done" or self.placement.ended):
+            self._ended_at = now
+        if self._ended_at is not None and now - self._ended_at > self._end_grace:
+            self.record(event("stragglers_killed", members=sorted(self.workers.running())))
+            return False
+        return bool(self.workers.running())
+
+    def close(self) -> None:
+        """Kill every worker (finished ones hold their resources until killed); clear the run's keys."""
+        self.workers.close()
+        self._clear_election()
+
+    def result(self) -> Result:
+        steps = max((e.step for e in self._returns.values() if e.status == "finished" and e.step is not None),
+                    default=-1)
+        return Result(
+            metrics=self.log.final_metrics(),
+            steps=steps,
+            checkpoint_uri=self.spec.checkpoint.uri,
+            events=self.log.all_events(),
+            history=self.log.history(),
+            commit_spans=self.log.commit_spans(),
+            steps_lost_in_flight=self.log.steps_lost_in_flight(),
+        )
+
+    def record(self, record: Event) -> None:
+        self._ingest([record])
+
+    emit = record  # the driver is the run's last event sink
+
+    # --- decisions ---------------------------------------------------------------------
+
+    def _act(self, decision: Decision) -> None:
+        if decision.fail is not None:
+            self.failure = self.failure or decision.fail
+        for _ in range(decision.spawn):
+            self._spawned += 1
+            member_id = f"w{self._spawned:03d}-{uuid.uuid4().hex[:6]}"
+            self.workers.start(member_id)
+            self.placement.spawned(member_id)
+            self.record(event("worker_started", member=member_id))
+
+    def _on_exit(self, ended: WorkerExit) -> Decision:
+        member = ended.member
+        if ended.error is not None:
+            self.record(event("error", member=member, reason=ended.error))
+            self.placement.failed(member)
+            return self.failures.on_error(member, ended.error)
+        if ended.lost is not None:
+            self.election.mark_dead(member)
+            self.record(event("worker_lost", member=member, reason=ended.lost))
+            self.log.world_members.pop(member, None)
+            decision = self.failures.on_lost(member)
+            refill = self.placement.gone(member)
+            return decision if decision.fail is not None else refill
+        self._returns[member] = ended
+        self.workers.kill(member)  # its run is over; free its resources for a replacement now
+        if ended.status == "left":
+            self.record(event("worker_left", member=member, step=ended.step))
+            return self.placement.gone(member)
+        return self.placement.returned(member, ended.status or "")
+
+    def _check_health(self, now: float) -> None:
+        active = [m for m in self.election.members() if m.id in self.placement.active]
+        for kill in judge_health(active, self.election, now, self.spec.failure, self._killed):
+            self.record(kill.event)
+            self._killed.add(kill.member)
+            self.workers.kill(kill.member)  # its death reaches the loop as a lost worker
+        draining = self.workers.draining_nodes()
+        if draining:
+            for member in active:
+                if member.node_id in draining and self.election.store.put_if_absent(f"leave/{member.id}", b"drain"):
+                    self.record(event("node_draining", member=member.id, node=member.node_id))
+
+    # --- records -------------------------------------------------------------------------
+
+    def _ingest(self, records: list[Event]) -> None:
+        before = self.log.newest_step
+        for rec in records:
+            added = self.log.add(rec)
+            if added is not None:
+                for callback in self.callbacks:
+                    on_event = getattr(callback, "on_event", None)
+                    if on_event is not None:
+                        on_event(self.view, added)
+        if self.log.newest_step > before:
+            self._notify_callbacks()
+            self._print_progress()
+
+    def _notify_callbacks(self) -> None:
+        for callback in self.callbacks:
+            callback.on_progress(self.view)
+
+    def _print_progress(self) -> None:
+        if not self.spec.run.progress or self.clock() - self._last_progress < 1.0:
+            return
+        self._last_progress = self.clock()
+        metrics = self.log.final_metrics()
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                         if isinstance(v, float) and k not in ("time", "t", "step", "term"))
+        lost = sum(1 for r in self.log.events if r.get("kind") == "worker_lost")
+        print(f"[elastictrain] step {self.log.newest_step + 1} term {self.log.newest_term} "
+              f"workers {len(self.log.world_members)} lost {lost} {shown}", file=sys.stderr, flush=True)
+
+    # --- the end -------------------------------------------------------------------------
+
+    def _failure_traceback(self) -> Optional[str]:
+        """Where the user's code raised, as the worker's traceback (None when no user error ended the run)."""
+        try:
+            return self.election.outcome_detail()
+        except Exception:  # noqa: BLE001 - the reason alone still says what failed
+            return None
+
+    def _clear_election(self) -> None:
+        """Delete the run's keys from the cluster's KV store: a shared cluster keeps them otherwise."""
+        store = self.election.store
+        try:
+            for key in store.keys(""):
+                store.delete(key)
+        except Exception as exc:  # noqa: BLE001 - the run is over either way
+            self.record(event("cleanup_failed", reason=f"{type(exc).__name__}: {exc}"))

@@ -1,0 +1,96 @@
+"""The driver's policies: pure objects fed what happened to the workers, returning decisions.
+
+The driver (`runtime/driver.py`) acts on a `Decision`: start workers, or end the run. The shape
+follows a failure policy that says retry or raise, and a placement policy that says how many
+workers to start and with which Ray options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from elastictrain.config import ScalingConfig
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the driver does next: start `spawn` workers, or end the run because of `fail`."""
+
+    spawn: int = 0
+    fail: Optional[str] = None
+
+
+@dataclass
+class FailurePolicy:
+    """How many lost workers a run tolerates.
+
+    Args:
+        max_failures: lost workers tolerated; -1 for no limit.
+    """
+
+    max_failures: int
+    failures: int = 0
+
+    def on_lost(self, member_id: str) -> Decision:
+        """A worker's process died or was killed (a lapsed heartbeat, a hang): count it."""
+        self.failures += 1
+        if 0 <= self.max_failures < self.failures:
+            return Decision(fail=f"{self.failures} workers lost, more than max_failures={self.max_failures}")
+        return Decision()
+
+    def on_error(self, member_id: str, reason: str) -> Decision:
+        """The user's `train_fn` raised on a worker: the run ends with that reason."""
+        return Decision(fail=reason)
+
+
+@dataclass
+class PlacementPolicy:
+    """How many workers the pool holds and where they go; stops refilling once the run ended.
+
+    Args:
+        scaling: the run's scaling config (pool size, resources, node labels).
+    """
+
+    scaling: ScalingConfig
+    active: set[str] = field(default_factory=set)
+    ended: bool = False
+
+    def start(self) -> Decision:
+        return self._refill()
+
+    def spawned(self, member_id: str) -> None:
+        self.active.add(member_id)
+
+    def gone(self, member_id: str) -> Decision:
+        """A worker was lost or left: replace it while the run goes on."""
+        self.active.discard(member_id)
+        return self._refill()
+
+    def returned(self, member_id: str, status: str) -> Decision:
+        """A worker's run returned: it finished the loop or saw the run end. No replacement follows."""
+        self.active.discard(member_id)
+        if status in ("finished", "ended"):
+            self.ended = True
+        return Decision()
+
+    def failed(self, member_id: str) -> None:
+        """A worker ended the run with an error; the pool does not refill."""
+        self.active.discard(member_id)
+
+    def actor_options(self) -> dict[str, Any]:
+        """Ray actor options of one worker: its CPUs, GPUs (one with `use_gpu`, unless
+        `resources_per_worker` names another amount), custom resources and node labels."""
+        resources = dict(self.scaling.resources_per_worker)
+        gpus = resources.pop("GPU", 1.0 if self.scaling.use_gpu else 0.0)
+        options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 0), "num_gpus": gpus}
+        if resources:
+            options["resources"] = resources
+        if self.scaling.label_selector:
+            options["label_selector"] = dict(self.scaling.label_selector)
+        return options
+
+    def _refill(self) -> Decision:
+        if self.ended:
+            return Decision()
+        return Decision(spawn=self.scaling.max_workers - len(self.active))

@@ -1,0 +1,89 @@
+"""The driver's `Workers` backend on Ray: one actor per worker, a hub actor for their records."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from elastictrain.errors import TrainingFailed
+from elastictrain.events import Event
+from elastictrain.runtime.driver import WorkerExit
+from elastictrain.runtime.spec import RunSpec
+
+
+class RayWorkers:
+    """Worker actors of one run, placed with `actor_options`, and the hub they send records to.
+
+    The hub lives on the driver's node: a worker node that vanishes must not take it along.
+    """
+
+    def __init__(self, spec: RunSpec, train_fn: Callable, actor_options: dict[str, Any]) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from elastictrain.runtime.hub import Hub
+
+        self.ray = ray
+        self.spec = spec
+        self.train_fn = train_fn
+        self.options = actor_options
+        here = ray.get_runtime_context().get_node_id()
+        self.hub = Hub.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+        self.actors: dict[str, Any] = {}
+        self.refs: dict[Any, str] = {}
+
+    def start(self, member_id: str) -> None:
+        from elastictrain.runtime.worker import WorkerActor
+
+        actor = WorkerActor.options(**self.options).remote(member_id, self.spec, self.hub)
+        self.actors[member_id] = actor
+        self.refs[actor.run.remote(self.train_fn)] = member_id
+
+    def kill(self, member_id: str) -> None:
+        actor = self.actors.get(member_id)
+        if actor is not None:
+            try:
+                self.ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    def exits(self, timeout_s: float) -> list[WorkerExit]:
+        if not self.refs:
+            return []
+        ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=timeout_s)
+        return [self._exit(ref) for ref in ready]
+
+    def _exit(self, ref) -> WorkerExit:
+        ray = self.ray
+        member_id = self.refs.pop(ref)
+        try:
+            out = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            if isinstance(cause, TrainingFailed):
+                return WorkerExit(member_id, error=cause.reason)
+            return WorkerExit(member_id, lost=type(exc).__name__)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
+            return WorkerExit(member_id, lost=type(exc).__name__)
+        return WorkerExit(member_id, status=out["status"], step=out.get("step"))
+
+    def running(self) -> list[str]:
+        return list(self.refs.values())
+
+    def pull(self) -> list[Event]:
+        return self.ray.get(self.hub.pull.remote())
+
+    def draining_nodes(self) -> set[str]:
+        try:
+            from ray._private.state import state
+
+            return set(state.get_draining_nodes())
+        except Exception:  # noqa: BLE001 - not every Ray version has it; draining then goes unseen
+            return set()
+
+    def close(self) -> None:
+        for member_id in list(self.actors):
+            self.kill(member_id)
+        try:
+            self.ray.kill(self.hub)
+        except Exception:  # noqa: BLE001
+            pass
