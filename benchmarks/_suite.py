@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import os
 import pkgutil
 import sys
 from dataclasses import dataclass
@@ -107,6 +108,8 @@ def run_all(argv: Sequence[str]) -> int:
             forward += [f"--{flag}", f"{getattr(args, flag):g}" if flag == "timeout" else str(getattr(args, flag))]
     env = C.child_env()
     env.pop("RAY_ADDRESS", None)  # each benchmark starts its own local cluster
+    if "OMP_NUM_THREADS" not in os.environ:
+        env.pop("OMP_NUM_THREADS")  # each benchmark sets its own threads, as when it runs alone
     results = {}
     for name in only or names:
         limit: Optional[float] = describe(name).quick_deadline_s if args.quick else None

@@ -94,6 +94,7 @@ def test_all_runs_each_benchmark_as_a_child_and_writes_the_report(tmp_path, monk
 
     monkeypatch.setattr(C, "run_child", fake_run_child)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     rc = _suite.main(["all", "--quick", "--only", "recovery,overhead,commit_copy", "--seed", "7",
                       "--out", str(tmp_path)])
     assert rc == 1  # overhead failed
@@ -101,7 +102,8 @@ def test_all_runs_each_benchmark_as_a_child_and_writes_the_report(tmp_path, monk
     for cmd, _, env in calls:
         assert cmd[:3] == [sys.executable, "-m", "benchmarks"]
         assert cmd[4:] == ["--quick", "--seed", "7", "--out", str(tmp_path)]
-        assert "RAY_ADDRESS" not in env
+        assert "RAY_ADDRESS" not in env and "OMP_NUM_THREADS" not in env
+        assert str(REPO) in env["PYTHONPATH"].split(":")
     assert [t for _, t, _ in calls] == [240.0, 300.0, _suite.DEFAULT_QUICK_DEADLINE_S]
     report = json.loads((tmp_path / "bench.json").read_text())
     assert {n: r["ok"] for n, r in report.items()} == {"recovery": True, "overhead": False, "commit_copy": True}
