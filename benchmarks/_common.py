@@ -1,16 +1,20 @@
-"""Shared pieces of the recovery and overhead benchmarks.
+"""Shared pieces of the benchmarks.
 
-Everything every arm must agree on lives here, so that the arms differ only in
-the framework under test:
+Everything every benchmark (and every arm of one) must agree on lives here, so
+that the benchmarks differ only in what they measure and the arms only in the
+framework under test:
 
+- the flags every benchmark accepts (`--out`, `--repeats`, `--seed`,
+  `--timeout`, `--quick`; `BenchmarkParser`), old spellings kept as hidden
+  aliases that say they are deprecated, and a deadline for `--timeout`;
 - the model and the synthetic data set (seeded; the same bytes in every arm);
 - the once-only kill (rank 1 SIGKILLs itself at a given step, guarded by a marker
   file that records the kill time);
 - the per-step log (one JSON line per completed optimizer step, per process) and
   the analysis that turns it into recovery time and steps redone;
 - running a child process with a hard deadline and killing its whole process
-  group when it overruns;
-- medians, and the JSON + Markdown report.
+  group when it overruns; a free port on 127.0.0.1;
+- timing, medians, and the JSON + Markdown report.
 
 This module imports torch but no Ray, torchft or elastictrain, so worker
 processes of every arm can import it cheaply.
@@ -18,6 +22,7 @@ processes of every arm can import it cheaply.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -28,12 +33,164 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------------------
+# Command line: the flags every benchmark shares
+# ---------------------------------------------------------------------------
+
+COMMON_FLAGS = ("--out", "--repeats", "--seed", "--timeout", "--quick")
+
+
+class BenchmarkTimeout(BaseException):
+    """A benchmark ran past its `--timeout`.
+
+    A BaseException, like KeyboardInterrupt, so that a benchmark's own
+    `except Exception` (which records a failed run as a finding) lets it through.
+    """
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: sets the new option's value and says it is deprecated."""
+
+    def __init__(self, option_strings, dest, new_option: str, **kwargs) -> None:
+        self.new_option = new_option
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated; use {self.new_option}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Accept `old` (hidden from --help) as a spelling of the already added option `new`."""
+    target = parser._option_string_actions[new]
+    parser.add_argument(old, dest=target.dest, type=target.type, action=_DeprecatedAlias, new_option=new,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_common_args(
+    parser: argparse.ArgumentParser,
+    *,
+    repeats: Optional[int],
+    seed: Optional[int] = 0,
+    timeout: Optional[float] = None,
+    out: str = "bench-out",
+    help: Optional[Mapping[str, str]] = None,
+) -> None:
+    """Add --out, --repeats, --seed, --timeout and --quick; `help` overrides a flag's help by its name."""
+    text = {
+        "out": f"folder for the JSON and Markdown reports (default: {out})",
+        "repeats": f"repeats of the measurement (default: {repeats})",
+        "seed": f"seed of the model and the data (default: {seed})",
+        "timeout": "deadline of the whole benchmark in seconds (default: none)",
+        "quick": "the short run",
+        **(help or {}),
+    }
+    parser.add_argument("--out", default=out, metavar="DIR", help=text["out"])
+    parser.add_argument("--repeats", type=int, default=repeats, metavar="N", help=text["repeats"])
+    parser.add_argument("--seed", type=int, default=seed, metavar="N", help=text["seed"])
+    parser.add_argument("--timeout", type=float, default=timeout, metavar="S", help=text["timeout"])
+    parser.add_argument("--quick", action="store_true", help=text["quick"])
+    add_deprecated_alias(parser, "--rounds", "--repeats")
+
+
+def add_workers_arg(parser: argparse.ArgumentParser, default: int, help: str = "worker processes") -> None:
+    """--workers N, with the old spelling --world kept as a deprecated alias."""
+    parser.add_argument("--workers", type=int, default=default, metavar="N", help=f"{help} (default: {default})")
+    add_deprecated_alias(parser, "--world", "--workers")
+
+
+class BenchmarkParser(argparse.ArgumentParser):
+    """The argument parser of one benchmark: its own flags plus the shared ones.
+
+    `quick` maps option names (dests) to the values of the benchmark's short
+    run: with --quick they replace the defaults, and a flag given on the command
+    line still wins. `no_effect` maps a shared flag's name to why it does not
+    apply to this benchmark: the flag is accepted (so `python -m benchmarks all`
+    can pass it to every benchmark) and a line says it changes nothing.
+
+        p = BenchmarkParser("accumulate", __doc__, repeats=15, quick={"repeats": 3})
+        p.add_argument("--micro-steps", type=int, default=8)
+        a = p.parse_args(["--quick"])  # a.repeats == 3
+    """
+
+    def __init__(
+        self,
+        name: str,
+        doc: Optional[str],
+        *,
+        repeats: Optional[int],
+        timeout: Optional[float] = None,
+        quick: Optional[Mapping[str, Any]] = None,
+        no_effect: Optional[Mapping[str, str]] = None,
+        help: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        super().__init__(prog=f"python -m benchmarks {name}", description=summary_line(doc), allow_abbrev=False)
+        self.quick_defaults = dict(quick or {})
+        self.no_effect = dict(no_effect or {})
+        text = dict(help or {})
+        if self.quick_defaults:
+            shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.quick_defaults.items())
+            text.setdefault("quick", f"the short run: {shown}")
+        for flag, why in self.no_effect.items():
+            text[flag] = f"no effect here: {why}"
+        add_common_args(self, repeats=repeats, timeout=timeout, help=text)
+
+    def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Optional[argparse.Namespace] = None):
+        argv = list(sys.argv[1:] if args is None else args)
+        if namespace is None and self.quick_defaults and _wants_quick(argv):
+            unknown = set(self.quick_defaults) - {a.dest for a in self._actions}
+            if unknown:
+                raise ValueError(f"{self.prog}: quick defaults for unknown options {sorted(unknown)}")
+            namespace = argparse.Namespace(**self.quick_defaults)  # defaults never overwrite what is set
+        parsed = super().parse_args(argv, namespace)
+        for flag in self.no_effect:
+            if getattr(parsed, flag) != self.get_default(flag):
+                print(f"{self.prog}: --{flag} has no effect here ({self.no_effect[flag]})", file=sys.stderr)
+        return parsed
+
+
+def _wants_quick(argv: Sequence[str]) -> bool:
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--quick", action="store_true")
+    return pre.parse_known_args(list(argv))[0].quick
+
+
+def summary_line(doc: Optional[str]) -> str:
+    """The first paragraph of a docstring, on one line."""
+    first = (doc or "").strip().split("\n\n")[0]
+    return " ".join(first.split())
+
+
+def command_line(name: str, argv: Optional[Sequence[str]]) -> str:
+    """How to run this benchmark again, for its report."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python -m benchmarks", name, *args])
+
+
+@contextlib.contextmanager
+def deadline(seconds: Optional[float]):
+    """Raise BenchmarkTimeout in the main thread once `seconds` have passed (None or 0: no deadline)."""
+    if not seconds:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise BenchmarkTimeout(f"ran past --timeout {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 # ---------------------------------------------------------------------------
 # Model and data
@@ -239,6 +396,7 @@ def analyse_recovery(records: list[dict], kill: Optional[dict], total_steps: int
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -273,12 +431,12 @@ def kill_group(pgid: int, grace_s: float = 3.0) -> None:
 
 def run_child(
     cmd: Sequence[str],
-    timeout_s: float,
+    timeout_s: Optional[float],
     log_path: str | os.PathLike,
     env: Optional[dict] = None,
     cwd: Optional[str | os.PathLike] = None,
 ) -> dict:
-    """Run `cmd` in its own session with a hard deadline; output goes to log_path.
+    """Run `cmd` in its own session with a hard deadline (None: none); output goes to log_path.
 
     On overrun (or on our own exit by an exception) the whole process group is
     killed; afterwards any straggler in the group is killed too.
@@ -318,8 +476,20 @@ def tail(path: str | os.PathLike, n: int = 2000) -> str:
 
 
 def median(values: Iterable[Optional[float]]) -> Optional[float]:
+    """The median of the values that are not None; None when there are none."""
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
+
+
+def time_call(fn: Callable[[], Any], sync: Optional[Callable[[], Any]] = None) -> float:
+    """Wall-clock seconds of `fn()`; `sync` (a device synchronise) runs before the start and before the stop."""
+    if sync is not None:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - start
 
 
 def fmt(v: Optional[float], digits: int = 2, suffix: str = "") -> str:
@@ -349,6 +519,7 @@ def machine_info() -> dict:
 
 
 def write_report(out_dir: str | os.PathLike, name: str, data: dict, markdown: str) -> tuple[Path, Path]:
+    """`<out_dir>/<name>.json` (every figure) and `<name>.md` (the tables); returns both paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jp, mp = out / f"{name}.json", out / f"{name}.md"

@@ -5,7 +5,10 @@ all variants in one run and interleaved round by round, so machine noise hits ea
 alike. Writes ``accumulate.json`` and ``accumulate.md`` to the output folder and
 quotes medians and ratios against the hand-written loop measured in the same run.
 
-    python benchmarks/accumulate.py [--out bench-out] [--rounds 15] [--micro-steps 8]
+    python -m benchmarks accumulate [--out bench-out] [--repeats 15] [--micro-steps 8]
+    python -m benchmarks accumulate --quick     # 3 rounds of 4 micro-steps
+
+Each repeat is one interleaved round (`--rounds` is the old spelling of `--repeats`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,6 @@ import gc
 import json
 import os
 import platform
-import socket
-import statistics
-import sys
 import time
 from datetime import timedelta
 
@@ -26,24 +26,25 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from elastictrain.accumulate import GradAccumulator  # noqa: E402
+from benchmarks import _common as C
+from elastictrain.accumulate import GradAccumulator
 
 VARIANTS = ("no_sync", "accumulator", "no_sync_exact", "naive")
 KS = (1, 4, 16)
+QUICK = {"repeats": 3, "micro_steps": 4}
+QUICK_DEADLINE_S = 300
 
 
-def _net(hidden: int) -> torch.nn.Module:
-    torch.manual_seed(0)
+def _net(hidden: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
     return torch.nn.Sequential(
         torch.nn.Linear(256, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden), torch.nn.GELU(),
         torch.nn.Linear(hidden, 256),
     )
 
 
-def _micro_batches(k: int, micro: int, rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1000 * k + rank)
+def _micro_batches(k: int, micro: int, rank: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1_000_000 * seed + 1000 * k + rank)
     out = []
     for _ in range(k):
         x = torch.randn(micro, 256, generator=g)
@@ -119,10 +120,10 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
     try:
         setups = {}
         for variant in VARIANTS:
-            model = DDP(_net(args.hidden))
+            model = DDP(_net(args.hidden, args.seed))
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             setups[variant] = (model, opt, GradAccumulator(model, opt))
-        data = {k: _micro_batches(k, args.micro_batch, rank) for k in KS}
+        data = {k: _micro_batches(k, args.micro_batch, rank, args.seed) for k in KS}
 
         def run(variant, k, steps):
             model, opt, acc = setups[variant]
@@ -140,7 +141,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
             for variant in VARIANTS:
                 run(variant, k, args.warmup)
         samples = {(v, k): [] for v in VARIANTS for k in KS}
-        for rnd in range(args.rounds):
+        for rnd in range(args.repeats):
             for k in KS:
                 # Rotate the order each round so no variant always runs first after a switch.
                 order = VARIANTS[rnd % len(VARIANTS):] + VARIANTS[: rnd % len(VARIANTS)]
@@ -166,21 +167,15 @@ def _worker(rank: int, port: int, args: argparse.Namespace, out_path: str) -> No
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _report(raw: dict, args: argparse.Namespace, wall_s: float) -> tuple[dict, str]:
     rows = []
     for k in KS:
-        base = statistics.median(r[0] for r in raw[f"no_sync|{k}"])
-        base_cpu = statistics.median(r[1] for r in raw[f"no_sync|{k}"])
+        base = C.median(r[0] for r in raw[f"no_sync|{k}"])
+        base_cpu = C.median(r[1] for r in raw[f"no_sync|{k}"])
         for variant in VARIANTS:
             rates = [r[0] for r in raw[f"{variant}|{k}"]]
             cpu = [r[1] for r in raw[f"{variant}|{k}"]]
-            med, med_cpu = statistics.median(rates), statistics.median(cpu)
+            med, med_cpu = C.median(rates), C.median(cpu)
             rows.append({
                 "k": k, "variant": variant, "median_steps_per_s": med, "ratio_vs_no_sync": med / base,
                 "min_steps_per_s": min(rates), "max_steps_per_s": max(rates),
@@ -192,7 +187,8 @@ def _report(raw: dict, args: argparse.Namespace, wall_s: float) -> tuple[dict, s
         "setup": {
             "processes": 2, "backend": "gloo", "device": "cpu", "threads_per_process": 1, "pinned": args.pin,
             "model": f"MLP 256-{args.hidden}-{args.hidden}-256", "micro_batch": args.micro_batch,
-            "optimizer": "AdamW", "rounds": args.rounds, "micro_steps_per_round": args.micro_steps, "warmup": args.warmup,
+            "optimizer": "AdamW", "rounds": args.repeats, "micro_steps_per_round": args.micro_steps, "warmup": args.warmup,
+            "seed": args.seed,
             "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
             "wall_s": round(wall_s, 1),
         },
@@ -202,7 +198,7 @@ def _report(raw: dict, args: argparse.Namespace, wall_s: float) -> tuple[dict, s
         "# GradAccumulator vs hand-written loops (2 gloo processes, CPU)",
         "",
         f"MLP 256-{args.hidden}-{args.hidden}-256, micro-batch {args.micro_batch}, AdamW; "
-        f"median of {args.rounds} interleaved rounds of {args.micro_steps} micro-steps; ratio against the hand-written "
+        f"median of {args.repeats} interleaved rounds of {args.micro_steps} micro-steps; ratio against the hand-written "
         "no_sync loop of the same run.",
         "",
         "no_sync_exact is the hand-written loop made exact the way it can be by hand (item counts "
@@ -224,11 +220,9 @@ def _report(raw: dict, args: argparse.Namespace, wall_s: float) -> tuple[dict, s
     return result, "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and write JSON and Markdown to the output folder."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per (variant, k)")
+def build_parser() -> C.BenchmarkParser:
+    parser = C.BenchmarkParser("accumulate", __doc__, repeats=15, quick=QUICK,
+                               help={"repeats": "interleaved rounds per (variant, k) (default: 15)"})
     parser.add_argument(
         "--micro-steps", type=int, default=8,
         help="micro-steps timed per (variant, k) and round: ceil(this / k) optimizer steps",
@@ -237,19 +231,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=768, help="MLP width")
     parser.add_argument("--micro-batch", type=int, default=192, help="samples per micro-batch per process")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin each process to a core")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write JSON and Markdown to the output folder."""
+    args = build_parser().parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     raw_path = os.path.join(args.out, "accumulate.raw.json")
     t0 = time.perf_counter()
-    mp.spawn(_worker, args=(_free_port(), args, raw_path), nprocs=2, join=True)
+    with C.deadline(args.timeout):
+        # daemonic, so that a timeout's exit takes the two processes with it
+        mp.spawn(_worker, args=(C.free_port(), args, raw_path), nprocs=2, join=True, daemon=True)
     with open(raw_path) as f:
         raw = json.load(f)
     os.remove(raw_path)
     result, table = _report(raw, args, time.perf_counter() - t0)
-    with open(os.path.join(args.out, "accumulate.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(args.out, "accumulate.md"), "w") as f:
-        f.write(table)
+    C.write_report(args.out, "accumulate", result, table)
     print(table)
     return 0
 

@@ -1,7 +1,8 @@
 """Checkpoint benchmark: elastictrain (plain, encrypted, incremental, async, restore, S3) vs torch.save,
 safetensors and torch.distributed.checkpoint, one run, same disk, medians over repeats.
 
-    python benchmarks/checkpoint.py --size-mb 1024 --repeats 3 --out bench-out
+    python -m benchmarks checkpoint --size-mb 1024 --repeats 3 --out bench-out
+    python -m benchmarks checkpoint --quick     # 64 MiB, no S3 run, 1 repeat
 
 Writes bench-out/checkpoint.json and bench-out/checkpoint.md. Ratios compare figures measured in this run.
 The main arms save into the page cache (elastictrain with fsync=False, like safetensors and torch.save;
@@ -19,7 +20,6 @@ import functools
 import json
 import os
 import shutil
-import statistics
 import tempfile
 import time
 import uuid
@@ -31,16 +31,19 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
+from benchmarks import _common as C
 from elastictrain.checkpoint import CheckpointManager
 from elastictrain.config import CheckpointConfig, EncryptionConfig
 
 ENV = {"BENCH_KEY": base64.b64encode(os.urandom(32)).decode()}
 N_TENSORS = 20  # changing 2 of them changes 10% of the state
+QUICK = {"size_mb": 64, "s3_size_mb": 0, "repeats": 1}
+QUICK_DEADLINE_S = 300
 
 
-def make_state(size_mb: int) -> dict[str, torch.Tensor]:
+def make_state(size_mb: int, seed: int = 0) -> dict[str, torch.Tensor]:
     per = size_mb * 1024 * 1024 // 4 // N_TENSORS
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     return {f"layers.{i}.weight": torch.randn(per, generator=g) for i in range(N_TENSORS)}
 
 
@@ -122,13 +125,7 @@ BEST_RATIOS = [(label.split(" (")[0] + " (best of each)", num, den)
 
 def timed(fn) -> float:
     settle()
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
+    return C.time_call(fn)
 
 
 def dir_bytes(path: Path) -> int:
@@ -137,7 +134,7 @@ def dir_bytes(path: Path) -> int:
 
 def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="et-bench-", dir=args.dir))
-    state = make_state(args.size_mb)
+    state = make_state(args.size_mb, args.seed)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     gb = nbytes / 1e9
     res: dict[str, list[float]] = {}
@@ -247,7 +244,7 @@ def run(args) -> dict:
         add("et_incremental_fsync_total_s", timed(lambda: (m.save(state, None, step=2, term=0), m.wait())))
         m.close()
         shutil.rmtree(p)
-    med = {k: median(v) for k, v in res.items()}
+    med = {k: C.median(v) for k, v in res.items()}
     out = {
         "size_bytes": nbytes, "repeats": args.repeats, "threads": args.threads, "medians": med, "raw": res,
         "throughput_gb_s": {k[:-2]: gb / v for k, v in med.items() if k.endswith("_save_s") or k.endswith("_load_s")
@@ -272,7 +269,7 @@ def rotated(arms: dict[str, Callable[[], float]], repeats: int) -> dict[str, lis
 
 def summary(res: dict[str, list[float]], table: list[tuple[str, str, str]]) -> dict:
     """Medians, every repeat, and the ratios of `table` from the medians and from the fastest repeats."""
-    med = {k: median(v) for k, v in res.items()}
+    med = {k: C.median(v) for k, v in res.items()}
     best = [(label.split(" (")[0] + " (best of each)", num, den) for label, num, den in table]
     return {"medians": med, "raw": res,
             "ratios": {**ratios(med, table), **ratios({k: min(v) for k, v in res.items()}, best)}}
@@ -282,7 +279,7 @@ def run_saves(args) -> dict:
     """Only the full saves (safetensors, elastictrain plain and encrypted) in turn, each output deleted
     before the next: the save paths alone, without the memory churn of the other arms."""
     work = Path(tempfile.mkdtemp(prefix="et-bench-saves-", dir=args.dir))
-    state = make_state(args.size_mb)
+    state = make_state(args.size_mb, args.seed)
 
     def save_arm(encrypted: Optional[bool]) -> Callable[[], float]:
         def arm() -> float:
@@ -312,7 +309,7 @@ def run_restores(args) -> dict:
     """Only the restores (safetensors into new memory and into existing tensors; elastictrain plain and
     encrypted, the same two ways) in turn, from one saved copy of each, every arm once untimed first."""
     work = Path(tempfile.mkdtemp(prefix="et-bench-restores-", dir=args.dir))
-    state = make_state(args.size_mb)
+    state = make_state(args.size_mb, args.seed)
     resident = {k: torch.zeros_like(v) for k, v in state.items()}
     p = work / "state.safetensors"
     save_file(state, str(p))
@@ -356,7 +353,7 @@ def run_gpu(args) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device")
     work = Path(tempfile.mkdtemp(prefix="et-bench-gpu-", dir=args.dir))
-    state = {k: v.cuda() for k, v in make_state(args.size_mb).items()}
+    state = {k: v.cuda() for k, v in make_state(args.size_mb, args.seed).items()}
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     res: dict[str, list[float]] = {}
 
@@ -364,11 +361,7 @@ def run_gpu(args) -> dict:
         res.setdefault(key, []).append(value)
 
     def gpu_timed(fn) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return C.time_call(fn, sync=torch.cuda.synchronize)
 
     pinned = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in state.items()}
 
@@ -452,7 +445,7 @@ def run_s3(args) -> dict:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-        state = make_state(args.s3_size_mb)
+        state = make_state(args.s3_size_mb, args.seed)
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
         opts = {"client_kwargs": {"endpoint_url": endpoint}, "use_listings_cache": False, "skip_instance_cache": True}
         latency = args.s3_latency_ms / 1000
@@ -487,12 +480,12 @@ def run_s3(args) -> dict:
             requests["incremental_save_retiring_one"] = dict(counts)
             m.close()
         return {"size_bytes": nbytes, "latency_ms": args.s3_latency_ms, "requests": requests,
-                "encrypted_save_s": median(saves), "restore_s": median(restores),
-                "fresh_restore_s": median(fresh_restores),
-                "save_gb_s": nbytes / 1e9 / median(saves), "restore_gb_s": nbytes / 1e9 / median(restores),
-                "async_full_total_s": median(fulls), "incremental_total_s": median(incs),
-                "incremental_time_vs_full": median(incs) / median(fulls),
-                "incremental_bytes_vs_full": median(inc_bytes) / median(full_bytes),
+                "encrypted_save_s": C.median(saves), "restore_s": C.median(restores),
+                "fresh_restore_s": C.median(fresh_restores),
+                "save_gb_s": nbytes / 1e9 / C.median(saves), "restore_gb_s": nbytes / 1e9 / C.median(restores),
+                "async_full_total_s": C.median(fulls), "incremental_total_s": C.median(incs),
+                "incremental_time_vs_full": C.median(incs) / C.median(fulls),
+                "incremental_bytes_vs_full": C.median(inc_bytes) / C.median(full_bytes),
                 "raw": {"save_s": saves, "restore_s": restores, "fresh_restore_s": fresh_restores,
                         "async_full_total_s": fulls,
                         "incremental_total_s": incs}}
@@ -523,24 +516,33 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> C.BenchmarkParser:
+    parser = C.BenchmarkParser("checkpoint", __doc__, repeats=3, quick=QUICK)
     parser.add_argument("--size-mb", type=int, default=1024, help="state size (MiB)")
     parser.add_argument("--s3-size-mb", type=int, default=256, help="state size for the S3 run (MiB); 0 skips it")
     parser.add_argument("--s3-latency-ms", type=float, default=0.0,
                         help="delay added to each S3 request (a real bucket's round trip; default none)")
     parser.add_argument("--s3-only", action="store_true", help="only the S3 run")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="CheckpointConfig.io_threads")
     parser.add_argument("--dir", default=None, help="folder on the disk to measure (default: the temp folder)")
-    parser.add_argument("--out", default="bench-out")
     parser.add_argument("--saves-only", action="store_true",
                         help="only the full saves, in turn, each output deleted before the next (prints JSON)")
     parser.add_argument("--gpu", action="store_true",
                         help="only the async save's stall from GPU memory (needs CUDA; writes checkpoint_gpu.json)")
     parser.add_argument("--restores-only", action="store_true",
                         help="only the restores, in turn, from one saved copy of each (prints JSON)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    with C.deadline(args.timeout):
+        run_selected(args)
+    return 0
+
+
+def run_selected(args) -> None:
+    """The run the flags ask for: everything (and the S3 run), or one of the --*-only runs."""
     args.storage_options = {}
     if args.saves_only or args.restores_only or args.gpu:
         result = run_saves(args) if args.saves_only else run_restores(args) if args.restores_only else run_gpu(args)
@@ -556,12 +558,9 @@ def main() -> None:
     result = run(args)
     if args.s3_size_mb:
         result["s3"] = run_s3(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "checkpoint.json").write_text(json.dumps(result, indent=2))
-    (out / "checkpoint.md").write_text(markdown(result))
+    C.write_report(args.out, "checkpoint", result, markdown(result))
     print(markdown(result))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,18 +1,16 @@
 """What the per-commit copy (buffers, RNG states, scheduler, GradScaler, hyperparameters) costs against a
 training step of a BatchNorm-heavy conv net (a CIFAR-size ResNet-18 layout), on this machine's device.
 
-Usage: python -m benchmarks.commit_copy [--batch 32] [--repeats 30] [--device cpu|cuda]
+Usage: python -m benchmarks commit_copy [--batch 32] [--repeats 30] [--device cpu|cuda] [--quick]
+Writes commit_copy.json and commit_copy.md to --out.
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import torch
 from torch import nn
 
+from benchmarks import _common as C
 from elastictrain.runtime.rollback import persistent_buffers
 from elastictrain.runtime.state import ElasticState
 
@@ -49,24 +47,37 @@ def _sync(device: torch.device) -> None:
 
 
 def _median_s(fn, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return C.median(C.time_call(fn, sync=lambda: _sync(device)) for _ in range(repeats))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> C.BenchmarkParser:
+    parser = C.BenchmarkParser("commit_copy", __doc__, repeats=30, quick={"repeats": 3, "batch": 8},
+                               help={"repeats": "timed training steps; the copy is timed 5x as often (default: 30)"})
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with C.deadline(args.timeout):
+        figures = measure(args)
+    lines = [f"device {figures['device']}, batch {args.batch}, torch {torch.__version__}, {figures['threads']} threads",
+             f"params {figures['params_mib']:.1f} MiB, {figures['buffers']} buffers {figures['buffers_kib']:.1f} KiB",
+             f"step median {figures['step_ms']:.2f} ms; commit copy median {figures['copy_ms']:.3f} ms "
+             f"({figures['copy_pct_of_step']:.2f}% of a step)"]
+    print("\n".join(lines))
+    data = {"benchmark": "commit_copy", "command": C.command_line("commit_copy", argv), "params": vars(args),
+            "machine": C.machine_info(), **figures}
+    C.write_report(args.out, "commit_copy", data,
+                   "# Per-commit copy against a training step (ResNet-18 layout)\n\n" + "\n\n".join(lines) + "\n")
+    return 0
+
+
+def measure(args) -> dict:
+    """Median step and median commit copy of a ResNet-18-layout net with a scheduler and a GradScaler."""
     device = torch.device(args.device)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = resnet18().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.4, total_steps=10_000)
@@ -91,11 +102,10 @@ def main() -> None:
     buffers = list(persistent_buffers(model))
     nbuf = sum(b.numel() * b.element_size() for _, b in buffers)
     nparam = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(f"device {device}, batch {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"params {nparam / 2**20:.1f} MiB, {len(buffers)} buffers {nbuf / 2**10:.1f} KiB")
-    print(f"step median {step_s * 1e3:.2f} ms; commit copy median {copy_s * 1e3:.3f} ms "
-          f"({100 * copy_s / step_s:.2f}% of a step)")
+    return {"device": str(device), "threads": torch.get_num_threads(), "params_mib": nparam / 2**20,
+            "buffers": len(buffers), "buffers_kib": nbuf / 2**10, "step_ms": step_s * 1e3, "copy_ms": copy_s * 1e3,
+            "copy_pct_of_step": 100 * copy_s / step_s}
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -33,10 +33,10 @@ status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 echo "cpus: $(nproc)" | tee -a "$OUT/gpu.txt"
 timeout 180 python3 -m pytest -q -m gpu tests/unit 2>&1 | tee "$OUT/tests.log" || status=1
-timeout 120 python3 benchmarks/checkpoint.py --gpu --size-mb 1024 --repeats 5 --threads 8 --out "$OUT" \
+timeout 120 python3 -m benchmarks checkpoint --gpu --size-mb 1024 --repeats 5 --threads 8 --out "$OUT" \
     > "$OUT/gpu.log" 2>&1 || { status=1; tail -5 "$OUT/gpu.log"; }
 for arms in restores saves; do
-    timeout 100 python3 benchmarks/checkpoint.py --$arms-only --repeats 5 --threads 8 \
+    timeout 100 python3 -m benchmarks checkpoint --$arms-only --repeats 5 --threads 8 \
         > "$OUT/${arms}_16cpu.json" 2> "$OUT/${arms}_16cpu.log" || { status=1; tail -5 "$OUT/${arms}_16cpu.log"; }
 done
 python3 - "$OUT" <<'EOF'

@@ -2,7 +2,7 @@
 
 Two arms, measured in one process with tracemalloc (Python allocations):
 
-- `records` (default, no Ray): the records a run of `--steps` steps on `--world` ranks
+- `records` (default, no Ray): the records a run of `--steps` steps on `--workers` ranks
   sends (a commit per rank per step, rank 0's metrics per step, an event per failure)
   folded into the driver's `RunLog`, against a plain list that keeps every record
   (what the driver kept before). Both are fed the same records.
@@ -10,17 +10,18 @@ Two arms, measured in one process with tracemalloc (Python allocations):
   Ray cluster, reporting each step's loss; traced on the driver from before `fit()`
   to after the Result is built (the Result's history, one report per step, included).
 
-    python benchmarks/driver_memory.py --steps 100000
-    python benchmarks/driver_memory.py --real --steps 100000
+    python -m benchmarks driver_memory --steps 100000
+    python -m benchmarks driver_memory --real --steps 100000
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import time
 import tracemalloc
+
+from benchmarks import _common as C
 
 
 def _records(steps: int, world: int, failures: int):
@@ -102,20 +103,26 @@ def run_real(steps: int, world: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> C.BenchmarkParser:
+    parser = C.BenchmarkParser("driver_memory", __doc__, repeats=1, quick={"steps": 10_000},
+                               no_effect={"repeats": "one measurement", "seed": "nothing here is random"})
     parser.add_argument("--steps", type=int, default=100_000)
-    parser.add_argument("--world", type=int, default=4)
+    C.add_workers_arg(parser, 4, help="ranks sending records")
     parser.add_argument("--failures", type=int, default=10, help="world changes spread over the run (records arm)")
     parser.add_argument("--real", action="store_true", help="run fit() on a local Ray cluster instead")
-    parser.add_argument("--out", default=None, help="write the figures as JSON here")
-    args = parser.parse_args()
-    figures = run_real(args.steps, min(args.world, 2)) if args.real else run_records(args.steps, args.world, args.failures)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with C.deadline(args.timeout):
+        figures = (run_real(args.steps, min(args.workers, 2)) if args.real
+                   else run_records(args.steps, args.workers, args.failures))
     print(json.dumps(figures, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(figures, f, indent=2)
+    C.write_report(args.out, "driver_memory", figures,
+                   "# Driver memory\n\n" + C.md_table(["figure", "value"], list(figures.items())))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,11 +1,11 @@
 """Overhead benchmark: steps/s under elastictrain vs a plain torch DDP loop, nothing failing.
 
 The same model (an MLP of 2.4 M parameters), the same global batch in the same
-micro-batches, the same world size (default 2), the same number of steps, in
+micro-batches, the same number of workers (default 2), the same number of steps, in
 the same run:
 
 - ddp: a plain DDP loop launched with `torchrun --standalone` (no Ray);
-- elastictrain: ElasticTrainer with min_workers = max_workers = world size,
+- elastictrain: ElasticTrainer with min_workers = max_workers = --workers,
   the loop written with ctx.steps / ctx.accumulate / ctx.micro_batches and a
   ctx.report per step, as the README shows;
 - elastictrain_ddp_loop: the same runtime running the ddp arm's own hand-written
@@ -18,8 +18,9 @@ worker on one thread, so the comparison means something on a small machine.
 Arms are interleaved over the repeats; the report gives medians and the ratio
 elastictrain / ddp (target: within 3%).
 
-    python -m benchmarks.overhead                  # 3 repeats
-    python -m benchmarks.overhead --repeats 1 --steps 40
+    python -m benchmarks overhead                  # 3 repeats
+    python -m benchmarks overhead --repeats 1 --steps 40
+    python -m benchmarks overhead --quick          # 1 repeat, 40 steps
 """
 
 from __future__ import annotations
@@ -32,10 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import _common as C  # noqa: E402
+from benchmarks import _common as C
 
 ARMS = ["ddp", "elastictrain", "elastictrain_ddp_loop"]
 ARM_LABELS = {
@@ -44,6 +42,8 @@ ARM_LABELS = {
     "elastictrain_ddp_loop": "elastictrain runtime, the ddp arm's loop",
 }
 TARGET = 0.03
+QUICK = {"repeats": 1, "steps": 40, "warmup": 5, "timeout": 120.0}
+QUICK_DEADLINE_S = 300
 
 
 def trial_elastictrain(a: argparse.Namespace, out_file: Path, hand_loop: bool = False) -> None:
@@ -58,7 +58,7 @@ def trial_elastictrain(a: argparse.Namespace, out_file: Path, hand_loop: bool = 
     import elastictrain as et
 
     steps, warmup, out = a.steps, a.warmup, str(out_file)
-    a_global, a_micro = a.global_batch, a.micro_batch
+    a_global, a_micro, seed = a.global_batch, a.micro_batch, a.seed
 
     def train_fn(ctx) -> None:
         import torch
@@ -66,8 +66,8 @@ def trial_elastictrain(a: argparse.Namespace, out_file: Path, hand_loop: bool = 
         from benchmarks import _common as CC
 
         CC.set_threads(1)
-        data = CC.make_dataset("work")
-        model = ctx.prepare_model(CC.make_model("work"))
+        data = CC.make_dataset("work", seed=seed)
+        model = ctx.prepare_model(CC.make_model("work", seed=seed))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         ctx.state(model=model, optimizer=opt)
         times = []
@@ -104,11 +104,11 @@ def trial_elastictrain(a: argparse.Namespace, out_file: Path, hand_loop: bool = 
                 "rank0_micro_batches_per_step": mbs,
             }))
 
-    ray.init(address="local", num_cpus=max(8, a.world + 2), include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=max(8, a.workers + 2), include_dashboard=False, log_to_driver=True)
     try:
         et.ElasticTrainer(
             train_fn,
-            scaling=et.ScalingConfig(min_workers=a.world, max_workers=a.world, resources_per_worker={"CPU": 1}),
+            scaling=et.ScalingConfig(min_workers=a.workers, max_workers=a.workers, resources_per_worker={"CPU": 1}),
             batch=et.BatchConfig(global_batch_size=a.global_batch, micro_batch_size=a.micro_batch),
         ).fit()
     finally:
@@ -119,14 +119,14 @@ def run_one(arm: str, a: argparse.Namespace) -> dict:
     d = Path(tempfile.mkdtemp(prefix=f"overhead-{arm}-"))
     out_file, log_path = d / "result.json", d / "output.log"
     common = ["--steps", str(a.steps), "--warmup", str(a.warmup), "--global-batch", str(a.global_batch),
-              "--micro-batch", str(a.micro_batch)]
+              "--micro-batch", str(a.micro_batch), "--seed", str(a.seed)]
     try:
         if arm == "ddp":
-            cmd = ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", str(a.world),
-                   str(Path(__file__).parent / "baselines" / "ddp_overhead.py"), "--out-file", str(out_file), *common]
+            cmd = ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", str(a.workers),
+                   "--module", "benchmarks.baselines.ddp_overhead", "--out-file", str(out_file), *common]
         else:
             cmd = [sys.executable, "-m", "benchmarks.overhead", "--trial", arm, "--trial-out", str(out_file),
-                   "--world", str(a.world), *common]
+                   "--workers", str(a.workers), *common]
         run = C.run_child(cmd, timeout_s=a.timeout, log_path=log_path)
         res = json.loads(out_file.read_text()) if out_file.exists() else {}
         if res.get("unavailable"):
@@ -140,19 +140,22 @@ def run_one(arm: str, a: argparse.Namespace) -> dict:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> C.BenchmarkParser:
+    p = C.BenchmarkParser("overhead", __doc__, repeats=3, timeout=300.0, quick=QUICK,
+                          help={"timeout": "deadline of one run in seconds (default: 300)"})
     p.add_argument("--arms", default=",".join(ARMS))
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=110)
     p.add_argument("--warmup", type=int, default=10, help="steps before timing starts")
-    p.add_argument("--world", type=int, default=2)
+    C.add_workers_arg(p, 2)
     p.add_argument("--global-batch", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=32)
-    p.add_argument("--timeout", type=float, default=300.0, help="deadline of one run (seconds)")
-    p.add_argument("--out", default="bench-out")
     p.add_argument("--trial", help=argparse.SUPPRESS)
     p.add_argument("--trial-out", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.trial:
         trial_elastictrain(a, Path(a.trial_out), hand_loop=a.trial == "elastictrain_ddp_loop")
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "benchmark": "overhead",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start)),
-        "command": "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": C.command_line("overhead", argv),
         "params": {k: v for k, v in vars(a).items() if k not in ("trial", "trial_out")},
         "machine": C.machine_info(),
         "summary": summary,
@@ -226,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
              ", ".join(C.fmt(x, 2) for x in s["steps_per_s_all"])] for s in summary.values()]
     md = [
         "# Steady-state overhead, nothing failing\n",
-        f"World size {a.world}, {a.steps} steps (timed: steps {a.warmup}..{a.steps - 1} on rank 0), global batch "
+        f"World size {a.workers}, {a.steps} steps (timed: steps {a.warmup}..{a.steps - 1} on rank 0), global batch "
         f"{a.global_batch} in micro-batches of {a.micro_batch}, MLP of 2.4 M parameters, one thread per worker; "
         f"medians over {a.repeats} repeat(s). Machine: {data['machine']['cpus']} CPUs, torch {data['machine']['torch']}, "
         f"ray {data['machine']['ray']}.\n",

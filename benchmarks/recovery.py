@@ -27,9 +27,10 @@ Arms:
 Each run is a child process in its own session with a hard deadline; the whole
 process group is killed when it ends or overruns, and its temp dir is removed.
 
-    python -m benchmarks.recovery                       # all arms, 3 repeats
-    python -m benchmarks.recovery --repeats 1 --arms torchrun,torchft
-    python -m benchmarks.recovery --out bench-out/      # recovery.json, recovery.md
+    python -m benchmarks recovery                       # all arms, 3 repeats
+    python -m benchmarks recovery --repeats 1 --arms torchrun,torchft
+    python -m benchmarks recovery --out bench-out/      # recovery.json, recovery.md
+    python -m benchmarks recovery --quick               # elastictrain only, 1 repeat, 40 steps
 """
 
 from __future__ import annotations
@@ -46,10 +47,7 @@ import time
 import traceback
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import _common as C  # noqa: E402
+from benchmarks import _common as C
 
 ARMS = ["raytrain", "torchrun", "torchft", "torchft-hb1s", "elastictrain"]
 OPT_IN_ARMS = ["torchrun-plain"]  # hangs or fails on most restarts here (pytorch#135712)
@@ -62,6 +60,8 @@ ARM_LABELS = {
     "elastictrain": "elastictrain ElasticTrainer",
 }
 BASELINE = "raytrain"
+QUICK = {"arms": "elastictrain", "repeats": 1, "steps": 40, "kill_step": 15, "timeout": 120.0}
+QUICK_DEADLINE_S = 240
 NOTES = """Notes:
 - Ray Train (2.60, Train V2) collects `ray.train.report` results, checkpoints included, when its
   controller polls the workers (every 2 s by default, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S); a
@@ -93,7 +93,7 @@ def trial_raytrain(a: argparse.Namespace, d: Path) -> None:
     cfg = dict(
         log_dir=str(d / "steps"), marker=str(d / "killed.json"), ckpt_tmp=str(d / "ckpt-tmp"),
         steps=a.steps, kill_step=a.kill_step, kill_rank=a.kill_rank, step_sleep=a.step_sleep,
-        ckpt_every=a.ckpt_every, global_batch=a.global_batch, micro_batch=a.micro_batch,
+        ckpt_every=a.ckpt_every, global_batch=a.global_batch, micro_batch=a.micro_batch, seed=a.seed,
     )
 
     def train_loop(config: dict) -> None:
@@ -109,8 +109,8 @@ def trial_raytrain(a: argparse.Namespace, d: Path) -> None:
         ctx = rt.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         log = CC.StepLog(config["log_dir"], rank)
-        data = CC.make_dataset("tiny")
-        model = rtt.prepare_model(CC.make_model("tiny"))
+        data = CC.make_dataset("tiny", seed=config["seed"])
+        model = rtt.prepare_model(CC.make_model("tiny", seed=config["seed"]))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         start = 0
         ckpt = rt.get_checkpoint()
@@ -173,13 +173,13 @@ def trial_torchft(a: argparse.Namespace, d: Path, heartbeat_timeout_ms: int) -> 
         time.sleep(0.5)
         for rid in range(a.workers):
             procs.append(subprocess.Popen(
-                [sys.executable, str(Path(__file__).parent / "baselines" / "torchft_train.py"),
+                [sys.executable, "-m", "benchmarks.baselines.torchft_train",
                  "--replica-id", str(rid), "--num-replicas", str(a.workers), "--min-replicas", str(a.workers - 1),
                  "--lighthouse", f"http://127.0.0.1:{port}", "--log-dir", str(d / "steps"),
                  "--marker", str(d / "killed.json"), "--steps", str(a.steps), "--kill-step", str(a.kill_step),
                  "--kill-rank", str(a.kill_rank), "--step-sleep", str(a.step_sleep),
-                 "--global-batch", str(a.global_batch), "--micro-batch", str(a.micro_batch)],
-                env=C.child_env(),
+                 "--global-batch", str(a.global_batch), "--micro-batch", str(a.micro_batch), "--seed", str(a.seed)],
+                env=C.child_env(), cwd=C.REPO_ROOT,
             ))
         deadline = time.monotonic() + a.timeout
         while time.monotonic() < deadline and any(p.poll() is None for p in procs):
@@ -219,7 +219,7 @@ def trial_elastictrain(a: argparse.Namespace, d: Path) -> None:
     import elastictrain as et
 
     log_dir, marker = str(d / "steps"), str(d / "killed.json")
-    steps, kill_step, kill_rank, sleep = a.steps, a.kill_step, a.kill_rank, a.step_sleep
+    steps, kill_step, kill_rank, sleep, seed = a.steps, a.kill_step, a.kill_rank, a.step_sleep, a.seed
 
     def train_fn(ctx) -> None:
         from benchmarks import _common as CC
@@ -227,8 +227,8 @@ def trial_elastictrain(a: argparse.Namespace, d: Path) -> None:
         CC.set_threads(1)
         log = CC.StepLog(log_dir, ctx.rank, attempt=getattr(ctx, "term", None))
         try:
-            data = CC.make_dataset("tiny")
-            model = ctx.prepare_model(CC.make_model("tiny"))
+            data = CC.make_dataset("tiny", seed=seed)
+            model = ctx.prepare_model(CC.make_model("tiny", seed=seed))
             opt = __import__("torch").optim.AdamW(model.parameters(), lr=1e-3)
             ctx.state(model=model, optimizer=opt)
             for step in ctx.steps(total_steps=steps):
@@ -295,7 +295,7 @@ def trial_args(a: argparse.Namespace) -> list[str]:
         "--steps", str(a.steps), "--kill-step", str(a.kill_step), "--kill-rank", str(a.kill_rank),
         "--step-sleep", str(a.step_sleep), "--workers", str(a.workers), "--ckpt-every", str(a.ckpt_every),
         "--global-batch", str(a.global_batch), "--micro-batch", str(a.micro_batch),
-        "--timeout", str(a.timeout), "--join-timeout-ms", str(a.join_timeout_ms),
+        "--timeout", str(a.timeout), "--join-timeout-ms", str(a.join_timeout_ms), "--seed", str(a.seed),
     ]
 
 
@@ -327,11 +327,11 @@ def run_one(arm: str, a: argparse.Namespace, keep: bool) -> dict:
                 "torchrun", "--nnodes", "1", "--nproc-per-node", str(a.workers), "--max-restarts", "3",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{C.free_port()}",
                 "--rdzv-id", f"recovery-{os.getpid()}-{time.time_ns()}",
-                str(Path(__file__).parent / "baselines" / "torchrun_train.py"),
+                "--module", "benchmarks.baselines.torchrun_train",
                 "--log-dir", str(d / "steps"), "--marker", str(d / "killed.json"), "--ckpt-dir", str(d),
                 "--steps", str(a.steps), "--kill-step", str(a.kill_step), "--kill-rank", str(a.kill_rank),
                 "--ckpt-every", str(a.ckpt_every), "--step-sleep", str(a.step_sleep),
-                "--global-batch", str(a.global_batch), "--micro-batch", str(a.micro_batch),
+                "--global-batch", str(a.global_batch), "--micro-batch", str(a.micro_batch), "--seed", str(a.seed),
             ] + (["--store-per-restart"] if arm == "torchrun" else [])
         else:
             cmd = [sys.executable, "-m", "benchmarks.recovery", "--trial", arm, "--trial-dir", str(d), *trial_args(a)]
@@ -382,24 +382,27 @@ def summarise(arm: str, runs: list[dict], base_median: float | None) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> C.BenchmarkParser:
+    p = C.BenchmarkParser("recovery", __doc__, repeats=3, timeout=180.0, quick=QUICK,
+                          help={"timeout": "deadline of one run in seconds (default: 180)"})
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {ARMS}")
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--kill-step", type=int, default=25)
     p.add_argument("--kill-rank", type=int, default=1)
     p.add_argument("--step-sleep", type=float, default=0.05, help="seconds slept in each step")
-    p.add_argument("--workers", type=int, default=3)
+    C.add_workers_arg(p, 3)
     p.add_argument("--ckpt-every", type=int, default=10, help="checkpoint interval of the restart-based arms")
     p.add_argument("--global-batch", type=int, default=96)
     p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--timeout", type=float, default=180.0, help="deadline of one run (seconds)")
     p.add_argument("--join-timeout-ms", type=int, default=60000, help="torchft lighthouse join timeout")
-    p.add_argument("--out", default="bench-out")
     p.add_argument("--keep", action="store_true", help="keep each run's temp dir (logs) for inspection")
     p.add_argument("--trial", help=argparse.SUPPRESS)
     p.add_argument("--trial-dir", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.trial:
         return run_trial_child(a)
@@ -458,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "benchmark": "recovery",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start)),
-        "command": "python -m benchmarks.recovery " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": C.command_line("recovery", argv),
         "params": params,
         "machine": C.machine_info(),
         "definitions": {

@@ -30,9 +30,9 @@ runs the same task and the same kinds of faults, where they apply, against
 `TorchTrainer` with `FailureConfig(max_failures=-1)` and a checkpoint every
 `--ckpt-every` steps, in a child process with a hard deadline.
 
-    python -m benchmarks.resume_rate                      # 50 faults, both arms
-    python -m benchmarks.resume_rate --quick              # ~6 faults, < 2 minutes
-    python -m benchmarks.resume_rate --faults 70 --arms elastictrain --out bench-out/
+    python -m benchmarks resume_rate                      # 50 faults, both arms
+    python -m benchmarks resume_rate --quick              # ~6 faults, < 2 minutes
+    python -m benchmarks resume_rate --faults 70 --arms elastictrain --out bench-out/
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import json
 import math
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import threading
@@ -51,12 +50,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import _common as C  # noqa: E402
+from benchmarks import _common as C
 
 ARMS = ["elastictrain", "raytrain"]
+QUICK = {"faults": 6, "arms": "elastictrain"}
+QUICK_DEADLINE_S = 240
 LABELS = [
     {"provider": "aws", "region": "us-east-1"},
     {"provider": "aws", "region": "us-west-2"},
@@ -143,7 +141,7 @@ def undisturbed_step_s(times_by_step: list[tuple[int, float]], fault_times: list
         if any(t0 - margin_s <= f <= t1 + margin_s for f in fault_times):
             continue
         gaps.append(t1 - t0)
-    return statistics.median(gaps) if gaps else None
+    return C.median(gaps)
 
 
 def summarise(rows: list[dict], *, scheduled: int, total_steps: int, steps_done: int, finished: bool,
@@ -161,7 +159,7 @@ def summarise(rows: list[dict], *, scheduled: int, total_steps: int, steps_done:
         k["steps_redone"] += r["steps_redone"] or 0
     for k in by_kind.values():
         vals = k.pop("recovery_s")
-        k["recovery_median_s"] = statistics.median(vals) if vals else None
+        k["recovery_median_s"] = C.median(vals)
         k["recovery_max_s"] = max(vals) if vals else None
     redone = [r["steps_redone"] for r in rows if r["steps_redone"] is not None]
     return {
@@ -172,7 +170,7 @@ def summarise(rows: list[dict], *, scheduled: int, total_steps: int, steps_done:
         "finished": finished,
         "steps": steps_done,
         "total_steps": total_steps,
-        "recovery_median_s": statistics.median(times) if times else None,
+        "recovery_median_s": C.median(times),
         "recovery_p95_s": p95(times),
         "recovery_max_s": max(times) if times else None,
         "steps_redone_total": steps_redone_total,
@@ -639,13 +637,17 @@ def plot(report: dict, path: Path) -> Optional[str]:
 # ---------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> C.BenchmarkParser:
+    p = C.BenchmarkParser(
+        "resume_rate", __doc__, repeats=1, quick=QUICK,
+        no_effect={"repeats": "one long run; its faults are the samples"},
+        help={"seed": "seed of the fault order, the model and the data (default: 0)",
+              "timeout": "deadline of the whole benchmark in seconds (default: none; the Ray Train arm's own "
+                         "deadline is --raytrain-timeout)"},
+    )
     p.add_argument("--faults", type=int, default=50, help="faults to inject (default 50)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 100 per fault + 50)")
-    p.add_argument("--workers", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0, help="seed of the fault order, the model and the data")
-    p.add_argument("--quick", action="store_true", help="6 faults, short run (< 2 minutes): for `elastictrain bench`")
+    C.add_workers_arg(p, 3)
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {ARMS}")
     p.add_argument("--step-sleep", type=float, default=0.05, help="seconds slept in each step")
     p.add_argument("--ckpt-every", type=int, default=10, help="checkpoint every N steps")
@@ -662,7 +664,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raytrain-health-timeout", type=float, default=10.0,
                    help="RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S of the Ray Train arm (Ray's default: 600)")
     p.add_argument("--raytrain-timeout", type=float, default=None, help="deadline of the Ray Train arm (seconds)")
-    p.add_argument("--out", default="bench-out")
     p.add_argument("--trial", help=argparse.SUPPRESS)
     p.add_argument("--trial-dir", help=argparse.SUPPRESS)
     return p
@@ -671,9 +672,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
-    if a.quick:
-        a.faults = 6 if "--faults" not in argv else a.faults
-        a.arms = "elastictrain" if "--arms" not in argv else a.arms
     if a.steps is None:
         a.steps = 100 * a.faults + 50
     if a.raytrain_faults is None:
@@ -692,12 +690,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     C.set_threads(1)
     report: dict[str, Any] = {
         "benchmark": "resume_rate",
-        "command": "python -m benchmarks.resume_rate " + " ".join(argv),
+        "command": C.command_line("resume_rate", argv),
         "config": {k: v for k, v in vars(a).items() if k not in ("trial", "trial_dir")},
         "machine": C.machine_info(),
         "arms": {},
     }
-    with tempfile.TemporaryDirectory(prefix="resume-rate-") as tmp:
+    with C.deadline(a.timeout), tempfile.TemporaryDirectory(prefix="resume-rate-") as tmp:
         work = Path(tmp)
         for arm in arms:
             t0 = time.time()

@@ -1,4 +1,4 @@
-"""The `elastictrain` command: demo, ckpt (ls/verify/export/keygen), bench.
+"""The `elastictrain` command: demo, ckpt (ls/verify/export/keygen), bench (deprecated).
 
 Every failure exits non-zero with a one-line reason on stderr.
 """
@@ -6,7 +6,11 @@ Every failure exits non-zero with a one-line reason on stderr.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+from importlib.machinery import PathFinder
+from pathlib import Path
 from typing import Optional, Sequence
 
 from pydantic import ValidationError
@@ -30,11 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ckpt_parser(sub)
 
-    bench = sub.add_parser("bench", help="run a short version of each benchmark")
+    bench = sub.add_parser("bench", help=f"deprecated: {BENCH_MOVED}")
     bench.add_argument("--out", default="bench-out", help="folder for JSON and Markdown reports")
-    bench.add_argument("--only", default=None,
-                       help="comma-separated subset: recovery, overhead, accumulate, checkpoint, resume_rate")
+    bench.add_argument("--only", default=None, help="comma-separated subset (see `python -m benchmarks list`)")
     return parser
+
+
+BENCH_MOVED = "run `python -m benchmarks all --quick` from a source checkout"
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """The deprecated `bench` command: runs the current directory's `benchmarks` package, or exits 2."""
+    cwd = os.getcwd()
+    spec = PathFinder.find_spec("benchmarks", [cwd])
+    folders = (spec.submodule_search_locations or []) if spec else []
+    if not any((Path(folder) / "__main__.py").is_file() for folder in folders):
+        print(f"elastictrain bench: deprecated and no benchmarks package in {cwd}: {BENCH_MOVED}", file=sys.stderr)
+        return 2
+    print(f"elastictrain bench: deprecated: {BENCH_MOVED}", file=sys.stderr)
+    cmd = [sys.executable, "-m", "benchmarks", "all", "--quick", "--out", args.out]
+    if args.only:
+        cmd += ["--only", args.only]
+    return subprocess.call(cmd, cwd=cwd)
 
 
 def one_line(exc: BaseException) -> str:
@@ -58,8 +79,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             return run_ckpt(args)
         if args.command == "bench":
-            from elastictrain.ops.bench import run_bench
-
             return run_bench(args)
     except (ElasticTrainError, OSError, ValueError) as exc:
         print(f"elastictrain {args.command}: {one_line(exc)}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Overhead baseline: a plain torch DDP loop under torchrun, nothing fails.
 
-Launched by `benchmarks/overhead.py` as
-    torchrun --standalone --nproc-per-node 2 benchmarks/baselines/ddp_overhead.py --out-file F ...
+Launched by `python -m benchmarks overhead` as
+    torchrun --standalone --nproc-per-node 2 --module benchmarks.baselines.ddp_overhead --out-file F ...
 Each step is the same work as the elastictrain arm: the rank's share of a
 global batch in micro-batches, one gradient all-reduce (DDP no_sync on all but
 the last micro-batch), an AdamW step. Rank 0 times steps [warmup, steps) with
@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-
-from benchmarks import _common as C  # noqa: E402
+from benchmarks import _common as C
 
 
 def main() -> None:
@@ -32,13 +29,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--global-batch", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the data")
     a = p.parse_args()
 
     C.set_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    data = C.make_dataset("work")
-    model = DDP(C.make_model("work"))
+    data = C.make_dataset("work", seed=a.seed)
+    model = DDP(C.make_model("work", seed=a.seed))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
     t_start = None

@@ -1,29 +1,26 @@
 """Recovery baseline: one torchft replica group of one process.
 
-`benchmarks/recovery.py` starts a `torchft_lighthouse` and N of these, one per
-replica. Each process hosts its own replica group's TCPStore (world size 1 in
-the group) and trains with torchft's DistributedDataParallel and Optimizer
-wrappers; gradients are averaged across replicas through torchft's
-reconfigurable gloo group. When a replica dies, the survivors' step fails
-(should_commit is False) and the next quorum forms without it once the
-lighthouse stops hearing its heartbeat; no state is reloaded, so no step is
-redone. The lost replica is not restarted: the run goes on with the survivors.
+`python -m benchmarks recovery` starts a `torchft_lighthouse` and N of these
+(`python -m benchmarks.baselines.torchft_train`), one per replica. Each process
+hosts its own replica group's TCPStore (world size 1 in the group) and trains
+with torchft's DistributedDataParallel and Optimizer wrappers; gradients are
+averaged across replicas through torchft's reconfigurable gloo group. When a
+replica dies, the survivors' step fails (should_commit is False) and the next
+quorum forms without it once the lighthouse stops hearing its heartbeat; no
+state is reloaded, so no step is redone. The lost replica is not restarted: the
+run goes on with the survivors.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+from torch.distributed import TCPStore
 
-import torch  # noqa: E402
-from torch.distributed import TCPStore  # noqa: E402
-
-from benchmarks import _common as C  # noqa: E402
+from benchmarks import _common as C
 
 
 def main() -> None:
@@ -41,6 +38,7 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, default=96)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--timeout-s", type=float, default=30.0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the data")
     a = p.parse_args()
 
     from torchft import DistributedDataParallel, Manager, Optimizer, ProcessGroupGloo
@@ -51,8 +49,8 @@ def main() -> None:
     store_port = C.free_port()
     store = TCPStore("127.0.0.1", store_port, is_master=True, wait_for_workers=False)  # noqa: F841 (kept alive)
 
-    data = C.make_dataset("tiny")
-    model = C.make_model("tiny")
+    data = C.make_dataset("tiny", seed=a.seed)
+    model = C.make_model("tiny", seed=a.seed)
     inner_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def load_state_dict(sd):

@@ -1,9 +1,9 @@
 """Recovery baseline: a plain DDP loop under torchrun, checkpointing every N steps.
 
-Launched by `benchmarks/recovery.py` as
+Launched by `python -m benchmarks recovery` as
     torchrun --nnodes 1 --nproc-per-node 3 --max-restarts 3 \
         --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:PORT --rdzv-id ID \
-        benchmarks/baselines/torchrun_train.py --log-dir ... --marker ... --ckpt-dir ...
+        --module benchmarks.baselines.torchrun_train --log-dir ... --marker ... --ckpt-dir ...
 On a worker's death torchrun stops the whole group and restarts it; the loop
 resumes from the newest checkpoint (rank 0 writes it; os.replace makes it atomic).
 """
@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-
-from benchmarks import _common as C  # noqa: E402
+from benchmarks import _common as C
 
 
 def main() -> None:
@@ -38,6 +35,7 @@ def main() -> None:
     p.add_argument("--step-sleep", type=float, default=0.05)
     p.add_argument("--global-batch", type=int, default=96)
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and the data")
     p.add_argument(
         "--store-per-restart", action="store_true",
         help="prefix the process group's store keys with the restart count (works around pytorch#135712)",
@@ -61,8 +59,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     log = C.StepLog(a.log_dir, rank, attempt=attempt)
 
-    data = C.make_dataset("tiny")
-    model = DDP(C.make_model("tiny"))
+    data = C.make_dataset("tiny", seed=a.seed)
+    model = DDP(C.make_model("tiny", seed=a.seed))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ckpt = Path(a.ckpt_dir) / "latest.pt"
     start = 0

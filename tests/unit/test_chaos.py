@@ -1,4 +1,4 @@
-"""Mixed fault schedules (without Ray: a fake run view) and `elastictrain bench` when the sources are absent."""
+"""Mixed fault schedules (without Ray: a fake run view)."""
 
 from __future__ import annotations
 
@@ -140,21 +140,3 @@ def test_chaos_report_counts_resumes_recovery_and_steps_redone():
     assert rows[0]["resumed"] and rows[0]["recovery_s"] == pytest.approx(6.0) and rows[0]["steps_redone"] == 1
     assert not rows[1]["resumed"] and rows[1]["recovery_s"] is None and rows[1]["steps_redone"] == 0
 
-
-def test_bench_without_sources_fails_with_one_line(monkeypatch, tmp_path, capsys):
-    import elastictrain
-    from elastictrain.cli import main
-
-    fake = tmp_path / "site-packages" / "elastictrain" / "__init__.py"
-    fake.parent.mkdir(parents=True)
-    monkeypatch.setattr(elastictrain, "__file__", str(fake))
-    assert main(["bench", "--out", str(tmp_path / "out")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "installed without its sources" in err
-
-
-def test_bench_rejects_unknown_names(tmp_path, capsys):
-    from elastictrain.cli import main
-
-    assert main(["bench", "--only", "recovery,nope", "--out", str(tmp_path)]) == 1
-    assert "nope" in capsys.readouterr().err

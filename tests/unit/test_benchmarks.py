@@ -1,0 +1,150 @@
+"""The benchmark suite's entry point and shared flags (nothing is measured), and the deprecated `elastictrain bench`."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from benchmarks import _common as C
+from benchmarks import _suite
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = ["--quick", "--repeats", "2", "--seed", "3", "--out", "X", "--timeout", "5"]
+
+
+def benchmark_files() -> list[str]:
+    return sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("name", benchmark_files())
+def test_every_benchmark_accepts_the_shared_flags(name):
+    module = importlib.import_module(f"benchmarks.{name}")
+    parser = module.build_parser()
+    assert isinstance(parser, C.BenchmarkParser) and callable(module.main)
+    args = parser.parse_args(SHARED)
+    assert (args.quick, args.repeats, args.seed, args.out, args.timeout) == (True, 2, 3, "X", 5.0)
+    # the short run's own settings apply where no flag overrides them
+    for dest, value in parser.quick_defaults.items():
+        if dest not in ("repeats", "seed", "out", "timeout"):
+            assert getattr(args, dest) == value
+
+
+def test_quick_defaults_yield_to_flags_given():
+    from benchmarks import accumulate
+
+    assert accumulate.build_parser().parse_args([]).repeats == 15
+    quick = accumulate.build_parser().parse_args(["--quick"])
+    assert (quick.repeats, quick.micro_steps) == (3, 4)
+    assert accumulate.build_parser().parse_args(["--quick", "--micro-steps", "9"]).micro_steps == 9
+
+
+def test_old_spellings_still_work_say_so_and_are_hidden(capsys):
+    from benchmarks import accumulate, overhead
+
+    assert accumulate.build_parser().parse_args(["--rounds", "4"]).repeats == 4
+    assert overhead.build_parser().parse_args(["--world", "5"]).workers == 5
+    err = capsys.readouterr().err
+    assert "--rounds is deprecated; use --repeats" in err and "--world is deprecated; use --workers" in err
+    assert overhead.build_parser().parse_args([]).workers == 2
+    text = overhead.build_parser().format_help()
+    assert "--workers" in text and "--world" not in text and "--rounds" not in text
+
+
+def test_a_flag_without_effect_says_so(capsys):
+    from benchmarks import driver_memory
+
+    driver_memory.build_parser().parse_args([])
+    assert capsys.readouterr().err == ""
+    driver_memory.build_parser().parse_args(["--repeats", "3"])
+    assert "--repeats has no effect here" in capsys.readouterr().err
+
+
+def test_list_names_every_benchmark_file():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "list"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(None, 1) for line in proc.stdout.splitlines() if line.strip()]
+    assert [row[0] for row in rows] == benchmark_files()
+    assert all(len(row) == 2 and len(row[1]) > 20 for row in rows)
+
+
+def test_all_rejects_unknown_names(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(C, "run_child", lambda cmd, *a, **k: ran.append(cmd))
+    with pytest.raises(SystemExit) as exc:
+        _suite.main(["all", "--only", "recovery,nope", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "nope" in capsys.readouterr().err
+    assert ran == [] and not (tmp_path / "bench.json").exists()
+
+
+def test_all_runs_each_benchmark_as_a_child_and_writes_the_report(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_child(cmd, timeout_s, log_path, env=None, cwd=None):
+        calls.append((cmd, timeout_s, env))
+        return {"rc": 3 if "overhead" in cmd else 0, "timed_out": False, "wall_s": 0.5}
+
+    monkeypatch.setattr(C, "run_child", fake_run_child)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    rc = _suite.main(["all", "--quick", "--only", "recovery,overhead,commit_copy", "--seed", "7",
+                      "--out", str(tmp_path)])
+    assert rc == 1  # overhead failed
+    assert [cmd[cmd.index("benchmarks") + 1] for cmd, _, _ in calls] == ["recovery", "overhead", "commit_copy"]
+    for cmd, _, env in calls:
+        assert cmd[:3] == [sys.executable, "-m", "benchmarks"]
+        assert cmd[4:] == ["--quick", "--seed", "7", "--out", str(tmp_path)]
+        assert "RAY_ADDRESS" not in env and "OMP_NUM_THREADS" not in env
+        assert str(REPO) in env["PYTHONPATH"].split(":")
+    assert [t for _, t, _ in calls] == [240.0, 300.0, _suite.DEFAULT_QUICK_DEADLINE_S]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert {n: r["ok"] for n, r in report.items()} == {"recovery": True, "overhead": False, "commit_copy": True}
+    assert "| overhead | exit 3 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_deadline_interrupts_the_main_thread_then_clears():
+    before = signal.getsignal(signal.SIGALRM)
+    with pytest.raises(C.BenchmarkTimeout, match="--timeout 0.05"):
+        with C.deadline(0.05):
+            threading.Event().wait(30)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) is before
+    with C.deadline(None):
+        pass
+
+
+def test_no_benchmark_edits_sys_path():
+    offenders = [str(p.relative_to(REPO)) for p in (REPO / "benchmarks").rglob("*.py") if "sys.path" in p.read_text()]
+    assert offenders == []
+
+
+def test_bench_command_without_a_checkout_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    from elastictrain.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "python -m benchmarks all --quick" in err
+
+
+def test_bench_command_runs_the_checkouts_benchmarks(tmp_path, monkeypatch, capsys):
+    from elastictrain.cli import main
+
+    seen = tmp_path / "argv.json"
+    package = tmp_path / "benchmarks"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(
+        f"import json, sys\nopen({str(seen)!r}, 'w').write(json.dumps(sys.argv[1:]))\nraise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--out", "o", "--only", "recovery"]) == 3
+    assert json.loads(seen.read_text()) == ["all", "--quick", "--out", "o", "--only", "recovery"]
+    assert "deprecated" in capsys.readouterr().err
