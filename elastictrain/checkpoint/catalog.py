@@ -65,7 +65,7 @@ def newest_bodies(storage: Storage) -> Iterator[Body]:
             yield body
 
 
-def list_checkpoints(storage: Storage) -> list[CheckpointInfo]:
+def describe_checkpoints(storage: Storage) -> list[CheckpointInfo]:
     """Every checkpoint, oldest first, from the manifests alone (nothing verified but format)."""
     out = []
     for name in manifest_names(storage):

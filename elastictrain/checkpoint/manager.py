@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from elastictrain.checkpoint.catalog import CheckpointInfo, list_checkpoints
+from elastictrain.checkpoint.catalog import CheckpointInfo, describe_checkpoints
 from elastictrain.checkpoint.identity import RunIdentity
 from elastictrain.checkpoint.keys import Keyring, keyring_from_specs
 from elastictrain.checkpoint.manifest import manifest_name
@@ -227,7 +227,7 @@ class CheckpointManager:
 
     def list(self) -> list[CheckpointInfo]:
         """Every checkpoint, oldest first, from the manifests alone (no key needed, nothing verified but format)."""
-        return list_checkpoints(self.storage)
+        return describe_checkpoints(self.storage)
 
     # --- events --------------------------------------------------------------
 
