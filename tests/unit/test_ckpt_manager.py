@@ -577,6 +577,19 @@ def test_should_save_policy():
     mgr.close()
 
 
+def test_events_name_their_type_under_kind_and_still_under_the_old_event_key():
+    heard: list[dict] = []
+    mgr = CheckpointManager(CheckpointConfig(uri=_uri(), async_save=False), fence=lambda term: term >= 1,
+                            listener=heard.append)
+    with pytest.raises(StaleTerm):
+        mgr.save({"w": torch.zeros(4)}, None, step=1, term=0)
+    mgr.save({"w": torch.zeros(4)}, None, step=1, term=1)
+    mgr.close()
+    assert [e["kind"] for e in mgr.events] == ["save_failed", "saved"]
+    assert all(e["event"] == e["kind"] for e in mgr.events)  # deprecated alias, same value
+    assert heard == mgr.events and mgr.events[1]["step"] == 1
+
+
 def test_fence_refusal_commits_nothing():
     uri = _uri()
     mgr = CheckpointManager(CheckpointConfig(uri=uri, async_save=True), fence=lambda term: term >= 3)
