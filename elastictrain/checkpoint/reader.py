@@ -9,6 +9,7 @@ ever returned.
 from __future__ import annotations
 
 import contextlib
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -90,6 +91,44 @@ def open_decoded(name: str, decoded: Decoded, keyring: Optional[Keyring], expect
     return Opened(name, body, open_table(body, keys), keys, data_key)
 
 
+@dataclass(frozen=True)
+class ReadPlan:
+    """Where each stored chunk's bytes go, from a checkpoint's tensor table.
+
+    `targets`: chunk index -> the places it fills, (tensor name, offset, length), in content order;
+    `lengths`: chunk index -> its plaintext length (one chunk may fill several places of equal bytes).
+    """
+
+    targets: dict[int, list[tuple[str, int, int]]]
+    lengths: dict[int, int]
+
+
+def plan_reads(name: str, entries: list[codec.TensorEntry], pieces: tuple[tuple[int, int], ...]) -> ReadPlan:
+    """Map the table's pieces, (chunk index, length) in content order, onto the tensors' bytes.
+
+    Raises:
+        CheckpointCorrupt: the pieces do not tile the tensors exactly (too few, too many, a piece across a
+            tensor boundary, one chunk listed with two lengths).
+    """
+    targets: dict[int, list[tuple[str, int, int]]] = {}
+    lengths: dict[int, int] = {}
+    it = iter(pieces)
+    for e in entries:
+        off = 0
+        while off < e.nbytes:
+            try:
+                index, n = next(it)
+            except StopIteration:
+                raise CheckpointCorrupt(f"{name}: tensor table ends early") from None
+            if n <= 0 or off + n > e.nbytes or lengths.setdefault(index, n) != n:
+                raise CheckpointCorrupt(f"{name}: a piece crosses a tensor boundary")
+            targets.setdefault(index, []).append((e.name, off, n))
+            off += n
+    if next(it, None) is not None:
+        raise CheckpointCorrupt(f"{name}: tensor table has extra pieces")
+    return ReadPlan(targets, lengths)
+
+
 def read_tensors(
     storage: Storage, opened: Opened, threads: int = 2, into: Optional[dict[str, torch.Tensor]] = None
 ) -> Loaded:
@@ -102,76 +141,77 @@ def read_tensors(
     pass `into` only when their old values are not needed after a failure (another checkpoint will be
     restored into them, or the run stops).
     """
-    body, table, keys = opened.body, opened.table, opened.keys
+    body, table = opened.body, opened.table
     entries, metadata, data_len = codec.decode_header(table.header)
     if sum(n for _, n in table.pieces) != data_len or body.content_bytes != len(table.header) + data_len:
         raise CheckpointCorrupt(f"{opened.name}: tensor table and chunk list disagree on the size")
     raws, fresh = _targets(entries, into or {})
-    # map each piece to its place: (chunk index) -> [(tensor name, offset, length)]
-    targets: dict[int, list[tuple[str, int, int]]] = {}
-    lengths: dict[int, int] = {}
-    it = iter(table.pieces)
-    for e in entries:
-        off = 0
-        while off < e.nbytes:
-            try:
-                index, n = next(it)
-            except StopIteration:
-                raise CheckpointCorrupt(f"{opened.name}: tensor table ends early") from None
-            if n <= 0 or off + n > e.nbytes or lengths.setdefault(index, n) != n:
-                raise CheckpointCorrupt(f"{opened.name}: a piece crosses a tensor boundary")
-            targets.setdefault(index, []).append((e.name, off, n))
-            off += n
-    if next(it, None) is not None:
-        raise CheckpointCorrupt(f"{opened.name}: tensor table has extra pieces")
-    view_of = getattr(storage, "view", None)
-
-    def fetch(index: int) -> None:
-        cid, stored = body.chunks[index]
-        n = lengths[index]
-        if stored != crypto.sealed_size(n, keys is not None):
-            raise CheckpointCorrupt(f"{opened.name}: chunk {cid[:16]} has the wrong listed size")
-        (first, *rest) = targets[index]
-        if first[0] in fresh:  # fault new pages in first: measured ~1.6x faster than faulting inside decrypt/copy
-            name, off, length = first
-            raws[name][off : off + length].zero_()
-        dst = _slice(raws, first)
-        path = chunk_path(cid)
-        problem = None
-        try:
-            with view_of(path) if view_of is not None else contextlib.nullcontext(storage.get(path, stored)) as blob:
-                try:
-                    if len(blob) != stored:
-                        raise CheckpointCorrupt(
-                            f"{opened.name}: chunk {cid[:16]} has {len(blob)} bytes, expected {stored} (truncated?)"
-                        )
-                    crypto.open_chunk(blob, cid, n, keys, dst)
-                except CheckpointCorrupt as exc:
-                    # raised again once the view is closed: this traceback holds slices of a memory map
-                    problem = str(exc)
-        except FileNotFoundError:
-            raise CheckpointCorrupt(f"{opened.name}: chunk {cid[:16]} is missing", cid) from None
-        if problem is not None:
-            raise CheckpointCorrupt(problem, cid)
-        for other in rest:
-            _slice(raws, other)[:] = dst
-
-    indices = list(targets)
+    plan = plan_reads(opened.name, entries, table.pieces)
+    fetch = functools.partial(_fetch_chunk, storage, opened, plan, raws, fresh)
+    indices = list(plan.targets)
     if threads > 1 and len(indices) > 1:
         with ThreadPoolExecutor(threads, thread_name_prefix="et-ckpt-read") as pool:
             list(pool.map(fetch, indices))
     else:
         for i in indices:
             fetch(i)
-    try:
-        skeleton = skeleton_from_json(metadata[SKELETON_KEY])
-    except (KeyError, ValueError, RecursionError):
-        raise CheckpointCorrupt(f"{opened.name}: state skeleton is missing or malformed") from None
+    skeleton = _skeleton(opened.name, metadata)
     tensors = {e.name: codec.as_typed(raws[e.name], e) for e in sorted(entries, key=lambda e: e.begin)}
     uri = storage.uri.rstrip("/") + "/" + opened.name
     return Loaded(
         body.step, body.term, tensors, skeleton, uri, body.time_ns, dict(body.provenance), table.header
     )
+
+
+def _fetch_chunk(
+    storage: Storage, opened: Opened, plan: ReadPlan, raws: dict[str, torch.Tensor], fresh: set[str], index: int
+) -> None:
+    """Read chunk `index` into its first place, then copy it to the others."""
+    cid, stored = opened.body.chunks[index]
+    n = plan.lengths[index]
+    if stored != crypto.sealed_size(n, opened.keys is not None):
+        raise CheckpointCorrupt(f"{opened.name}: chunk {cid[:16]} has the wrong listed size")
+    (first, *rest) = plan.targets[index]
+    if first[0] in fresh:  # fault new pages in first: measured ~1.6x faster than faulting inside decrypt/copy
+        name, off, length = first
+        raws[name][off : off + length].zero_()
+    dst = _slice(raws, first)
+    _open_chunk_into(storage, opened, cid, stored, n, dst)
+    for other in rest:
+        _slice(raws, other)[:] = dst
+
+
+def _open_chunk_into(storage: Storage, opened: Opened, cid: str, stored: int, n: int, dst: memoryview) -> None:
+    """Fetch chunk `cid` (a memory map where storage offers one), check its size, and open it into `dst`.
+
+    Raises:
+        CheckpointCorrupt: carrying the chunk id: missing, truncated, or its tag or hash does not verify.
+    """
+    view_of = getattr(storage, "view", None)
+    path = chunk_path(cid)
+    problem = None
+    try:
+        with view_of(path) if view_of is not None else contextlib.nullcontext(storage.get(path, stored)) as blob:
+            try:
+                if len(blob) != stored:
+                    raise CheckpointCorrupt(
+                        f"{opened.name}: chunk {cid[:16]} has {len(blob)} bytes, expected {stored} (truncated?)"
+                    )
+                crypto.open_chunk(blob, cid, n, opened.keys, dst)
+            except CheckpointCorrupt as exc:
+                # raised again once the view is closed: this traceback holds slices of a memory map
+                problem = str(exc)
+    except FileNotFoundError:
+        raise CheckpointCorrupt(f"{opened.name}: chunk {cid[:16]} is missing", cid) from None
+    if problem is not None:
+        raise CheckpointCorrupt(problem, cid)
+
+
+def _skeleton(name: str, metadata: dict[str, str]) -> Any:
+    try:
+        return skeleton_from_json(metadata[SKELETON_KEY])
+    except (KeyError, ValueError, RecursionError):
+        raise CheckpointCorrupt(f"{name}: state skeleton is missing or malformed") from None
 
 
 def _targets(

@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -79,6 +79,93 @@ def plan_layout(tensors: dict[str, torch.Tensor], skeleton: Any) -> Layout:
     return layout
 
 
+class Piece(NamedTuple):
+    """One piece of a tensor's bytes; each is stored as one chunk."""
+
+    key: PieceKey  # (tensor name, piece index)
+    offset: int  # into the tensor's bytes
+    length: int
+
+
+def plan_pieces(entries: list[codec.TensorEntry], chunk_size: int) -> list[Piece]:
+    """Every tensor's pieces of at most `chunk_size` bytes, in content order (none for an empty tensor)."""
+    return [
+        Piece((e.name, k), off, n)
+        for e in entries
+        for k, (off, n) in enumerate(piece_ranges(e.nbytes, chunk_size))
+    ]
+
+
+def chunk_table(
+    pieces: list[Piece], ids: list[str], encrypted: bool
+) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[int, int], ...]]:
+    """The manifest's chunk list and the tensor table's pieces, from each piece's chunk id.
+
+    Returns:
+        (chunk id, stored size) of each distinct chunk, in the order pieces first use them; and
+        (chunk index, length) of each piece in content order (pieces with equal bytes share a chunk).
+    """
+    order: dict[str, int] = {}
+    for cid in ids:
+        order.setdefault(cid, len(order))
+    sizes = {cid: crypto.sealed_size(p.length, encrypted) for cid, p in zip(ids, pieces)}
+    chunks = tuple((cid, sizes[cid]) for cid in order)
+    return chunks, tuple((order[cid], p.length) for cid, p in zip(ids, pieces))
+
+
+def build_body(
+    layout: Layout, header: bytes, pieces: list[Piece], ids: list[str], run_keys: RunKeys, *,
+    step: int, term: int, time_ns: int, provenance: dict[str, str], nonce: Callable[[int], bytes],
+) -> Body:
+    """The manifest body listing these chunks; with encryption its tensor table is sealed, not in the clear."""
+    keys = run_keys.keys
+    chunks, table_pieces = chunk_table(pieces, ids, keys is not None)
+    table = Table(header, table_pieces)
+    body = Body(
+        run=run_keys.run, step=step, term=term, time_ns=time_ns,
+        content_bytes=len(header) + sum(e.nbytes for e in layout.entries), chunks=chunks,
+        table=None if keys else table, key_id=run_keys.key_id, wrapped_key=run_keys.wrapped_key,
+        provenance=provenance,
+    )
+    if keys is not None:
+        body = replace(body, sealed_table=seal_table(body, table, keys, nonce(12)))
+    return body
+
+
+class _ChunkPuts:
+    """The chunk puts of one save, from several threads: which ids it claimed, and what it wrote."""
+
+    def __init__(
+        self, writer: "ChunkWriter", views: dict[str, memoryview], reuse: dict[PieceKey, str],
+        keys: Optional[crypto.DataKeys],
+    ):
+        self.writer, self.views, self.reuse, self.keys = writer, views, reuse, keys
+        self.claimed: set[str] = set()
+        self.lock = threading.Lock()
+        self.bytes = self.written = self.reused = 0
+
+    def store(self, piece: Piece) -> str:
+        """Store one piece unless storage (or another piece of this save) holds its chunk; its chunk id."""
+        known = self.writer.known
+        view = self.views[piece.key[0]][piece.offset : piece.offset + piece.length]
+        cid = self.reuse.get(piece.key)
+        size = crypto.sealed_size(piece.length, self.keys is not None)
+        if cid is None or known.get(cid) != size:
+            cid = crypto.chunk_id(view, self.keys)
+        with self.lock:
+            if known.get(cid) == size or cid in self.claimed:
+                self.reused += 1
+                return cid
+            self.claimed.add(cid)
+        self.writer.storage.put(chunk_path(cid), crypto.SealedChunk(view, cid, self.keys))
+        with self.lock:
+            known[cid] = size
+            self.writer.damaged.discard(cid)
+            self.bytes += size
+            self.written += 1
+        return cid
+
+
 class ChunkWriter:
     """Stores the chunks of saves, remembering which ids storage already holds."""
 
@@ -117,70 +204,40 @@ class ChunkWriter:
             StaleTerm: the fence refused the commit; nothing was committed.
         """
         start = time.perf_counter()
-        keys = run_keys.keys
         tensors = {n: (t if t.is_contiguous() else t.contiguous()) for n, t in tensors.items()}
-        entries, header = layout.entries, layout.header()
-        jobs = [
-            ((e.name, k), off, n)
-            for e in entries
-            for k, (off, n) in enumerate(piece_ranges(e.nbytes, chunk_size))
-        ]
-        views = {e.name: codec.byte_view(tensors[e.name]) for e in entries}
-        claimed: set[str] = set()
-        lock = threading.Lock()
-        stats = {"bytes": 0, "written": 0, "reused": 0}
-
-        def store(job: tuple[PieceKey, int, int]) -> str:
-            key, off, n = job
-            view = views[key[0]][off : off + n]
-            cid = reuse.get(key)
-            size = crypto.sealed_size(n, keys is not None)
-            if cid is None or self.known.get(cid) != size:
-                cid = crypto.chunk_id(view, keys)
-            with lock:
-                if self.known.get(cid) == size or cid in claimed:
-                    stats["reused"] += 1
-                    return cid
-                claimed.add(cid)
-            self.storage.put(chunk_path(cid), crypto.SealedChunk(view, cid, keys))
-            with lock:
-                self.known[cid] = size
-                self.damaged.discard(cid)
-                stats["bytes"] += size
-                stats["written"] += 1
-            return cid
-
-        if len(jobs) > 1 and self.threads > 1:
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="et-ckpt-chunk") as pool:
-                ids = list(pool.map(store, jobs))
-        else:
-            ids = [store(j) for j in jobs]
-
-        order: dict[str, int] = {}
-        for cid, (_, _, n) in zip(ids, jobs):
-            order.setdefault(cid, len(order))
-        sizes = {cid: crypto.sealed_size(n, keys is not None) for cid, (_, _, n) in zip(ids, jobs)}
-        chunks = tuple((cid, sizes[cid]) for cid in order)
-        table = Table(header, tuple((order[cid], n) for cid, (_, _, n) in zip(ids, jobs)))
-        body = Body(
-            run=run_keys.run, step=step, term=term, time_ns=int(clock() * 1e9),
-            content_bytes=len(header) + sum(e.nbytes for e in entries), chunks=chunks,
-            table=None if keys else table, key_id=run_keys.key_id, wrapped_key=run_keys.wrapped_key,
-            provenance=provenance,
+        header = layout.header()
+        pieces = plan_pieces(layout.entries, chunk_size)
+        views = {e.name: codec.byte_view(tensors[e.name]) for e in layout.entries}
+        puts = _ChunkPuts(self, views, reuse, run_keys.keys)
+        ids = self._store_all(puts, pieces)
+        body = build_body(
+            layout, header, pieces, ids, run_keys, step=step, term=term, time_ns=int(clock() * 1e9),
+            provenance=provenance, nonce=nonce,
         )
-        if keys is not None:
-            body = replace(body, sealed_table=seal_table(body, table, keys, nonce(12)))
         raw = encode_manifest(body, run_keys.signer)
+        self._commit(body.name, raw, fence, step=step, term=term)
+        report = SaveReport(
+            step, term, body.name, body.content_bytes, puts.bytes + len(raw), puts.written, puts.reused,
+            time.perf_counter() - start,
+        )
+        return report, {p.key: cid for p, cid in zip(pieces, ids)}
+
+    def _store_all(self, puts: _ChunkPuts, pieces: list[Piece]) -> list[str]:
+        """Each piece's chunk id, storing the chunks storage lacks (in parallel where there are several)."""
+        if len(pieces) > 1 and self.threads > 1:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="et-ckpt-chunk") as pool:
+                return list(pool.map(puts.store, pieces))
+        return [puts.store(p) for p in pieces]
+
+    def _commit(
+        self, name: str, raw: bytes, fence: Optional[Callable[[int], bool]], *, step: int, term: int
+    ) -> None:
+        """Write the manifest, the commit: after every chunk is durable, and only while `term` may write."""
         flush = getattr(self.storage, "flush", None)
         if flush is not None:
             flush()  # every chunk durable before the manifest that lists them can be
         if fence is not None and not fence(term):
             raise StaleTerm(term, term + 1, f"checkpoint commit of step {step}")
-        self.storage.put(body.name, [raw])
+        self.storage.put(name, [raw])
         if flush is not None:
             flush()  # the commit is durable before retention may remove older checkpoints
-        report = SaveReport(
-            step, term, body.name, body.content_bytes, stats["bytes"] + len(raw), stats["written"],
-            stats["reused"], time.perf_counter() - start,
-        )
-        return report, {key: cid for (key, _, _), cid in zip(jobs, ids)}

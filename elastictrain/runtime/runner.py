@@ -517,7 +517,7 @@ class Runner:
 
     def _on_checkpoint_event(self, record: Event) -> None:
         """A manifest was written: tell the driver now (from the saving thread), before this process can die."""
-        if record.get("event") == "saved":
+        if record.get("kind") == "checkpoint":
             self.emit(event("checkpoint", time=record["time"], term=record.get("term"), step=record.get("step")))
 
     def _save(self, state: ElasticState, world: WorldInfo, *, wait: bool) -> Optional[BaseException]:

@@ -355,7 +355,7 @@ def test_a_skeleton_nested_too_deep_is_skipped_as_damage(tmp_path):
     with _mgr(uri, enc=False) as mgr:
         loaded = mgr.latest()
         assert loaded.step == 1 and torch.equal(loaded.tensors["w"], torch.ones(3))
-        assert any(e["event"] == "checkpoint_skipped" and "skeleton" in e["reason"] for e in mgr.events)
+        assert any(e["kind"] == "checkpoint_skipped" and "skeleton" in e["reason"] for e in mgr.events)
 
 
 @pytest.mark.parametrize("async_save", [False, True])
@@ -577,13 +577,26 @@ def test_should_save_policy():
     mgr.close()
 
 
+def test_events_are_of_the_runs_vocabulary_and_keep_their_old_names_under_the_event_key():
+    heard: list[dict] = []
+    mgr = CheckpointManager(CheckpointConfig(uri=_uri(), async_save=False), fence=lambda term: term >= 1,
+                            listener=heard.append)
+    with pytest.raises(StaleTerm):
+        mgr.save({"w": torch.zeros(4)}, None, step=1, term=0)
+    mgr.save({"w": torch.zeros(4)}, None, step=1, term=1)
+    mgr.close()
+    assert [e["kind"] for e in mgr.events] == ["checkpoint_failed", "checkpoint"]
+    assert [e["event"] for e in mgr.events] == ["save_failed", "saved"]  # the deprecated key keeps the old names
+    assert heard == mgr.events and mgr.events[1]["step"] == 1
+
+
 def test_fence_refusal_commits_nothing():
     uri = _uri()
     mgr = CheckpointManager(CheckpointConfig(uri=uri, async_save=True), fence=lambda term: term >= 3)
     mgr.save({"w": torch.zeros(4)}, None, step=1, term=2)
     with pytest.raises(StaleTerm):
         mgr.wait()
-    assert mgr.latest() is None and mgr.events[-1]["event"] == "save_failed"
+    assert mgr.latest() is None and mgr.events[-1]["kind"] == "checkpoint_failed"
     mgr.save({"w": torch.zeros(4)}, None, step=1, term=3)
     mgr.wait()
     assert mgr.latest().term == 3
@@ -625,7 +638,7 @@ def test_retention_discards_no_chunk_while_a_retired_manifest_stays():
     with _mgr(uri, storage=storage, keep_last=1, async_save=False) as mgr:
         for step in (1, 2):
             mgr.save({"w": torch.full((100,), float(step))}, None, step=step, term=0)
-        assert any(e["event"] == "retention_failed" and "AccessDenied" in e["reason"] for e in mgr.events)
+        assert any(e["kind"] == "retention_failed" and "AccessDenied" in e["reason"] for e in mgr.events)
         assert storage.discarded == []
         assert torch.equal(mgr.load(1).tensors["w"], torch.full((100,), 1.0))
 
@@ -660,7 +673,7 @@ def test_a_superseded_leaders_retention_spares_what_the_new_leader_reuses(when):
     with _mgr(uri, keep_last=1, async_save=False, fence=fence, storage=OldLeadersStorage(uri)) as old:
         old.save({"scale": torch.tensor([65536.0]), "w": torch.full((1000,), 1.0)}, None, step=1, term=1)
         old.save({"scale": torch.tensor([32768.0]), "w": torch.full((1000,), 2.0)}, None, step=2, term=1)
-        assert any(e["event"] == "retention_skipped" for e in old.events)
+        assert any(e["kind"] == "retention_skipped" for e in old.events)
     with _mgr(uri) as reader:
         loaded = reader.latest()
         assert (loaded.step, loaded.term) == (3, 2) and not loaded.skipped
@@ -712,7 +725,7 @@ def test_retention_spares_foreign_files_and_sweeps_dead_writers_temporaries(tmp_
             mgr.save({"w": torch.full((1000,), float(step))}, None, step=step, term=0)
             mgr.wait()  # raises if retention broke the save
         assert [i.step for i in mgr.list()] == [3]
-        assert not any(e["event"] == "retention_failed" for e in mgr.events)
+        assert not any(e["kind"] == "retention_failed" for e in mgr.events)
         assert any(e.get("temporaries_deleted") == 1 for e in mgr.events)
     chunks = [p for p in (root / "chunks").rglob("*") if p.is_file() and p != stray]
     assert len(chunks) == 1 and stray.read_text() == "kept" and young.exists() and not dead.exists()
@@ -757,7 +770,7 @@ def test_wait_reports_the_last_save_and_earlier_failures_stay_in_events():
         mgr.save({"w": torch.zeros(1000)}, None, step=1, term=0)
         mgr.save({"w": torch.ones(1000)}, None, step=2, term=0)
         mgr.wait()
-        assert [e["step"] for e in mgr.events if e["event"] == "save_failed"] == [1]
+        assert [e["step"] for e in mgr.events if e["kind"] == "checkpoint_failed"] == [1]
         assert mgr.latest().step == 2
 
 
@@ -774,7 +787,7 @@ def test_damaged_newest_falls_back_with_an_event(monkeypatch):
     with _mgr(uri) as mgr:
         loaded = mgr.latest()
         assert loaded.step == 1 and loaded.skipped[0][0] == name
-        assert any(e["event"] == "checkpoint_skipped" for e in mgr.events)
+        assert any(e["kind"] == "checkpoint_skipped" for e in mgr.events)
     monkeypatch.setenv("KEY_A", KEY_A)
     report = dict(verify_checkpoints(uri, ["env:KEY_A"]))
     assert report["manifests/000000000001-00000000.json"] is None
@@ -800,7 +813,7 @@ def test_a_newest_checkpoint_of_a_newer_format_is_refused_not_rolled_back_past(e
         with pytest.raises(UnsupportedFormat, match="roll the run back") as err:
             mgr.latest()
         assert name in str(err.value) and "version 2" in str(err.value)
-        assert not [e for e in mgr.events if e["event"] == "checkpoint_skipped"]
+        assert not [e for e in mgr.events if e["kind"] == "checkpoint_skipped"]
         assert mgr.load(1).step == 1  # asked for by step, the older one is still there
     assert storage.get(name) == newer
     storage.delete([name])  # what the error says to do, to resume from the one before
@@ -968,7 +981,7 @@ def test_plaintext_never_joins_an_encrypted_run(tmp_path):
     uri = f"file://{tmp_path}/run"
     with _mgr(uri, async_save=False) as mgr:
         mgr.save({"w": torch.ones(3)}, None, step=1, term=0)
-        run = mgr._run_keys.run
+        run = mgr._identity.keys.run
     with _mgr(uri, enc=False, async_save=False) as plain:  # encryption forgotten in the config
         with pytest.raises(WrongKey, match="holds an encrypted run"):
             plain.save({"w": torch.ones(3)}, None, step=2, term=0)
