@@ -114,16 +114,50 @@ def _no_leaked_ray_session():
         pytest.fail("a test module left a Ray session running")
 
 
+class _SharedRay:
+    """One local Ray session for consecutive modules that ask for it (a local start costs seconds).
+
+    Stopped before any test that does not ask for it (it may start its own cluster, or must see no
+    session), and at the end of the run, before the check that no Ray session was left running.
+    """
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def get(self):
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            self.started = True
+        return ray
+
+    def stop(self) -> None:
+        if self.started:
+            ray = sys.modules.get("ray")
+            if ray is not None and ray.is_initialized():
+                ray.shutdown()
+            self.started = False
+
+
+_shared_ray = _SharedRay()
+
+
+def pytest_runtest_setup(item):
+    if "ray_session" not in getattr(item, "fixturenames", ()):
+        _shared_ray.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_ray():
+    yield
+    _shared_ray.stop()  # torn down before _no_leaked_ray_session, which was set up first
+
+
 @pytest.fixture(scope="module")
 def ray_session():
-    """A local Ray session shared by the tests of one module."""
-    import ray
-
-    ray.init(address="local", num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    """A local Ray session, shared with the next modules that ask for one."""
+    yield _shared_ray.get()
 
 
 @pytest.fixture

@@ -47,6 +47,13 @@ REPORTS_KEPT = 1024
 """Reports every rank keeps of its last steps, for a new rank 0 to resend what a dead one never sent."""
 
 
+def provenance(node: dict) -> dict[str, str]:
+    """What a checkpoint's manifest records of the machine that wrote it: its node id, host and every
+    label of its node (provider, region, zone, ... whatever the cluster set), as strings."""
+    labels = {str(k): str(v) for k, v in (node.get("labels") or {}).items()}
+    return {**labels, "node": str(node.get("node_id", "")), "host": str(node.get("host", ""))}
+
+
 def classify_exit(exc: BaseException) -> str:
     """How an entry of `train_fn` that raised `exc` ended: `LEFT` (this member leaves at a boundary),
     `WORLD_CHANGED` (a planned rebuild, or a collective failed because a peer is gone), or
@@ -502,15 +509,8 @@ class Runner:
         if self._checkpoints is None:
             from elastictrain.checkpoint import CheckpointManager
 
-            labels = self.node.get("labels", {})
-            provenance = {
-                "node": self.node.get("node_id", ""),
-                "host": self.node.get("host", ""),
-                "provider": labels.get("provider", ""),
-                "region": labels.get("region", ""),
-            }
             self._checkpoints = CheckpointManager(
-                self.spec.checkpoint, fence=self.election.is_current, provenance=provenance,
+                self.spec.checkpoint, fence=self.election.is_current, provenance=provenance(self.node),
                 listener=self._on_checkpoint_event,
             )
         return self._checkpoints

@@ -1,4 +1,4 @@
-"""How an entry of train_fn ended decides what the worker does next (pure, no Ray or groups)."""
+"""Pure pieces of the runner: how an entry of train_fn ended, what a checkpoint records of its machine."""
 
 from __future__ import annotations
 
@@ -38,3 +38,12 @@ def test_transport_words_count_only_when_torch_distributed_raised_them():
     assert classify_exit(_raised_in(torch_side, "Connection reset by peer")) == WORLD_CHANGED
     assert classify_exit(_raised_in(torch_side, "Expected a tensor of dtype float")) == USER_ERROR
     assert classify_exit(_raised_in(os.path.join(os.sep, "home", "me", "train.py"), "Connection reset by peer")) == USER_ERROR
+
+
+def test_provenance_is_the_node_and_every_label_of_it():
+    from elastictrain.runtime.runner import provenance
+
+    node = {"node_id": "n1", "host": "10.0.0.2", "labels": {"region": "eu-west", "provider": "x", "zone": 3}}
+    assert provenance(node) == {"node": "n1", "host": "10.0.0.2", "region": "eu-west", "provider": "x", "zone": "3"}
+    # a label cannot pass itself off as the node or host
+    assert provenance({"node_id": "n1", "host": "h", "labels": {"node": "fake"}})["node"] == "n1"
