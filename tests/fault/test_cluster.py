@@ -198,7 +198,7 @@ def test_driver_side_actors_stay_on_the_driver_node(cluster):
 
         def on_event(self, view, event):
             if "hub" not in placed:
-                hub = view._driver.hub
+                hub = view._driver.workers.hub
                 placed["hub"] = ray.get(hub.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
 
     result = _fit([RecordHub()], workers=(2, 2))
