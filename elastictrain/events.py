@@ -49,6 +49,8 @@ KINDS: Mapping[str, EventKind] = _kinds(
      "The world changed after the optimizer stepped: the step counts as committed, not redone."),
     ("preemption_notice", "worker", ("term", "step"), "A rank asked to leave; the world stops at this boundary."),
     ("error", "worker", ("reason",), "The user's `train_fn` raised; the run fails with this reason."),
+    ("state_disagreed", "worker", ("term", "step"),
+     "Survivors at one committed step held different states (fingerprints); every rank took rank 0's."),
     ("final_save_started", "worker", ("term", "step"), "The leader began the run's last checkpoint."),
     ("restored_from_checkpoint", "worker", ("step", "checkpoint"), "No member held state: rank 0 read storage."),
     ("checkpoint_skipped", "checkpoint", ("checkpoint", "reason"),

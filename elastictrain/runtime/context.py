@@ -109,6 +109,10 @@ class Context:
         A `torch.compile`d model may be passed (or the result compiled): state and
         checkpoints use the plain module's names either way, and a survivor's new
         instance reuses the process's compiled code.
+
+        DDP's constructor does not broadcast the parameters (`init_sync=False`): `ctx.state()`
+        brings every rank to the committed state, survivors from their own memory (checked by a
+        fingerprint, no model-sized traffic among them) and new members by rank 0's broadcast.
         """
         model = model.to(self.device)
         if self.world_size == 1:
@@ -116,6 +120,7 @@ class Context:
         if self.device.type == "cuda":
             ddp_kwargs.setdefault("device_ids", [self.device.index])
         ddp_kwargs.setdefault("process_group", self.group())
+        ddp_kwargs.setdefault("init_sync", False)
         return torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
 
     def state(self, **objects: Any) -> ElasticState:

@@ -11,6 +11,7 @@ Models are saved under the names of the plain module, whatever wraps them (DDP,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from typing import Any, Optional
@@ -22,7 +23,8 @@ from elastictrain.runtime.rng import rng_state, set_rng_state
 from elastictrain.runtime.rollback import CommitCopy, copy_plain
 from elastictrain.statetree import flatten_state, unflatten_state
 
-__all__ = ["ElasticState", "broadcast_tree", "copy_plain", "plain_module", "rng_state", "set_rng_state"]
+__all__ = ["ElasticState", "agree_or_broadcast", "broadcast_tree", "copy_plain", "fingerprint", "plain_module",
+           "rng_state", "set_rng_state"]
 
 _RESERVED = {"step"}
 MAX_HEADER_BYTES = 100_000_000  # the skeleton and tensor layout a broadcast may carry, as a checkpoint's table
@@ -112,6 +114,20 @@ class ElasticState:
             tree["rng"] = rng_state()
         return tree
 
+    def agreed_tree(self) -> dict:
+        """What every rank of a synchronous world holds alike: each model's parameters, the state of
+        optimizers and other stateful objects, the step. Not buffers (each rank updates its running
+        statistics from its own batches; DDP sends rank 0's at the next forward), not plain entries
+        (a rank may keep its own), not RNG states."""
+        objects = {}
+        for name, obj in self._objects.items():
+            obj = _unwrap(obj)
+            if isinstance(obj, torch.nn.Module):
+                objects[name] = dict(obj.named_parameters())
+            elif _is_stateful(obj):
+                objects[name] = obj.state_dict()
+        return {"step": self.step, "objects": objects}
+
     def load_tree(self, tree: dict) -> None:
         """Load a tree made by `tree()` into these objects."""
         objects = tree["objects"]
@@ -189,3 +205,49 @@ def _parse_header(raw: bytes) -> tuple[Any, list]:
     except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise ValueError(f"the state broadcast by rank 0 is malformed: {exc}") from None
     return skeleton, layout
+
+
+FINGERPRINT_SAMPLES = 4096
+"""Elements each tensor contributes to a state's fingerprint, evenly strided: a pass over a few KiB, not the model."""
+
+
+def fingerprint(tree: dict) -> torch.Tensor:
+    """A float64 vector that equal states share bit for bit: per tensor, the sum of an evenly strided
+    sample of its elements and of their squares, plus a digest of the skeleton (names, shapes, dtypes
+    and plain values). Cheap at any model size; it tells a survivor holding another step's state, or a
+    fresh initialisation, from one holding the same state."""
+    tensors, skeleton = flatten_state(tree)
+    layout = [[n, list(t.shape), str(t.dtype)] for n, t in tensors.items()]
+    digest = hashlib.blake2b(json.dumps([skeleton, layout], sort_keys=True, default=str).encode(), digest_size=6)
+    parts = [float(int.from_bytes(digest.digest(), "big"))]  # 48 bits: exact in a float64
+    for t in tensors.values():
+        flat = t.detach().reshape(-1)
+        if flat.numel() == 0:
+            parts += [0.0, 0.0]
+            continue
+        sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)].to(torch.float64)
+        parts += [sample.sum().item(), (sample * sample).sum().item()]
+    return torch.tensor(parts, dtype=torch.float64)
+
+
+def agree_or_broadcast(state: "ElasticState", *, device: torch.device, group: Any = None) -> bool:
+    """Check that every rank of `group` holds the same state (its fingerprint, two small all-reduces);
+    when one does not, every rank takes rank 0's by broadcast. Returns True when they agreed.
+
+    Survivors of a rebuild at the same committed step hold the same state already, so no model-sized
+    traffic passes among them; this check is what lets DDP's constructor skip its own broadcast."""
+    mine = fingerprint(state.agreed_tree())
+    size = torch.tensor([float(mine.numel())], dtype=torch.float64, device=device)
+    sizes = torch.cat([size, -size])
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=group)
+    same = bool(sizes[0] == -sizes[1])
+    if same:
+        both = torch.cat([mine, -mine]).to(device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        n = mine.numel()
+        same = bool(torch.equal(both[:n], -both[n:]))  # the largest equals the smallest on every entry
+    if not same:
+        tree = broadcast_tree(state.tree() if dist.get_rank(group) == 0 else None, src=0, device=device, group=group)
+        if dist.get_rank(group) != 0:
+            state.load_tree(tree)
+    return same
