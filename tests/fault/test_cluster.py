@@ -22,8 +22,9 @@ AWS = {"provider": "aws", "region": "us-east-1"}
 GCP = {"provider": "gcp", "region": "europe-west4"}
 
 
-@pytest.fixture
-def cluster():
+@pytest.fixture(scope="module")
+def _head():
+    """One head node (no CPUs: workers run only on the labelled nodes a test adds) for the module."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -40,6 +41,16 @@ def cluster():
     finally:
         ray.shutdown()
         c.shutdown()
+
+
+@pytest.fixture
+def cluster(_head):
+    """The module's head with the nodes this test adds; they are removed when it ends."""
+    try:
+        yield _head
+    finally:
+        for node in list(_head.worker_nodes):
+            _head.remove_node(node, allow_graceful=False)
 
 
 class NodeWatch:
