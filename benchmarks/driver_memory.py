@@ -15,7 +15,9 @@ Two arms, measured in one process with tracemalloc (Python allocations):
   the process's RSS; RSS less the traced heap and tracemalloc's own tables is native
   memory (Ray's core worker, the allocator). `--no-report` runs the same loop without
   `ctx.report`, so what still grows is the runtime's and Ray's, not the records'.
-  `--breakdown` traces 30 frames deep and groups what is left at the end by origin.
+  `--breakdown` traces 30 frames deep and groups what is left at the end by origin;
+  `--no-trace` reads RSS alone (tracemalloc's own tables and the allocator churn of
+  its hash table inflate RSS by several hundred bytes a step).
 
     python benchmarks/driver_memory.py --steps 100000
     python benchmarks/driver_memory.py --real --steps 100000
@@ -127,7 +129,7 @@ def _breakdown(snapshot) -> list[dict]:
     return sorted(rows, key=lambda r: -r["mib"])
 
 
-def run_real(steps: int, world: int, report: bool = True, breakdown: bool = False) -> dict:
+def run_real(steps: int, world: int, report: bool = True, breakdown: bool = False, trace: bool = True) -> dict:
     import elastictrain as et
 
     def train_fn(ctx):
@@ -145,7 +147,7 @@ def run_real(steps: int, world: int, report: bool = True, breakdown: bool = Fals
 
     def sample(step: int) -> None:
         samples.append({"step": step, "traced": tracemalloc.get_traced_memory()[0],
-                        "tracemalloc_own": tracemalloc.get_tracemalloc_memory(), "rss": _rss()})
+                        "tracemalloc_own": tracemalloc.get_tracemalloc_memory() if trace else 0, "rss": _rss()})
 
     class Sampler:
         def on_progress(self, view) -> None:
@@ -156,7 +158,8 @@ def run_real(steps: int, world: int, report: bool = True, breakdown: bool = Fals
     began = time.monotonic()
     gc.collect()
     rss_before = _rss()
-    tracemalloc.start(30 if breakdown else 1)
+    if trace:
+        tracemalloc.start(30 if breakdown else 1)
     result = et.ElasticTrainer(
         train_fn, scaling=et.ScalingConfig(min_workers=world, max_workers=world),
         batch=et.BatchConfig(global_batch_size=world, micro_batch_size=1), callbacks=[Sampler()],
@@ -165,12 +168,12 @@ def run_real(steps: int, world: int, report: bool = True, breakdown: bool = Fals
     rss_end = _rss()
     gc.collect()  # the driver's objects form a cycle (the callbacks' view refers to it); what is left is the Result's
     after_gc = tracemalloc.get_traced_memory()[0]
-    groups = _breakdown(tracemalloc.take_snapshot()) if breakdown else None
+    groups = _breakdown(tracemalloc.take_snapshot()) if breakdown and trace else None
     tracemalloc.stop()
     mib = 2**20
     traced_slope = _slope([(s["step"], s["traced"]) for s in samples])
     figures = {
-        "arm": "real", "steps": steps, "world": world, "reports": report,
+        "arm": "real", "steps": steps, "world": world, "reports": report, "traced": trace,
         "driver_mib": round(current / mib, 2), "driver_peak_mib": round(peak / mib, 2),
         "driver_after_gc_mib": round(after_gc / mib, 2),
         "bytes_per_step": round(current / steps, 1),
@@ -199,10 +202,12 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="run fit() on a local Ray cluster instead")
     parser.add_argument("--no-report", action="store_true", help="--real without ctx.report: the runtime's own growth")
     parser.add_argument("--breakdown", action="store_true", help="--real: group what is left at the end by origin")
+    parser.add_argument("--no-trace", action="store_true", help="--real: RSS only, without tracemalloc")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args()
     if args.real:
-        figures = run_real(args.steps, min(args.world, 2), report=not args.no_report, breakdown=args.breakdown)
+        figures = run_real(args.steps, min(args.world, 2), report=not args.no_report, breakdown=args.breakdown,
+                           trace=not args.no_trace)
     else:
         figures = run_records(args.steps, args.world, args.failures)
     print(json.dumps(figures, indent=2))
