@@ -6,7 +6,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence
 
 from elastictrain.events import event
 from elastictrain.runtime.runlog import count_redone, expand_commits
@@ -26,7 +26,8 @@ class Result:
         checkpoint_uri: where checkpoints went, or None.
         events: failures, rebuilds, resizes, preemptions, checkpoint fallbacks, in time order.
         history: rank 0's reports, one step after another; a step computed again keeps only the
-            reports of its last computation.
+            reports of its last computation. A read-only sequence of dicts, stored column-wise (a report
+            of a few numbers costs tens of bytes); `list(result.history)` gives a plain list.
         commit_spans: (term, first step, last step) each term committed.
     """
 
@@ -34,7 +35,7 @@ class Result:
     steps: int
     checkpoint_uri: Optional[str]
     events: list[dict]
-    history: list[dict] = field(default_factory=list)
+    history: Sequence[dict] = field(default_factory=list)
     commit_spans: list[tuple[int, int, int]] = field(default_factory=list)
     steps_lost_in_flight: int = 0
     """Steps begun but not committed when their world changed, so computed again (work lost, no step applied twice)."""

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+import gc
+import tracemalloc
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elastictrain.runtime.runlog import RunLog, count_redone, expand_commits
+from elastictrain.runtime import runlog
+from elastictrain.runtime.runlog import History, RunLog, count_redone, expand_commits
 
 
 def _report(step, term, replay=False, **metrics):
@@ -91,3 +97,120 @@ def test_worlds_become_one_event_per_term_with_its_leader():
     worlds = [e for e in log.all_events() if e["kind"] == "world"]
     assert [(w["term"], w["world_size"], w["leader"]) for w in worlds] == [(1, 2, "a"), (2, 1, "b")]
     assert set(log.world_members) == {"b"} and log.newest_term == 2
+
+
+# --- reports stored column-wise ----------------------------------------------------------
+
+
+class _DictLog:
+    """The fold as a dict per step holding the report dicts themselves: the model the column store must match."""
+
+    def __init__(self):
+        self.reports, self.unstepped = {}, []
+
+    def add(self, record):
+        metrics = {k: v for k, v in record.items() if k not in ("kind", "member", "replay")}
+        step = record.get("step")
+        if step is None:
+            self.unstepped = (self.unstepped + [metrics])[-runlog.UNSTEPPED_KEPT:]
+            return
+        term = int(record.get("term") or 0)
+        held = self.reports.get(step)
+        if record.get("replay"):
+            if held is None:
+                self.reports[step] = (term, [metrics])
+        elif held is None or term > held[0]:
+            self.reports[step] = (term, [metrics])
+        elif term == held[0]:
+            held[1].append(metrics)
+
+    def history(self):
+        return [m for step in sorted(self.reports) for m in self.reports[step][1]] + self.unstepped
+
+    def final_metrics(self):
+        if self.reports:
+            return self.reports[max(self.reports)][1][-1]
+        return self.unstepped[-1] if self.unstepped else {}
+
+
+def _typed(report):
+    """A report with its keys' order and its values' exact types, so 1 and 1.0 and True differ."""
+    return [(k, type(v).__name__, v) for k, v in report.items()]
+
+
+_values = st.one_of(
+    st.floats(allow_nan=False), st.integers(-(2**70), 2**70), st.sampled_from([2**63 - 1, 2**63, -(2**63), -(2**63) - 1]),
+    st.booleans(), st.none(),
+    st.text(max_size=3), st.lists(st.floats(allow_nan=False), max_size=2),
+)
+_reports = st.lists(
+    st.tuples(
+        st.one_of(st.none(), st.integers(0, 6), st.just(2**64), st.just(2.5)),  # step
+        st.integers(0, 3),  # term
+        st.booleans(),  # replay
+        st.dictionaries(st.sampled_from(["loss", "lr", "acc", "params"]), _values, max_size=3),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_reports, st.sampled_from([runlog.MAX_LAYOUTS, 1]))
+def test_history_and_final_metrics_are_those_of_a_dict_per_report(reports, max_layouts):
+    log, model = RunLog(), _DictLog()
+    with mock.patch.object(runlog, "MAX_LAYOUTS", max_layouts):  # 1: most layouts go to the dict fallback
+        for i, (step, term, replay, metrics) in enumerate(reports):
+            record = {"kind": "metrics", "time": float(i), "step": step, "term": term, "member": "m", **metrics}
+            if replay:
+                record["replay"] = True
+            log.add(record)
+            model.add(record)
+            assert _typed(log.final_metrics()) == _typed(model.final_metrics())
+        history = log.history()
+    assert [_typed(h) for h in history] == [_typed(h) for h in model.history()]
+    assert len(history) == len(model.history())
+
+
+def test_history_is_a_read_only_sequence_of_new_dicts():
+    log = RunLog()
+    for step in range(5):
+        log.add(_report(step, 1, loss=step / 10))
+    log.add({"kind": "metrics", "time": 9.0, "step": None, "term": 1, "done": True})
+    history = log.history()
+    assert isinstance(history, History) and len(history) == 6
+    assert history[-1] == {"time": 9.0, "step": None, "term": 1, "done": True}
+    assert [h["step"] for h in history[1:3]] == [1, 2] and [h["step"] for h in reversed(history)][:2] == [None, 4]
+    assert history == list(history) and history != list(history)[:-1]
+    history[0]["loss"] = 99.0  # a copy: the run's record is unchanged
+    assert history[0]["loss"] == 0.0 and log.history()[0]["loss"] == 0.0
+    with pytest.raises(IndexError):
+        history[6]
+    log.add(_report(5, 1, loss=0.5))  # a history taken earlier does not change
+    assert len(history) == 6 and len(log.history()) == 7
+
+
+def test_a_report_whose_step_is_not_a_number_is_kept_with_the_unstepped_ones():
+    log = RunLog()
+    log.add(_report(2, 1, loss=1.0))
+    log.add({"kind": "metrics", "time": 3.0, "step": "eval", "term": 1, "acc": 0.5})  # does not order with numbers
+    log.add(_report(1, 1, loss=2.0))
+    assert [h["step"] for h in log.history()] == [1, 2, "eval"]
+    assert log.final_metrics()["step"] == 2
+
+
+def test_a_report_of_numbers_costs_tens_of_bytes_not_a_dict():
+    """A dict of these six entries with its boxed numbers alone is over 300 bytes; the columns take 8 per number."""
+    steps = 20_000
+    gc.collect()
+    tracemalloc.start()
+    try:
+        log = RunLog()
+        for step in range(steps):
+            log.add({"kind": "metrics", "time": 1.7e9 + step, "step": step, "term": 1, "member": "w000-abcdef",
+                     "loss": 1.0 / (step + 1), "lr": 3e-4 * (step % 7)})
+        history = log.history()
+        kept = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(history) == steps and history[-1]["loss"] == 1.0 / steps
+    assert kept / steps < 150, f"{kept / steps:.0f} bytes per report"
