@@ -9,7 +9,7 @@ import pytest
 import elastictrain as et
 from elastictrain.testing.toy import ToyTask
 from tests.fault.faults import At
-from tests.fault.test_cluster import AWS, cluster, remove_a_followers_node  # noqa: F401 - the fixture is used by name
+from tests.fault.test_cluster import AWS, _head, cluster, remove_a_followers_node  # noqa: F401 - fixtures used by name
 from tests.fault.test_give_up import wait_until_released
 from tests.toy_runs import FAILURE, fit_toy
 
