@@ -3,23 +3,14 @@ fingerprint checks the states agree (spawned gloo processes on 127.0.0.1, no Ray
 
 from __future__ import annotations
 
-import os
-import socket
 import types
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from elastictrain.runtime.context import Context
 from elastictrain.runtime.state import FINGERPRINT_SAMPLES, ElasticState, agree_or_broadcast, fingerprint
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.gloo_ranks import run_ranks
 
 
 def _model(seed: int) -> torch.nn.Module:
@@ -36,39 +27,30 @@ def _trained_state(seed: int) -> ElasticState:
     return ElasticState({"model": model, "optimizer": opt, "tokens": 0})
 
 
-def _member(rank: int, port: int, out: dict) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    try:
-        got = {}
-        # 1. prepare_model wraps without DDP's constructor broadcast: ranks keep their own parameters
-        session = types.SimpleNamespace(group=lambda name="world": dist.group.WORLD)
-        world = types.SimpleNamespace(rank=rank, world_size=2, term=1, is_leader=rank == 0, member_id=f"m{rank}")
-        ddp = Context(session, world, torch.device("cpu")).prepare_model(_model(seed=rank))
-        got["kept_own_init"] = ddp.module[0].weight.flatten()[:3].tolist()
-        # 2. survivors holding the same state agree; their own buffers and plain entries may differ
-        same = _trained_state(seed=7)
-        same.model[1].running_mean.add_(rank)  # each rank's running statistics from its own batches
-        same.tokens = rank
-        got["agreed"] = agree_or_broadcast(same, device=torch.device("cpu"))
-        got["own_buffer_kept"] = same.model[1].running_mean[0].item()
-        got["own_tokens_kept"] = same.tokens
-        # 3. a rank holding another state (say a fresh initialisation) is found, and takes rank 0's
-        other = _trained_state(seed=7 if rank == 0 else 8)
-        got["disagreed"] = not agree_or_broadcast(other, device=torch.device("cpu"))
-        got["now"] = fingerprint(other.agreed_tree()).tolist()
-        out[rank] = got
-    finally:
-        dist.destroy_process_group()
+def _member(rank: int) -> dict:
+    got = {}
+    # 1. prepare_model wraps without DDP's constructor broadcast: ranks keep their own parameters
+    session = types.SimpleNamespace(group=lambda name="world": dist.group.WORLD)
+    world = types.SimpleNamespace(rank=rank, world_size=2, term=1, is_leader=rank == 0, member_id=f"m{rank}")
+    ddp = Context(session, world, torch.device("cpu")).prepare_model(_model(seed=rank))
+    got["kept_own_init"] = ddp.module[0].weight.flatten()[:3].tolist()
+    # 2. survivors holding the same state agree; their own buffers and plain entries may differ
+    same = _trained_state(seed=7)
+    same.model[1].running_mean.add_(rank)  # each rank's running statistics from its own batches
+    same.tokens = rank
+    got["agreed"] = agree_or_broadcast(same, device=torch.device("cpu"))
+    got["own_buffer_kept"] = same.model[1].running_mean[0].item()
+    got["own_tokens_kept"] = same.tokens
+    # 3. a rank holding another state (say a fresh initialisation) is found, and takes rank 0's
+    other = _trained_state(seed=7 if rank == 0 else 8)
+    got["disagreed"] = not agree_or_broadcast(other, device=torch.device("cpu"))
+    got["now"] = fingerprint(other.agreed_tree()).tolist()
+    return got
 
 
 def test_survivors_keep_their_state_and_a_stranger_is_brought_in_line():
-    port = _free_port()
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_member, args=(port, out), nprocs=2, join=True)
-        a, b = dict(out[0]), dict(out[1])
+    got = run_ranks(_member, 2)
+    a, b = got[0], got[1]
     assert a["kept_own_init"] != b["kept_own_init"]  # no parameter broadcast in DDP's constructor
     assert a["agreed"] and b["agreed"]
     assert (a["own_buffer_kept"], a["own_tokens_kept"]) != (b["own_buffer_kept"], b["own_tokens_kept"])
