@@ -214,8 +214,10 @@ def set_threads(n: int = 1) -> None:
         pass
 
 
-def make_model(kind: str = "tiny", seed: int = 0) -> nn.Module:
-    d_in, hidden, d_out = MODEL_SHAPES[kind]
+def make_model(kind: str = "tiny", seed: int = 0, hidden: Optional[int] = None) -> nn.Module:
+    """The MLP of `kind`; `hidden` widens its three hidden layers (about 2*hidden**2 parameters)."""
+    d_in, width, d_out = MODEL_SHAPES[kind]
+    hidden = hidden or width
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Linear(d_in, hidden),

@@ -220,6 +220,8 @@ def trial_elastictrain(a: argparse.Namespace, d: Path) -> None:
 
     log_dir, marker = str(d / "steps"), str(d / "killed.json")
     steps, kill_step, kill_rank, sleep, seed = a.steps, a.kill_step, a.kill_rank, a.step_sleep, a.seed
+    hidden = a.hidden or None
+    ddp_kwargs = {"init_sync": True} if a.ddp_init_sync else {}
 
     def train_fn(ctx) -> None:
         from benchmarks import _common as CC
@@ -228,7 +230,7 @@ def trial_elastictrain(a: argparse.Namespace, d: Path) -> None:
         log = CC.StepLog(log_dir, ctx.rank, attempt=getattr(ctx, "term", None))
         try:
             data = CC.make_dataset("tiny", seed=seed)
-            model = ctx.prepare_model(CC.make_model("tiny", seed=seed))
+            model = ctx.prepare_model(CC.make_model("tiny", seed=seed, hidden=hidden), **ddp_kwargs)
             opt = __import__("torch").optim.AdamW(model.parameters(), lr=1e-3)
             ctx.state(model=model, optimizer=opt)
             for step in ctx.steps(total_steps=steps):
@@ -296,6 +298,7 @@ def trial_args(a: argparse.Namespace) -> list[str]:
         "--step-sleep", str(a.step_sleep), "--workers", str(a.workers), "--ckpt-every", str(a.ckpt_every),
         "--global-batch", str(a.global_batch), "--micro-batch", str(a.micro_batch),
         "--timeout", str(a.timeout), "--join-timeout-ms", str(a.join_timeout_ms), "--seed", str(a.seed),
+        "--hidden", str(a.hidden), *(["--ddp-init-sync"] if a.ddp_init_sync else []),
     ]
 
 
@@ -396,6 +399,10 @@ def build_parser() -> C.BenchmarkParser:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--join-timeout-ms", type=int, default=60000, help="torchft lighthouse join timeout")
     p.add_argument("--keep", action="store_true", help="keep each run's temp dir (logs) for inspection")
+    p.add_argument("--hidden", type=int, default=0, help="elastictrain arm: width of the MLP's hidden layers "
+                   "(about 2*hidden**2 parameters; 0: the tiny model's 64)")
+    p.add_argument("--ddp-init-sync", action="store_true", help="elastictrain arm: DDP's constructor broadcasts "
+                   "the parameters, as before survivors compared fingerprints instead")
     p.add_argument("--trial", help=argparse.SUPPRESS)
     p.add_argument("--trial-dir", help=argparse.SUPPRESS)
     return p
