@@ -106,5 +106,5 @@ class ElasticTrainer:
             failure=self.failure,
             run=self.run,
         )
-        workers = RayWorkers(spec, self.train_fn, actor_options(self.scaling))
+        workers = RayWorkers(spec, self.train_fn)
         return Driver(spec, workers, Election(RayKVStore(spec.namespace)), callbacks=self.callbacks)

@@ -52,8 +52,9 @@ class WorkerExit:
 class Workers(Protocol):
     """What the driver needs of the cluster."""
 
-    def start(self, member_id: str) -> None:
-        """Start a worker process that runs the user's loop as `member_id`."""
+    def start(self, member_id: str, options: dict) -> None:
+        """Start a worker process that runs the user's loop as `member_id`, placed with `options`
+        (the placement policy's Ray actor options)."""
 
     def kill(self, member_id: str) -> None:
         """Kill a worker's process (nothing if it is gone)."""
@@ -215,8 +216,6 @@ class Driver:
     def record(self, record: Event) -> None:
         self._ingest([record])
 
-    emit = record  # the driver is the run's last event sink
-
     # --- decisions ---------------------------------------------------------------------
 
     def _act(self, decision: Decision) -> None:
@@ -225,7 +224,7 @@ class Driver:
         for _ in range(decision.spawn):
             self._spawned += 1
             member_id = f"w{self._spawned:03d}-{uuid.uuid4().hex[:6]}"
-            self.workers.start(member_id)
+            self.workers.start(member_id, self.placement.actor_options())
             self.placement.spawned(member_id)
             self.record(event("worker_started", member=member_id))
 

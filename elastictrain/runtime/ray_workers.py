@@ -11,12 +11,13 @@ from elastictrain.runtime.spec import RunSpec
 
 
 class RayWorkers:
-    """Worker actors of one run, placed with `actor_options`, and the hub they send records to.
+    """Worker actors of one run, placed with the options the driver's placement policy gives, and the
+    hub they send records to.
 
     The hub lives on the driver's node: a worker node that vanishes must not take it along.
     """
 
-    def __init__(self, spec: RunSpec, train_fn: Callable, actor_options: dict[str, Any]) -> None:
+    def __init__(self, spec: RunSpec, train_fn: Callable) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -25,16 +26,15 @@ class RayWorkers:
         self.ray = ray
         self.spec = spec
         self.train_fn = train_fn
-        self.options = actor_options
         here = ray.get_runtime_context().get_node_id()
         self.hub = Hub.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
         self.actors: dict[str, Any] = {}
         self.refs: dict[Any, str] = {}
 
-    def start(self, member_id: str) -> None:
+    def start(self, member_id: str, options: dict[str, Any]) -> None:
         from elastictrain.runtime.worker import WorkerActor
 
-        actor = WorkerActor.options(**self.options).remote(member_id, self.spec, self.hub)
+        actor = WorkerActor.options(**options).remote(member_id, self.spec, self.hub)
         self.actors[member_id] = actor
         self.refs[actor.run.remote(self.train_fn)] = member_id
 

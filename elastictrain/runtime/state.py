@@ -23,7 +23,7 @@ from elastictrain.runtime.rng import rng_state, set_rng_state
 from elastictrain.runtime.rollback import CommitCopy, copy_plain
 from elastictrain.statetree import flatten_state, unflatten_state
 
-__all__ = ["ElasticState", "agree_or_broadcast", "broadcast_tree", "copy_plain", "fingerprint", "plain_module",
+__all__ = ["ElasticState", "agree_or_broadcast", "broadcast_tree", "take_rank0_state", "copy_plain", "fingerprint", "plain_module",
            "rng_state", "set_rng_state"]
 
 _RESERVED = {"step"}
@@ -247,7 +247,13 @@ def agree_or_broadcast(state: "ElasticState", *, device: torch.device, group: An
         n = mine.numel()
         same = bool(torch.equal(both[:n], -both[n:]))  # the largest equals the smallest on every entry
     if not same:
-        tree = broadcast_tree(state.tree() if dist.get_rank(group) == 0 else None, src=0, device=device, group=group)
-        if dist.get_rank(group) != 0:
-            state.load_tree(tree)
+        take_rank0_state(state, device=device, group=group)
     return same
+
+
+def take_rank0_state(state: "ElasticState", *, device: torch.device, group: Any = None) -> None:
+    """Every rank of `group` loads the state of its rank 0 (whose own state stays as it is)."""
+    rank = dist.get_rank(group)
+    tree = broadcast_tree(state.tree() if rank == 0 else None, src=0, device=device, group=group)
+    if rank != 0:
+        state.load_tree(tree)

@@ -21,14 +21,16 @@ class FakeWorkers:
 
     def __init__(self) -> None:
         self.started: list[str] = []
+        self.options: list[dict] = []
         self.killed: list[str] = []
         self.pending_exits: list[WorkerExit] = []
         self.records: list[dict] = []
         self.draining: set[str] = set()
         self.closed = False
 
-    def start(self, member_id):
+    def start(self, member_id, options):
         self.started.append(member_id)
+        self.options.append(options)
 
     def kill(self, member_id):
         self.killed.append(member_id)
@@ -82,6 +84,7 @@ def test_the_pool_is_started_full_and_a_lost_worker_is_replaced():
     driver, workers, clock = _driver(max_workers=2, max_failures=1)
     driver.start()
     assert len(workers.started) == 2 and _kinds(driver) == ["worker_started"] * 2
+    assert workers.options == [driver.placement.actor_options()] * 2  # placed as the policy says
     first = workers.started[0]
     workers.pending_exits.append(WorkerExit(first, lost="RayActorError"))
     assert _tick(driver, clock)
