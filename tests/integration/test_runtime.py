@@ -119,14 +119,11 @@ def test_ray_kv_one_leader_per_term_under_concurrent_candidates(ray_session):
 
 
 def test_fit_releases_every_worker_it_started(ray_session):
-    import time
+    from tests.fault.test_give_up import wait_until_released
 
     total = ray_session.cluster_resources()["CPU"]
     _fit(ToyTask(total_steps=3), workers=(2, 3))
-    deadline = time.monotonic() + 20
-    while ray_session.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert ray_session.available_resources().get("CPU", 0) == total, "a finished run still holds worker resources"
+    assert wait_until_released(ray_session, total, 20) == total, "a finished run still holds worker resources"
 
 
 def _count_all_reduces_per_step(ctx, use_accumulate: bool) -> list[int]:

@@ -126,8 +126,7 @@ def test_a_periodic_save_due_while_the_last_one_uploads_is_deferred_not_waited_f
     assert ("checkpoint_deferred", 200, 1) in _events(runner)
     runner.on_commit(_state(201), world, 201)  # still uploading: still owed, not saved twice
     release.set()
-    while runner._checkpoints.saving:
-        time.sleep(0.01)
+    runner._checkpoints.wait()  # the held upload lands
     runner.on_commit(_state(202), world, 202)  # the first commit after it landed takes the owed save
     runner._close_checkpoints()
     assert [i.step for i in CheckpointManager(runner.spec.checkpoint).list()] == [100, 202]
