@@ -18,6 +18,7 @@ _EXPORTS = {
     "CheckpointConfig": "elastictrain.config",
     "EncryptionConfig": "elastictrain.config",
     "RunConfig": "elastictrain.config",
+    "NetworkConfig": "elastictrain.config",
     "ElasticTrainer": "elastictrain.trainer",
     "Result": "elastictrain.trainer",
     "Context": "elastictrain.runtime.context",
@@ -64,6 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover
         CheckpointConfig,
         EncryptionConfig,
         FailureConfig,
+        NetworkConfig,
         RunConfig,
         ScalingConfig,
     )

@@ -6,6 +6,7 @@ environment variables: a key spec names one, and `elastictrain.checkpoint.keys` 
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -187,6 +188,74 @@ class CheckpointConfig(_Config):
 
             check_uri(self.uri)
         return self
+
+
+class NetworkConfig(_Config):
+    """The network the run's machines talk over, and the run secret that authenticates them.
+
+    Collective traffic (gradients, the state handed to a member that is behind) is plaintext on gloo
+    and NCCL. A world whose ranks sit on nodes of different providers or regions (the `span_labels`
+    node labels) is refused unless the network is declared private or encrypted (an overlay such as
+    WireGuard or Tailscale, or a VPC): name its interface or address range, or set `private=True`;
+    `allow_plaintext=True` accepts plaintext across networks explicitly.
+    """
+
+    interface: Optional[str] = Field(
+        None, description="Network interface the workers bind and advertise for collectives (e.g. 'wg0', "
+        "'tailscale0'); sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME on every worker. Naming one declares the "
+        "network private unless `private=False`.",
+    )
+    cidr: Optional[str] = Field(
+        None, description="Address range of the private network (e.g. '100.64.0.0/10'); each worker uses its "
+        "interface with an address in it. Naming one declares the network private unless `private=False`.",
+    )
+    private: Optional[bool] = Field(
+        None, description="The network between every machine of the run is private or encrypted; unset: true "
+        "when `interface` or `cidr` is given.",
+    )
+    allow_plaintext: bool = Field(
+        False, description="Let a world span providers or regions over a network not declared private "
+        "(gradients and state then cross it in plaintext).",
+    )
+    span_labels: list[str] = Field(
+        default_factory=lambda: ["provider", "region"],
+        description="Node labels whose values tell networks apart: ranks with different values are on different "
+        "networks.",
+    )
+    secret: Optional[str] = Field(
+        None, description="Key spec of the run secret ('env:VAR' or 'file:PATH', 32 bytes base64) that "
+        "authenticates election records and rendezvous values; unset: derived from a local checkpoint "
+        "encryption key, or else made by the driver for each fit().",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "NetworkConfig":
+        if self.interface is not None and self.cidr is not None:
+            raise ValueError("set interface or cidr, not both: the interface named is the one used")
+        if self.interface is not None and not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", self.interface):
+            raise ValueError(f"interface {self.interface!r} is not a network interface name (e.g. 'wg0')")
+        if self.cidr is not None:
+            import ipaddress
+
+            try:
+                ipaddress.ip_network(self.cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"cidr {self.cidr!r} is not an address range such as '10.8.0.0/16'") from None
+        if self.secret is not None:
+            scheme = self.secret.split(":", 1)[0]
+            if ":" not in self.secret or scheme not in ("env", "file"):
+                raise ValueError(
+                    f"secret: a key spec ({len(self.secret)} characters, not shown) is not 'env:VAR' or 'file:PATH': "
+                    "put the secret in a variable or a file and name that"
+                )
+        return self
+
+    @property
+    def is_private(self) -> bool:
+        """Whether the run's network is declared private or encrypted."""
+        if self.private is not None:
+            return self.private
+        return self.interface is not None or self.cidr is not None
 
 
 class RunConfig(_Config):

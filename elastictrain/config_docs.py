@@ -26,6 +26,7 @@ from elastictrain.config import (
     CheckpointConfig,
     EncryptionConfig,
     FailureConfig,
+    NetworkConfig,
     RunConfig,
     ScalingConfig,
 )
@@ -37,6 +38,7 @@ CONFIGS: tuple[tuple[type[BaseModel], str], ...] = (
     (CheckpointConfig, "ElasticTrainer(checkpoint=...)"),
     (EncryptionConfig, "CheckpointConfig(encryption=...)"),
     (RunConfig, "ElasticTrainer(run=...)"),
+    (NetworkConfig, "ElasticTrainer(network=...)"),
 )
 """Every config class, in the order of the page, with where it is passed."""
 
@@ -62,6 +64,7 @@ et.ElasticTrainer(
     batch=et.BatchConfig(...),
     checkpoint=et.CheckpointConfig(..., encryption=et.EncryptionConfig(...)),
     run=et.RunConfig(...),
+    network=et.NetworkConfig(...),
 )
 ```
 """

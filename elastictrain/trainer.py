@@ -11,11 +11,19 @@ import os
 import uuid
 from typing import Any, Callable, Optional
 
-from elastictrain.config import BatchConfig, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from elastictrain.config import (
+    BatchConfig,
+    CheckpointConfig,
+    FailureConfig,
+    NetworkConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from elastictrain.runtime.driver import Driver
 from elastictrain.runtime.policy import PlacementPolicy
 from elastictrain.runtime.results import Callback, Result, RunView
 from elastictrain.runtime.spec import RunSpec
+from elastictrain.secret import RunSecret
 
 __all__ = ["Callback", "ElasticTrainer", "Result", "RunView", "actor_options"]
 
@@ -51,6 +59,7 @@ class ElasticTrainer:
         checkpoint: Optional[CheckpointConfig] = None,
         failure: Optional[FailureConfig] = None,
         run: Optional[RunConfig] = None,
+        network: Optional[NetworkConfig] = None,
         callbacks: Optional[list] = None,
     ) -> None:
         if not callable(train_fn):
@@ -61,6 +70,7 @@ class ElasticTrainer:
         self.checkpoint = checkpoint or CheckpointConfig()
         self.failure = failure or FailureConfig()
         self.run = run or RunConfig()
+        self.network = network or NetworkConfig()
         self.callbacks = list(callbacks or [])
         if self.batch.global_batch_size < self.scaling.max_workers:
             raise ValueError(
@@ -105,6 +115,8 @@ class ElasticTrainer:
             checkpoint=self.checkpoint,
             failure=self.failure,
             run=self.run,
+            network=self.network,
+            secret=RunSecret.for_run(self.network, self.checkpoint),
         )
         workers = RayWorkers(spec, self.train_fn)
         return Driver(spec, workers, Election(RayKVStore(spec.namespace)), callbacks=self.callbacks)

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from elastictrain.config import BatchConfig, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from elastictrain.config import (
+    BatchConfig,
+    CheckpointConfig,
+    FailureConfig,
+    NetworkConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from elastictrain.runtime.rendezvous import RendezvousPolicy
+from elastictrain.secret import RunSecret
 
 
 @dataclass(frozen=True)
@@ -17,6 +25,9 @@ class RunSpec:
     checkpoint: CheckpointConfig
     failure: FailureConfig
     run: RunConfig
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    secret: RunSecret = field(default_factory=RunSecret.generate, repr=False)
+    """Authenticates the run's election records and rendezvous values (`elastictrain.secret`)."""
 
     @property
     def backend(self) -> str:
