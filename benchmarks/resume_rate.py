@@ -219,6 +219,8 @@ def run_elastictrain(a: argparse.Namespace, work: Path) -> dict:
             failure=et.FailureConfig(max_failures=-1, collective_timeout_s=4, heartbeat_interval_s=0.2,
                                      heartbeat_timeout_s=1.5, startup_wait_s=2.0),
             run=et.RunConfig(progress=True, seed=a.seed),
+            # the "providers" are nodes of one machine, talking over its loopback
+            network=et.NetworkConfig(private=True),
             callbacks=[schedule],
         ).fit()
     except Exception as exc:  # noqa: BLE001 - reported, not raised: a failed run is a finding

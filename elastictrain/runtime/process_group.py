@@ -1,7 +1,7 @@
-"""Process groups per term: a fresh TCPStore and port each time, timeouts of seconds.
+"""Process groups per term: a fresh rendezvous store each time (`term_store`), timeouts of seconds.
 
 A restarted rank that dials a dead group's store hangs or fails; giving every
-term its own store (hosted by the term's leader) rules that out.
+term its own keys rules that out.
 """
 
 from __future__ import annotations
@@ -32,25 +32,17 @@ _FAILURE_MARKERS = (
 )
 
 
-def start_term_store(host: str, timeout_s: float) -> dist.TCPStore:
-    """Host this term's rendezvous store on a free port of `host`."""
-    return dist.TCPStore(
-        host, 0, None, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False, use_libuv=True
-    )
-
-
-def init_group(plan: WorldPlan, rank: int, *, backend: str, timeout_s: float, device: torch.device) -> None:
-    """Join the term's process group; collectives fail after `timeout_s` instead of minutes."""
-    if plan.host in ("127.0.0.1", "localhost"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    store = dist.TCPStore(plan.host, plan.port, None, False, timeout=timedelta(seconds=timeout_s))
-    prefixed = dist.PrefixStore(f"elastictrain/term{plan.term}", store)
+def init_group(plan: WorldPlan, rank: int, *, backend: str, timeout_s: float, device: torch.device,
+               store: dist.Store) -> None:
+    """Join the term's process group through its rendezvous `store` (a `TermStore`); collectives fail
+    after `timeout_s` instead of minutes. The interface gloo and NCCL bind to was chosen when the
+    worker started (`runtime.network.apply_network`)."""
     kwargs = {}
     if backend == "nccl":
         kwargs["device_id"] = device
     dist.init_process_group(
         backend,
-        store=prefixed,
+        store=store,
         rank=rank,
         world_size=plan.world_size,
         timeout=timedelta(seconds=timeout_s),

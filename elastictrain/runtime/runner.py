@@ -29,14 +29,15 @@ from elastictrain.runtime.process_group import (
     destroy_group,
     init_group,
     is_collective_failure,
-    start_term_store,
 )
+from elastictrain.runtime.network import plaintext_refusal
 from elastictrain.runtime.rendezvous import Rendezvous, RunEnded
 from elastictrain.runtime.rng import seed_everything
 from elastictrain.runtime.rollback import CommitCopy
 from elastictrain.runtime.session import TermSession
 from elastictrain.runtime.spec import RunSpec
 from elastictrain.runtime.state import ElasticState, agree_or_broadcast, take_rank0_state
+from elastictrain.runtime.term_store import TermStore, prune_terms
 from elastictrain.runtime.world import WorldInfo
 from elastictrain.statetree import unflatten_state
 
@@ -214,6 +215,7 @@ class Runner:
         while True:
             bid = Member(**{**me.__dict__, "committed_step": self.committed, "detected_at": self.detected_at})
             plan = self.rendezvous.next_world(bid, last_term=last_term, was_member=was_member, last_rank=last_rank)
+            self._refuse_plaintext_span(plan)
             world = self._enter(plan)
             last_term, was_member, last_rank = plan.term, True, world.rank
             committed_before = self.committed
@@ -258,10 +260,13 @@ class Runner:
         plan = world.plan
         sockets = GroupSockets()
         timeout_s = self.spec.failure.collective_timeout_s
-        init_group(plan, world.rank, backend=self.spec.backend, timeout_s=timeout_s, device=self.device)
+        store = TermStore(self.election.store, plan.term, self.spec.secret, timeout_s)
+        init_group(plan, world.rank, backend=self.spec.backend, timeout_s=timeout_s, device=self.device, store=store)
         topology = plan_topology(plan.members, plan.labels or None, self.spec.scaling.topology_policy())
         groups = build_groups(topology, world.rank, timeout_s=timeout_s)
         sockets.capture()
+        if world.rank == 0:
+            prune_terms(self.election.store, plan.term)  # every member of older terms has left them
         with self._group_lock:
             self._group_sockets = sockets
         if self.committed == NO_STATE:
@@ -294,6 +299,15 @@ class Runner:
         self.election.set_outcome(f"failed:{reason}", detail=where)
         self.emit(event("error", term=term, reason=reason))
         raise TrainingFailed(reason, cause=where) from exc
+
+    def _refuse_plaintext_span(self, plan) -> None:
+        """A world across providers or regions on a network not declared private ends the run before
+        any collective carries state over it."""
+        refusal = plaintext_refusal(plan.labels, self.spec.network)
+        if refusal is not None:
+            self.election.set_outcome(f"failed:{refusal}")
+            self.emit(event("error", term=plan.term, reason=refusal))
+            raise TrainingFailed(refusal)
 
     def _world_changed(self, term: int, exc: BaseException) -> str:
         """A peer was lost or a rebuild was planned: fail peers fast, settle the step in flight; the reason."""
@@ -349,9 +363,9 @@ class Runner:
                 self._group_sockets.sever()
 
     def _open_store(self) -> tuple[str, int, object]:
-        host = self.node.get("host") or "127.0.0.1"
-        store = start_term_store(host, self.spec.failure.collective_timeout_s)
-        return host, store.port, store
+        """The leader's address for the world plan; the term's rendezvous lives in the run's key-value
+        store (`TermStore`), so no port is opened."""
+        return self.node.get("host") or "127.0.0.1", 0, None
 
     # --- hooks called from Context ------------------------------------------------
 

@@ -15,6 +15,8 @@ import torch
 
 from elastictrain.election.election import Election
 from elastictrain.election.ray_store import RayKVStore
+from elastictrain.errors import TrainingFailed
+from elastictrain.runtime.network import apply_network
 from elastictrain.runtime.runner import Runner
 from elastictrain.runtime.spec import RunSpec
 
@@ -31,8 +33,16 @@ def warm_up(backend: str) -> None:
 
     if backend != "gloo" or dist.is_initialized():
         return
-    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=10), wait_for_workers=False)
-    dist.init_process_group("gloo", store=dist.PrefixStore("warm-up", store), rank=0, world_size=1)
+    # an in-process store and the loopback interface: warming up opens no port to the network
+    saved = os.environ.get("GLOO_SOCKET_IFNAME")
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    try:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=10))
+    finally:
+        if saved is None:
+            os.environ.pop("GLOO_SOCKET_IFNAME", None)
+        else:
+            os.environ["GLOO_SOCKET_IFNAME"] = saved
     try:
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
         model(torch.ones(2, 4)).sum().backward()
@@ -78,6 +88,11 @@ class WorkerActor:
         self._notice = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.node["normal_priority"] = restore_priority()
+        self._network_error: str | None = None
+        try:
+            self.node["interface"] = apply_network(spec.network, self.node["host"])
+        except RuntimeError as exc:  # reported when the run starts: the run fails with this reason
+            self._network_error = str(exc)
         warm_up(spec.backend)
 
     def _on_sigterm(self, signum, frame) -> None:
@@ -108,6 +123,9 @@ class WorkerActor:
         )
         if self._notice:
             self.runner.request_leave()
+        if self._network_error is not None:
+            self.runner.election.set_outcome(f"failed:{self._network_error}")
+            raise TrainingFailed(self._network_error)
         result = self.runner.run()
         result.update(member=self.member_id, node=self.node)
         return result

@@ -20,7 +20,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from elastictrain.accumulate import GradAccumulator
 from elastictrain.election.term import WorldPlan
-from elastictrain.runtime.process_group import GroupSockets, init_group, is_collective_failure, start_term_store
+from datetime import timedelta
+
+from elastictrain.runtime.process_group import GroupSockets, init_group, is_collective_failure
 
 WORLD = 3
 DYING_RANK = 2
@@ -32,10 +34,12 @@ CONNECTION_WORDS = ("connection", "closed", "reset", "broken pipe", "by peer", "
 
 def _worker(rank: int, port: int, out_dir: str, dies_at_micro_step: int) -> None:
     torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     plan = WorldPlan(term=1, leader="r0", members=tuple(f"r{i}" for i in range(WORLD)), steps=(0,) * WORLD,
                      host="127.0.0.1", port=port)
     sockets = GroupSockets()
-    init_group(plan, rank, backend="gloo", timeout_s=COLLECTIVE_TIMEOUT_S, device=torch.device("cpu"))
+    store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    init_group(plan, rank, backend="gloo", timeout_s=COLLECTIVE_TIMEOUT_S, device=torch.device("cpu"), store=store)
     sockets.capture()
     result: dict = {"rank": rank}
     try:
@@ -78,7 +82,9 @@ def _worker(rank: int, port: int, out_dir: str, dies_at_micro_step: int) -> None
 
 
 def _run(tmp_path, dies_at: int) -> list[dict]:
-    store = start_term_store("127.0.0.1", COLLECTIVE_TIMEOUT_S)  # hosted here, as a leader hosts its term's
+    # the rendezvous on a loopback store hosted here (the runtime's runs use a TermStore on Ray's KV store)
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+                          wait_for_workers=False)
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(r, store.port, str(tmp_path), dies_at)) for r in range(WORLD)]
     try:

@@ -215,3 +215,23 @@ def test_driver_side_actors_stay_on_the_driver_node(cluster):
     result = _fit([RecordHub()], workers=(2, 2))
     assert placed["hub"] == cluster.head_node.node_id
     assert result.steps == TASK.total_steps
+
+
+def test_a_world_across_providers_needs_a_private_network_or_the_opt_in(cluster):
+    cluster.add_node(num_cpus=1, labels=AWS)
+    cluster.add_node(num_cpus=1, labels=GCP)
+    cluster.wait_for_nodes()
+    task = ToyTask(total_steps=4)
+
+    def fit(network: et.NetworkConfig) -> et.Result:
+        return et.ElasticTrainer(make_train_fn(task), scaling=et.ScalingConfig(min_workers=2, max_workers=2),
+                                 batch=BATCH, failure=FAILURE, network=network).fit()
+
+    with pytest.raises(et.TrainingFailed) as refused:
+        fit(et.NetworkConfig())
+    message = str(refused.value)
+    assert "provider: aws, gcp" in message and "region: europe-west4, us-east-1" in message
+    for way_out in ("NetworkConfig(interface=", "NetworkConfig(private=True)", "NetworkConfig(allow_plaintext=True)"):
+        assert way_out in message
+    result = fit(et.NetworkConfig(allow_plaintext=True))
+    assert result.steps == task.total_steps
