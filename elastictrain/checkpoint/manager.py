@@ -14,6 +14,7 @@ fallback (`restore`); every event of theirs goes through `_event`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import secrets
 import socket
@@ -226,7 +227,7 @@ class CheckpointManager:
         """
         self._saver.join()
         with self._secrets_hidden():
-            return self._restorer.latest(into)
+            return self._hide_in_skipped(self._restorer.latest(into))
 
     def load(self, step: int, into: Optional[dict[str, torch.Tensor]] = None) -> Loaded:
         """The checkpoint of `step` (its newest term that verifies); `into` as for `latest`.
@@ -236,12 +237,15 @@ class CheckpointManager:
         """
         self._saver.join()
         with self._secrets_hidden():
-            return self._restorer.load_step(step, into)
+            return self._hide_in_skipped(self._restorer.load_step(step, into))
 
     def list(self) -> list[CheckpointInfo]:
         """Every checkpoint, oldest first, from the manifests alone (no key needed, nothing verified but format)."""
         with self._secrets_hidden():
-            return describe_checkpoints(self.storage)
+            infos = describe_checkpoints(self.storage)
+        if not self._secrets:
+            return infos
+        return [dataclasses.replace(i, error=scrub(i.error, self._secrets)) if i.error else i for i in infos]
 
     # --- credentials -----------------------------------------------------------
     # A storage backend may echo an option in an error (a URL with a token, a header): errors and
@@ -252,6 +256,12 @@ class CheckpointManager:
         hidden = scrub_error(exc, self._secrets) if isinstance(exc, Exception) else None
         if hidden is not None:
             raise hidden from None
+
+    def _hide_in_skipped(self, loaded: Optional[Loaded]) -> Optional[Loaded]:
+        """`loaded` with the reasons of the checkpoints skipped before it free of the storage's credentials."""
+        if loaded is not None and self._secrets:
+            loaded.skipped = [(name, scrub(reason, self._secrets)) for name, reason in loaded.skipped]
+        return loaded
 
     @contextlib.contextmanager
     def _secrets_hidden(self) -> Iterator[None]:

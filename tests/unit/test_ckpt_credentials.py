@@ -29,7 +29,13 @@ class CredFS(MemoryFileSystem):
     protocol = ("credtest",)
     store: dict = {}
     pseudo_dirs = [""]
-    fail_with = None  # set per test through `failing`
+    fail_with = None  # what a write raises, when set
+    fail_read = None  # (name, error): reading that name raises it
+
+    def cat_file(self, path, *args, **kwargs):
+        if self.fail_read is not None and path.endswith(self.fail_read[0]):
+            raise self.fail_read[1]
+        return super().cat_file(path, *args, **kwargs)
 
     def pipe_file(self, path, value, **kwargs):
         if self.fail_with is not None:
@@ -41,9 +47,9 @@ class CredFS(MemoryFileSystem):
 def credtest_protocol():
     fsspec.register_implementation("credtest", CredFS, clobber=True)
     CredFS.store.clear()
-    CredFS.fail_with = None
+    CredFS.fail_with = CredFS.fail_read = None
     yield
-    CredFS.fail_with = None
+    CredFS.fail_with = CredFS.fail_read = None
 
 
 def _options(**extra):
@@ -162,3 +168,17 @@ def test_kms_wrap_errors_do_not_quote_the_request():
     with pytest.raises(KeySpecError) as info:
         KmsKey("alias/k", client=QuotingClient()).wrap(data_key, b"ctx")
     assert repr(data_key) not in str(info.value) and "TypeError" in str(info.value)
+
+
+def test_a_listed_checkpoint_whose_read_error_echoes_a_credential_hides_it():
+    cfg = CheckpointConfig(uri="credtest://run", async_save=False, storage_options=_options())
+    with CheckpointManager(cfg) as mgr:
+        mgr.save({"w": torch.ones(3)}, None, step=1, term=0)
+        mgr.save({"w": torch.full((3,), 2.0)}, None, step=2, term=0)
+        newest = mgr.list()[-1].name
+        CredFS.fail_read = (newest, FileNotFoundError(f"gone, said the server to {ACCESS}:{SECRET}"))
+        listed = mgr.list()
+        loaded = mgr.latest()
+    assert loaded.step == 1 and [s for s, _ in loaded.skipped] == [newest]
+    assert listed[-1].error and ACCESS not in listed[-1].error and SECRET not in listed[-1].error
+    assert REDACTED in listed[-1].error
