@@ -91,6 +91,22 @@ def _wait_for_session_text(marker: bytes, timeout_s: float = 60.0) -> None:
     pytest.fail(f"worker output {marker!r} did not reach the Ray session's log files within {timeout_s} s")
 
 
+def _logging_to_stderr(train_fn):
+    """`train_fn` that first sends elastictrain's own log records on its worker, down to DEBUG, to stderr: into
+    the session's files, where the search looks."""
+
+    def logged(ctx) -> None:
+        logger = logging.getLogger("elastictrain")
+        if not any(getattr(h, "et_test", False) for h in logger.handlers):
+            handler = logging.StreamHandler()
+            handler.et_test = True
+            logger.addHandler(handler)
+            logger.setLevel(logging.DEBUG)
+        train_fn(ctx)
+
+    return logged
+
+
 def _print_at_last_step(total_steps: int, key_path: str | None, marker: str):
     """An `on_step` for the toy loop: rank 0 prints `marker` after the last step; with `key_path` it also
     prints the key (base64 and hex) and logs the storage secret: the planted leak."""
@@ -119,7 +135,7 @@ def _fit_on_s3(endpoint: str, bucket: str, key_spec: str, on_step, task: ToyTask
         },
     )
     result = et.ElasticTrainer(
-        make_train_fn(task, on_step=on_step),
+        _logging_to_stderr(make_train_fn(task, on_step=on_step)),
         scaling=et.ScalingConfig(min_workers=2, max_workers=2), batch=BATCH, checkpoint=ckpt, failure=FAILURE,
     ).fit()
     return result, ckpt
@@ -151,6 +167,7 @@ def test_fit_with_an_encrypted_checkpoint_on_s3_leaks_no_key_and_no_storage_cred
     assert any(e["kind"] == "checkpoint" for e in result.events)  # the run did save to S3
     assert any(k.startswith("runs/r1/manifests/") for k in _stored_objects(s3_server, "clean"))
     _wait_for_session_text(marker.encode())  # what the workers printed up to the end of training is on disk
+    _wait_for_session_text(b"checkpoint checkpoint {")  # and the leader's checkpoint manager logged its saves
 
     needles = _needles(raw)
     out, err = capfd.readouterr()
