@@ -124,7 +124,9 @@ def _print_at_last_step(total_steps: int, key_path: str | None, marker: str):
     return on_step
 
 
-def _fit_on_s3(endpoint: str, bucket: str, key_spec: str, on_step, task: ToyTask) -> tuple[et.Result, et.CheckpointConfig]:
+def _fit_on_s3(
+    endpoint: str, bucket: str, key_spec: str, on_step, task: ToyTask
+) -> tuple[et.Result, et.CheckpointConfig]:
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
     ckpt = et.CheckpointConfig(
         uri=f"s3://{bucket}/runs/r1", every_steps=2, keep_last=2, chunk_size_mb=1,
@@ -143,8 +145,8 @@ def _fit_on_s3(endpoint: str, bucket: str, key_spec: str, on_step, task: ToyTask
 
 def _result_text(result: et.Result) -> str:
     return "\n".join([
-        repr(result), str(result), json.dumps(result.events, default=repr), json.dumps(list(result.history), default=repr),
-        json.dumps(result.metrics, default=repr),
+        repr(result), str(result), json.dumps(result.events, default=repr),
+        json.dumps(list(result.history), default=repr), json.dumps(result.metrics, default=repr),
     ])
 
 
