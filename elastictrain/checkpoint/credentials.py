@@ -61,7 +61,8 @@ def _walk(value: Any, on_credential, path: str) -> Any:
             for k, v in value.items()
         }
     if isinstance(value, (list, tuple)):
-        return type(value)(_walk(v, on_credential, f"{path}{i}.") for i, v in enumerate(value))
+        items = [_walk(v, on_credential, f"{path}{i}.") for i, v in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
     return value
 
 
