@@ -170,7 +170,12 @@ class CheckpointConfig(_Config):
     encryption: Optional[EncryptionConfig] = Field(None, description="None stores plaintext (still hashed).")
     async_save: bool = Field(True, description="Only the snapshot stalls training; the rest runs behind it.")
     chunk_size_mb: int = Field(64, ge=1, description="Large tensors are stored in pieces of this size (MiB).")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="Passed to fsspec.filesystem().")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to fsspec.filesystem(). A credential (an option named like key, secret, token, "
+        "password, *_key, nested ones too) may be 'env:VAR': read from VAR on each machine that opens the "
+        "storage, so it is not in the config; reprs, errors and events hide credential values.",
+    )
     io_threads: int = Field(
         2, ge=1, le=64, description="Threads that hash, seal and upload chunks in parallel (raise for S3)."
     )
@@ -187,7 +192,17 @@ class CheckpointConfig(_Config):
             from elastictrain.checkpoint.storage import check_uri
 
             check_uri(self.uri)
+        from elastictrain.checkpoint.credentials import check_options
+
+        check_options(self.storage_options)
         return self
+
+    def __repr_args__(self):
+        # repr and str: credential values in storage_options are hidden ('env:VAR' references shown)
+        from elastictrain.checkpoint.credentials import redact_options
+
+        for name, value in super().__repr_args__():
+            yield name, (redact_options(value) if name == "storage_options" else value)
 
 
 class NetworkConfig(_Config):

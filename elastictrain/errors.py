@@ -160,6 +160,10 @@ class KeySpecError(CheckpointError):
     """A key spec cannot be resolved (unset variable, unreadable file, bad length)."""
 
 
+class StorageCredentialError(CheckpointError, ValueError):
+    """A storage credential cannot be used: an `env:` reference that names no variable, or one unset here."""
+
+
 class UnknownStateEntry(CheckpointError):
     """An export asked for a `ctx.state(...)` entry the checkpoint does not hold."""
 

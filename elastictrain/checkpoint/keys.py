@@ -129,7 +129,7 @@ class KmsKey:
                 KeyId=self.kms_key_id, Plaintext=data_key, EncryptionContext={"elastictrain": context.hex()}
             )
         except Exception as exc:  # botocore's errors share no base we can import lazily
-            raise KeySpecError(f"KMS key {self.kms_key_id!r} cannot encrypt: {type(exc).__name__}: {exc}") from None
+            raise KeySpecError(f"KMS key {self.kms_key_id!r} cannot encrypt: {_kms_reason(exc)}") from None
         if reply.get("KeyId"):
             self.wrapped_key_id = "kms:" + reply["KeyId"]
         return reply["CiphertextBlob"]
@@ -168,6 +168,15 @@ def _service_error(exc: BaseException, doing: str) -> KeyServiceError:
     else:
         hint = "nothing is known about the checkpoint: try again"
     return KeyServiceError(f"KMS could not be asked {doing} ({_kms_code(exc) or kind}); {hint}")
+
+
+def _kms_reason(exc: BaseException) -> str:
+    """A KMS error as text: the service's own answer, or only the error's type for errors raised before the
+    request left (botocore's parameter errors quote the parameters, the plaintext data key among them)."""
+    code = _kms_code(exc)
+    if code:
+        return f"{code}: {exc}"
+    return type(exc).__name__
 
 
 def _kms_code(exc: BaseException) -> str:

@@ -13,15 +13,18 @@ fallback (`restore`); every event of theirs goes through `_event`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import secrets
 import socket
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from elastictrain.checkpoint.catalog import CheckpointInfo, describe_checkpoints
+from elastictrain.checkpoint.credentials import scrub, scrub_error
 from elastictrain.checkpoint.identity import RunIdentity
 from elastictrain.checkpoint.keys import Keyring, keyring_from_specs
 from elastictrain.checkpoint.manifest import manifest_name
@@ -57,8 +60,8 @@ class CheckpointManager:
         provenance: labels stored in each manifest (node, host, provider, region).
         listener: called with each event as it happens (on the saving thread): the runtime reports a
             commit the moment its manifest is written, not when the training thread next looks.
-        storage, environ, clock, random_bytes: for tests (a storage double, key variables, time, and the
-            source of run ids, data keys and nonces).
+        storage, environ, clock, random_bytes: for tests (a storage double, the variables that key specs
+            and 'env:' storage credentials name, time, and the source of run ids, data keys and nonces).
     """
 
     def __init__(
@@ -76,7 +79,10 @@ class CheckpointManager:
         if config.uri is None and storage is None:
             raise ValueError("CheckpointConfig.uri is unset: give a URI such as file:///tmp/run1 or s3://bucket/run1")
         self.config = config
-        self.storage: Storage = storage or FsspecStorage(config.uri, config.storage_options, fsync=config.fsync)
+        self.storage: Storage = storage or FsspecStorage(
+            config.uri, config.storage_options, fsync=config.fsync, environ=environ
+        )
+        self._secrets: list[str] = list(getattr(self.storage, "secrets", ()))  # hidden in events and errors
         self.keyring = _keyring(config, environ, random_bytes)
         self.fence = fence
         self.listener = listener
@@ -169,6 +175,7 @@ class CheckpointManager:
             )
         except BaseException as exc:
             self._event("checkpoint_failed", step=step, term=term, reason=f"{type(exc).__name__}: {exc}")
+            self._raise_hidden(exc)
             raise
         if from_snapshot:
             self._snapshotter.committed(piece_ids)
@@ -200,7 +207,8 @@ class CheckpointManager:
             CheckpointError: what is wrong with it.
         """
         self._saver.join()
-        return self._restorer.load_manifest(name, into)
+        with self._secrets_hidden():
+            return self._restorer.load_manifest(name, into)
 
     def latest(self, into: Optional[dict[str, torch.Tensor]] = None) -> Optional[Loaded]:
         """The newest checkpoint that verifies; None if there is none at all.
@@ -218,7 +226,8 @@ class CheckpointManager:
             CheckpointError: checkpoints exist but none verifies (wrong key, all damaged).
         """
         self._saver.join()
-        return self._restorer.latest(into)
+        with self._secrets_hidden():
+            return self._hide_in_skipped(self._restorer.latest(into))
 
     def load(self, step: int, into: Optional[dict[str, torch.Tensor]] = None) -> Loaded:
         """The checkpoint of `step` (its newest term that verifies); `into` as for `latest`.
@@ -227,16 +236,47 @@ class CheckpointManager:
             CheckpointNotFound: no checkpoint of that step.
         """
         self._saver.join()
-        return self._restorer.load_step(step, into)
+        with self._secrets_hidden():
+            return self._hide_in_skipped(self._restorer.load_step(step, into))
 
     def list(self) -> list[CheckpointInfo]:
         """Every checkpoint, oldest first, from the manifests alone (no key needed, nothing verified but format)."""
-        return describe_checkpoints(self.storage)
+        with self._secrets_hidden():
+            infos = describe_checkpoints(self.storage)
+        if not self._secrets:
+            return infos
+        return [dataclasses.replace(i, error=scrub(i.error, self._secrets)) if i.error else i for i in infos]
+
+    # --- credentials -----------------------------------------------------------
+    # A storage backend may echo an option in an error (a URL with a token, a header): errors and
+    # events of the manager show the storage's credential values as REDACTED.
+
+    def _raise_hidden(self, exc: BaseException) -> None:
+        """Raise a copy of `exc` without the storage's credentials if its message shows one."""
+        hidden = scrub_error(exc, self._secrets) if isinstance(exc, Exception) else None
+        if hidden is not None:
+            raise hidden from None
+
+    def _hide_in_skipped(self, loaded: Optional[Loaded]) -> Optional[Loaded]:
+        """`loaded` with the reasons of the checkpoints skipped before it free of the storage's credentials."""
+        if loaded is not None and self._secrets:
+            loaded.skipped = [(name, scrub(reason, self._secrets)) for name, reason in loaded.skipped]
+        return loaded
+
+    @contextlib.contextmanager
+    def _secrets_hidden(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            self._raise_hidden(exc)
+            raise
 
     # --- events --------------------------------------------------------------
 
     def _event(self, kind: str, **facts: Any) -> None:
         """Emit an event of the run's vocabulary (`elastictrain.events`) to `events` and the listener."""
+        if self._secrets:
+            facts = {k: scrub(v, self._secrets) if isinstance(v, str) else v for k, v in facts.items()}
         record = event(kind, time=self._clock(), **facts)
         # "event": the field's old name and values, kept for readers of `events` and listeners until removed
         record["event"] = _OLD_NAMES.get(kind, kind)

@@ -18,7 +18,9 @@ import re
 import secrets
 import threading
 import time
-from typing import Callable, Iterable, Iterator, Optional, Protocol, TypeVar, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Protocol, TypeVar, Union
+
+from elastictrain.checkpoint.credentials import credential_values, resolve_options, scrub_error
 
 Buffer = Union[bytes, bytearray, memoryview]
 T = TypeVar("T")
@@ -43,6 +45,12 @@ def check_uri(uri: str) -> str:
     fsspec takes such a URI for a relative local path: every save would succeed into the leading
     worker's working directory, and be gone with that machine.
     """
+    if _has_password(uri):
+        # the URI is in errors, events and logs: a password in it would be too
+        raise ValueError(
+            "checkpoint URI holds a password (not shown): remove it from the URI and give it in "
+            "storage_options instead, e.g. password='env:VAR' (the variable read on each machine)"
+        )
     m = _SCHEME_TYPO.match(uri)
     if m:
         scheme = m.group(1)
@@ -51,6 +59,16 @@ def check_uri(uri: str) -> str:
             f"folder of that name, write ./{scheme}:... or file:///absolute/path"
         )
     return uri
+
+
+def _has_password(uri: str) -> bool:
+    """Whether `uri` is 'scheme://user:password@host/...'."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(uri).password is not None
+    except ValueError:
+        return False
 
 
 class Storage(Protocol):
@@ -117,11 +135,24 @@ class FsspecStorage:
     Object stores are durable once a write returns, so `flush` has nothing to do there.
     """
 
-    def __init__(self, uri: str, storage_options: dict | None = None, attempts: int = 5, fsync: bool = False):
+    def __init__(
+        self, uri: str, storage_options: dict | None = None, attempts: int = 5, fsync: bool = False,
+        environ: Optional[Mapping[str, str]] = None,
+    ):
         import fsspec
 
         self.uri = check_uri(uri)
-        self.fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        # 'env:VAR' credentials are read here, on the machine that opens the storage (`environ`: for tests)
+        options = resolve_options(storage_options or {}, os.environ if environ is None else environ)
+        self.secrets = credential_values(options)
+        """The credential values in the options: what `scrub_error` hides in messages."""
+        try:
+            self.fs, root = fsspec.core.url_to_fs(uri, **options)
+        except Exception as exc:
+            clean = scrub_error(exc, self.secrets)
+            if clean is None:
+                raise
+            raise clean from None
         self.root = root.rstrip("/")
         self.attempts = attempts
         self._local = "file" in _protocols(self.fs)
