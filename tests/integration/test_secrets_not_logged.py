@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 import elastictrain as et
+from elastictrain.secret import RunSecret
 from elastictrain.testing.toy import ToyTask, make_train_fn
 from tests.toy_runs import BATCH, FAILURE
 
@@ -172,6 +173,9 @@ def test_fit_with_an_encrypted_checkpoint_on_s3_leaks_no_key_and_no_storage_cred
     _wait_for_session_text(b"checkpoint checkpoint {")  # and the leader's checkpoint manager logged its saves
 
     needles = _needles(raw)
+    run_secret = RunSecret(derive_from=key_spec).key()  # the run's election and rendezvous secret, derived from the key
+    needles.update({"run secret (raw)": run_secret, "run secret (base64)": base64.b64encode(run_secret),
+                    "run secret (hex)": binascii.hexlify(run_secret)})
     out, err = capfd.readouterr()
     texts = {
         "driver log records": "\n".join(r.getMessage() + repr(r.args) for r in caplog.records),
