@@ -17,7 +17,7 @@ import logging
 import secrets
 import socket
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -38,7 +38,11 @@ from elastictrain.checkpoint.trust import Checked, ManifestVerifier
 from elastictrain.checkpoint.writer import ChunkWriter, Layout, RunKeys, SaveReport, plan_layout
 from elastictrain.config import CheckpointConfig
 from elastictrain.errors import CheckpointError
+from elastictrain.election.store import KVStore
 from elastictrain.events import event
+
+if TYPE_CHECKING:
+    from elastictrain.secret import RunSecret
 
 __all__ = ["STALE_TEMP_S", "CheckpointInfo", "CheckpointManager"]
 
@@ -78,8 +82,8 @@ class CheckpointManager:
         fence: Optional[Callable[[int], bool]] = None,
         provenance: Optional[dict] = None,
         listener: Optional[Callable[[dict], None]] = None,
-        newest_store: Any = None,
-        run_secret: Any = None,
+        newest_store: Optional[KVStore] = None,
+        run_secret: Optional["RunSecret"] = None,
         storage: Optional[Storage] = None,
         environ: Optional[dict] = None,
         clock: Callable[[], float] = time.time,
@@ -329,8 +333,8 @@ class CheckpointManager:
 
 
 def _newest_step(
-    store: Any, config: CheckpointConfig, storage: Optional[Storage], keyring: Optional[Keyring],
-    signer: Optional[crypto.Signer], run_secret: Any,
+    store: Optional[KVStore], config: CheckpointConfig, storage: Optional[Storage], keyring: Optional[Keyring],
+    signer: Optional[crypto.Signer], run_secret: Optional["RunSecret"],
 ) -> Optional[KVNewestStep]:
     """The record of the newest committed step on `store`, authenticated by a key derived from the run's
     signing key, else its local keys (each rotation's, so older records verify), else the run secret."""
