@@ -168,6 +168,12 @@ class CheckpointConfig(_Config):
     every_seconds: Optional[float] = Field(None, gt=0, description="Save when this long passed since the last.")
     keep_last: int = Field(3, ge=1, description="Manifests kept; older ones and their unshared chunks go.")
     encryption: Optional[EncryptionConfig] = Field(None, description="None stores plaintext (still hashed).")
+    signing_key: Optional[str] = Field(
+        None,
+        description="Plaintext runs: key spec ('env:VAR' or 'file:PATH', 32 bytes, base64) of the seed that signs "
+        "manifests (Ed25519); readers with it refuse unsigned or wrongly signed manifests, and retention counts only "
+        "manifests it signed. Encrypted runs set EncryptionConfig.signing_key instead.",
+    )
     async_save: bool = Field(True, description="Only the snapshot stalls training; the rest runs behind it.")
     chunk_size_mb: int = Field(64, ge=1, description="Large tensors are stored in pieces of this size (MiB).")
     storage_options: dict[str, Any] = Field(
@@ -188,6 +194,20 @@ class CheckpointConfig(_Config):
 
     @model_validator(mode="after")
     def _uri_scheme(self) -> "CheckpointConfig":
+        if self.signing_key is not None:
+            if self.encryption is not None:
+                raise ValueError(
+                    "CheckpointConfig.signing_key is for plaintext checkpoints: with encryption, set "
+                    "EncryptionConfig.signing_key instead"
+                )
+            scheme = self.signing_key.split(":", 1)[0]
+            if ":" not in self.signing_key or scheme not in ("env", "file"):
+                # the text is not echoed: a key pasted in place of a spec must not reach logs
+                raise ValueError(
+                    f"CheckpointConfig.signing_key ({len(self.signing_key)} characters, not shown) is not 'env:VAR' "
+                    "or 'file:PATH': put the 32-byte key (base64, `elastictrain ckpt keygen`) in a variable or a "
+                    "file and name that"
+                )
         if self.uri is not None:
             from elastictrain.checkpoint.storage import check_uri
 

@@ -63,6 +63,9 @@ KINDS: Mapping[str, EventKind] = _kinds(
     ("retention", "checkpoint", (), "Old checkpoints, chunks or temporaries were deleted."),
     ("retention_failed", "checkpoint", ("reason",), "Deleting old checkpoints failed; they stay."),
     ("retention_skipped", "checkpoint", ("term", "reason"), "A newer term leads; its writer deletes what is old."),
+    ("checkpoint_rollback", "checkpoint", ("recorded_step", "found_step"),
+     "A restore found only checkpoints older than the newest committed step recorded outside the storage "
+     "(deleted or rolled back by whoever can write it); `found_step` is None when none verifies."),
     # --- the driver ---------------------------------------------------------------------------
     ("world", "driver", ("term", "world_size", "leader"), "The world of a term, as its members reported joining."),
     ("worker_started", "driver", ("member",), "A worker process was asked for."),

@@ -6,7 +6,6 @@ run's identity and `elastictrain ckpt ls` look at before anything is opened.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -48,13 +47,6 @@ def read_body(storage: Storage, name: str) -> Optional[Body]:
         return decode_manifest(storage.get(name)).body
     except (CheckpointError, FileNotFoundError):
         return None
-
-
-def read_bodies(storage: Storage, names: list[str], threads: int) -> dict[str, Optional[Body]]:
-    """`read_body` of each name, read at once so an object store answers in about one round trip."""
-    threads = max(1, min(len(names), threads))
-    with ThreadPoolExecutor(threads, thread_name_prefix="et-ckpt-retention") as pool:
-        return dict(zip(names, pool.map(lambda name: read_body(storage, name), names)))
 
 
 def newest_bodies(storage: Storage) -> Iterator[Body]:

@@ -179,10 +179,18 @@ class Signer:
     """Ed25519 signing from a 32-byte seed; its public key identifies it."""
 
     def __init__(self, seed: bytes):
+        self._seed = seed
         self._private = Ed25519PrivateKey.from_private_bytes(derive(seed, "ed25519-seed"))
         self.public = self._private.public_key()
         raw = self.public.public_bytes_raw()
         self.key_id = hashlib.sha256(raw).hexdigest()[:16]
+
+    def __repr__(self) -> str:  # never show the seed
+        return f"Signer({self.key_id})"
+
+    def subkey(self, purpose: str) -> bytes:
+        """A 32-byte secret derived from the signing seed for another purpose (say, a MAC key)."""
+        return derive(self._seed, "signer/" + purpose)
 
     def sign(self, message: bytes) -> bytes:
         return self._private.sign(message)

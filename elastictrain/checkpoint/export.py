@@ -46,13 +46,15 @@ class ModelExport:
 def open_manager(
     uri: str, keys: Optional[Sequence[str]], storage_options: Optional[dict] = None, signing_key: Optional[str] = None
 ) -> CheckpointManager:
-    """A synchronous CheckpointManager for `uri`, with the first key current and the rest old keys."""
-    if signing_key and not keys:
-        raise ValueError("--signing-key goes with --key: the checkpoint's own key opens its data key")
+    """A synchronous CheckpointManager for `uri`, with the first key current and the rest old keys.
+
+    `signing_key` without keys: a plaintext run's signing key (manifests it did not sign are refused).
+    """
     enc = EncryptionConfig(key=keys[0], old_keys=list(keys[1:]), signing_key=signing_key) if keys else None
-    return CheckpointManager(
-        CheckpointConfig(uri=uri, encryption=enc, async_save=False, storage_options=storage_options or {})
-    )
+    return CheckpointManager(CheckpointConfig(
+        uri=uri, encryption=enc, signing_key=None if keys else signing_key, async_save=False,
+        storage_options=storage_options or {},
+    ))
 
 
 def load_checkpoint(

@@ -66,11 +66,16 @@ class RunIdentity:
         storage: the run's storage.
         keyring: the configured keys; None for unencrypted checkpoints.
         random_bytes: the source of new run ids and data keys.
+        signer: a plaintext run's manifest signer (`CheckpointConfig.signing_key`), if any.
     """
 
-    def __init__(self, storage: Storage, keyring: Optional[Keyring], random_bytes: Callable[[int], bytes]):
+    def __init__(
+        self, storage: Storage, keyring: Optional[Keyring], random_bytes: Callable[[int], bytes],
+        signer: Optional[crypto.Signer] = None,
+    ):
         self.storage = storage
         self.keyring = keyring
+        self.signer = signer
         self._random = random_bytes
         self._lock = threading.Lock()
         self.keys: Optional[RunKeys] = None
@@ -102,7 +107,7 @@ class RunIdentity:
                     f"{self.storage.uri} holds an encrypted run: refusing to write plaintext checkpoints "
                     "next to it; set CheckpointConfig.encryption to its key"
                 )
-            return RunKeys(run, None)
+            return RunKeys(run, None, signer=self.signer)
         if scan.data_key is None and scan.foreign:
             # a new data key here would start checkpoints nobody with the run's key can read, and
             # retention would count the run's real ones as this writer's and delete them

@@ -19,15 +19,17 @@ import logging
 import secrets
 import socket
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 
-from elastictrain.checkpoint.catalog import CheckpointInfo, describe_checkpoints
+from elastictrain.checkpoint import crypto
+from elastictrain.checkpoint.catalog import CheckpointInfo, describe_checkpoints, manifest_names
 from elastictrain.checkpoint.credentials import scrub, scrub_error
 from elastictrain.checkpoint.identity import RunIdentity
-from elastictrain.checkpoint.keys import Keyring, keyring_from_specs
+from elastictrain.checkpoint.keys import Keyring, keyring_from_specs, resolve_secret
 from elastictrain.checkpoint.manifest import manifest_name
+from elastictrain.checkpoint.newest import KVNewestStep, NewestStep, RecordedStep
 from elastictrain.checkpoint.policy import SavePolicy
 from elastictrain.checkpoint.reader import Loaded
 from elastictrain.checkpoint.restore import Restorer
@@ -35,9 +37,15 @@ from elastictrain.checkpoint.retention_runner import STALE_TEMP_S, RetentionRunn
 from elastictrain.checkpoint.saver import BackgroundSaver
 from elastictrain.checkpoint.snapshot import Snapshotter
 from elastictrain.checkpoint.storage import FsspecStorage, Storage
+from elastictrain.checkpoint.trust import Checked, ManifestVerifier
 from elastictrain.checkpoint.writer import ChunkWriter, Layout, RunKeys, SaveReport, plan_layout
 from elastictrain.config import CheckpointConfig
+from elastictrain.errors import CheckpointError
+from elastictrain.election.store import KVStore
 from elastictrain.events import event
+
+if TYPE_CHECKING:
+    from elastictrain.secret import RunSecret
 
 __all__ = ["STALE_TEMP_S", "CheckpointInfo", "CheckpointManager"]
 
@@ -60,6 +68,12 @@ class CheckpointManager:
         provenance: labels stored in each manifest (node, host, provider, region).
         listener: called with each event as it happens (on the saving thread): the runtime reports a
             commit the moment its manifest is written, not when the training thread next looks.
+        newest_store: a key-value store outside the checkpoint storage (`elastictrain.election.store.KVStore`;
+            in a run, Ray's, under a namespace stable for the run's name) where each commit's step is
+            recorded; `latest()` compares what it finds with it (a `checkpoint_rollback` event and a warning
+            when only older checkpoints verify). None: no record.
+        run_secret: authenticates that record when the checkpoint config holds no local key (a `kms:` key
+            without `signing_key`, or unsigned plaintext): `elastictrain.secret.RunSecret`.
         storage, environ, clock, random_bytes: for tests (a storage double, the variables that key specs
             and 'env:' storage credentials name, time, and the source of run ids, data keys and nonces).
     """
@@ -71,6 +85,8 @@ class CheckpointManager:
         fence: Optional[Callable[[int], bool]] = None,
         provenance: Optional[dict] = None,
         listener: Optional[Callable[[dict], None]] = None,
+        newest_store: Optional[KVStore] = None,
+        run_secret: Optional["RunSecret"] = None,
         storage: Optional[Storage] = None,
         environ: Optional[dict] = None,
         clock: Callable[[], float] = time.time,
@@ -84,6 +100,11 @@ class CheckpointManager:
         )
         self._secrets: list[str] = list(getattr(self.storage, "secrets", ()))  # hidden in events and errors
         self.keyring = _keyring(config, environ, random_bytes)
+        # a plaintext run's manifest signer (CheckpointConfig.signing_key); encrypted runs sign through the keyring
+        self.signer = crypto.Signer(resolve_secret(config.signing_key, environ)) if config.signing_key else None
+        self.newest_step: Optional[NewestStep] = _newest_step(
+            newest_store, config, storage, self.keyring, self.signer, run_secret
+        )
         self.fence = fence
         self.listener = listener
         self.provenance = {"host": socket.gethostname(), **{str(k): str(v) for k, v in (provenance or {}).items()}}
@@ -101,15 +122,16 @@ class CheckpointManager:
         self._saver = BackgroundSaver()
         self._snapshotter = Snapshotter(self._chunk_size)
         self._writer = ChunkWriter(self.storage, cfg.io_threads)
-        self._identity = RunIdentity(self.storage, self.keyring, self._random)
+        self._identity = RunIdentity(self.storage, self.keyring, self._random, self.signer)
+        self._verifier = ManifestVerifier(self.keyring, self.signer, self._identity.expected_run)
         failed: set[str] = set()
         self._retention = RetentionRunner(
-            self.storage, self._writer, keep_last=cfg.keep_last, io_threads=cfg.io_threads, fence=self.fence,
-            failed=failed, emit=self._event, clock=self._clock,
+            self.storage, self._writer, self._verifier, keep_last=cfg.keep_last, io_threads=cfg.io_threads,
+            fence=self.fence, failed=failed, emit=self._event, clock=self._clock,
         )
         self._restorer = Restorer(
             self.storage, self.keyring, io_threads=cfg.io_threads, expected_run=self._identity.expected_run,
-            damaged_chunks=self._writer.damaged, failed=failed, emit=self._event,
+            damaged_chunks=self._writer.damaged, failed=failed, emit=self._event, signer=self.signer,
         )
 
     # --- policy ------------------------------------------------------------
@@ -181,9 +203,10 @@ class CheckpointManager:
             self._snapshotter.committed(piece_ids)
         self.reports.append(report)
         self._event("checkpoint", step=step, term=term, bytes_written=report.bytes_written, seconds=report.seconds)
+        self._record_newest(step, term)
         try:  # with the listing taken before the save: what it wrote is referenced by its manifest, and
             # what another writer stored since is not in it, so retention leaves both alone
-            self._apply_retention(run_keys.run, term, chunk_files)
+            self._apply_retention(run_keys.run, term, chunk_files, report.name)
         except Exception as exc:  # noqa: BLE001 - the save is committed; retention tries again next time
             self._event("retention_failed", reason=f"{type(exc).__name__}: {exc}")
 
@@ -191,8 +214,43 @@ class CheckpointManager:
         """This run's id and keys: reused from storage (a resubmitted job), else new."""
         return self._identity.open()
 
-    def _apply_retention(self, run: str, term: int, chunk_files: dict[str, int]) -> None:
-        self._retention.apply(run, term, chunk_files)
+    def _apply_retention(self, run: str, term: int, chunk_files: dict[str, int], committed: str) -> None:
+        self._retention.apply(run, term, chunk_files, committed)
+
+    def _record_newest(self, step: int, term: int) -> None:
+        """Record the step just committed outside the storage; a failure is only a warning (the save stands)."""
+        if self.newest_step is None:
+            return
+        try:
+            self.newest_step.put(step, term)
+        except Exception as exc:  # noqa: BLE001 - the checkpoint is committed either way
+            log.warning("could not record the newest committed step %d outside the storage: %s: %s",
+                        step, type(exc).__name__, exc)
+
+    def _recorded_newest(self) -> Optional[RecordedStep]:
+        """The newest committed step recorded outside the storage, if any (one that does not verify: a warning)."""
+        if self.newest_step is None:
+            return None
+        try:
+            return self.newest_step.get()
+        except Exception as exc:  # noqa: BLE001 - a record nobody can trust decides nothing
+            log.warning("the newest committed step recorded outside %s is not used: %s: %s",
+                        self.config.uri or "the storage", type(exc).__name__, exc)
+            return None
+
+    def _maybe_report_rollback(self, recorded: Optional[RecordedStep], found: Optional[int]) -> None:
+        """A `checkpoint_rollback` event and a warning when the newest that verifies is older than the record."""
+        if recorded is None or (found is not None and found >= recorded.step):
+            return
+        log.warning(
+            "checkpoint rollback under %s: the newest committed step recorded outside the storage is %d, but "
+            "%s; checkpoints were deleted or rolled back by whoever can write to the storage",
+            self.config.uri or "the storage", recorded.step,
+            "no checkpoint verifies" if found is None else f"the newest checkpoint that verifies is step {found}: "
+            "resuming from it",
+        )
+        self._event("checkpoint_rollback", recorded_step=recorded.step, recorded_term=recorded.term,
+                    found_step=found)
 
     # --- reading -------------------------------------------------------------
     # Each read first waits for this manager's own save in flight: it could otherwise commit meanwhile,
@@ -222,12 +280,22 @@ class CheckpointManager:
         checkpoint that then fails to verify (an older one, if any verifies, is restored over it);
         after an error, do not use them.
 
+        With a `newest_store`, a newest checkpoint older than the step recorded there (or none at all) is
+        reported as a `checkpoint_rollback` event and a warning naming both steps; it is still restored.
+
         Raises:
             CheckpointError: checkpoints exist but none verifies (wrong key, all damaged).
         """
         self._saver.join()
-        with self._secrets_hidden():
-            return self._hide_in_skipped(self._restorer.latest(into))
+        recorded = self._recorded_newest()
+        try:
+            with self._secrets_hidden():
+                loaded = self._hide_in_skipped(self._restorer.latest(into))
+        except CheckpointError:
+            self._maybe_report_rollback(recorded, None)
+            raise
+        self._maybe_report_rollback(recorded, None if loaded is None else loaded.step)
+        return loaded
 
     def load(self, step: int, into: Optional[dict[str, torch.Tensor]] = None) -> Loaded:
         """The checkpoint of `step` (its newest term that verifies); `into` as for `latest`.
@@ -271,6 +339,14 @@ class CheckpointManager:
             self._raise_hidden(exc)
             raise
 
+    def check_manifests(self) -> list[Checked]:
+        """Every manifest, oldest first, checked as retention checks it: signature and identity, no chunk read.
+
+        Those that do not verify are what retention leaves in place (planted, damaged, another key's).
+        """
+        self._saver.join()
+        return self._verifier.check_all(self.storage, manifest_names(self.storage), self.config.io_threads)
+
     # --- events --------------------------------------------------------------
 
     def _event(self, kind: str, **facts: Any) -> None:
@@ -294,6 +370,30 @@ class CheckpointManager:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _newest_step(
+    store: Optional[KVStore], config: CheckpointConfig, storage: Optional[Storage], keyring: Optional[Keyring],
+    signer: Optional[crypto.Signer], run_secret: Optional["RunSecret"],
+) -> Optional[KVNewestStep]:
+    """The record of the newest committed step on `store`, authenticated by a key derived from the run's
+    signing key, else its local keys (each rotation's, so older records verify), else the run secret."""
+    if store is None:
+        return None
+    mac_keys = []
+    signer = signer or (keyring.signer if keyring is not None else None)
+    if signer is not None:
+        mac_keys.append(signer.subkey("newest-step"))
+    for source in [keyring.current, *keyring.old] if keyring is not None else []:
+        seed = source.signing_seed()
+        if seed is not None:
+            mac_keys.append(crypto.derive(seed, "newest-step"))
+    if not mac_keys and run_secret is not None:
+        mac_keys.append(run_secret.subkey("checkpoint/newest-step"))
+    if not mac_keys:
+        log.warning("no key authenticates the newest committed step: it is not recorded outside the storage")
+        return None
+    return KVNewestStep(store, config.uri or (storage.uri if storage is not None else ""), mac_keys)
 
 
 def _keyring(

@@ -54,9 +54,13 @@ class Opened:
 
 
 def open_manifest(
-    storage: Storage, name: str, keyring: Optional[Keyring], expected_run: Optional[str]
+    storage: Storage, name: str, keyring: Optional[Keyring], expected_run: Optional[str],
+    signer: Optional[crypto.Signer] = None,
 ) -> Opened:
     """Fetch and verify a manifest and open its tensor table.
+
+    `signer`: a plaintext run's manifest signer (`CheckpointConfig.signing_key`); with it, a plaintext
+    manifest it did not sign is refused.
 
     Raises:
         CheckpointCorrupt, WrongKey, UnsupportedFormat: what is wrong with it.
@@ -66,10 +70,18 @@ def open_manifest(
     except FileNotFoundError:
         raise CheckpointCorrupt(f"manifest {name} is missing") from None
     decoded = decode_manifest(raw)
-    return open_decoded(name, decoded, keyring, expected_run)
+    return open_decoded(name, decoded, keyring, expected_run, signer)
 
 
-def open_decoded(name: str, decoded: Decoded, keyring: Optional[Keyring], expected_run: Optional[str]) -> Opened:
+def open_decoded(
+    name: str, decoded: Decoded, keyring: Optional[Keyring], expected_run: Optional[str],
+    signer: Optional[crypto.Signer] = None, data_keys: Optional[dict[tuple[str, bytes], bytes]] = None,
+) -> Opened:
+    """Check a decoded manifest's name, run, key and signature, and open its tensor table (no chunk is read).
+
+    `data_keys`: a cache of unwrapped data keys by (key id, wrapped key), for callers that check many
+    manifests of one run (a KMS key is asked once, not once per manifest).
+    """
     body = decoded.body
     if parse_manifest_name(name) != (body.step, body.term):
         raise CheckpointCorrupt(f"manifest {name} says step {body.step} term {body.term} (renamed or moved)")
@@ -85,9 +97,16 @@ def open_decoded(name: str, decoded: Decoded, keyring: Optional[Keyring], expect
     keys = data_key = None
     if body.encrypted:
         source = keyring.find(body.key_id)
-        data_key = source.unwrap(body.wrapped_key, body.wrap_context())
+        cache_key = (body.key_id, body.wrapped_key)
+        data_key = data_keys.get(cache_key) if data_keys is not None else None
+        if data_key is None:
+            data_key = source.unwrap(body.wrapped_key, body.wrap_context())
         keys = crypto.DataKeys(data_key)
         check_signature(decoded, keyring.signer_for(source, data_key))
+        if data_keys is not None:  # only once the signature verified: a planted manifest adds nothing
+            data_keys[cache_key] = data_key
+    elif signer is not None:
+        check_signature(decoded, signer)
     return Opened(name, body, open_table(body, keys), keys, data_key)
 
 

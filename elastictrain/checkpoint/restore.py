@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from elastictrain.checkpoint import crypto
 from elastictrain.checkpoint.catalog import manifest_names, newest_bodies
 from elastictrain.checkpoint.keys import Keyring
 from elastictrain.checkpoint.manifest import decode_as_current, parse_manifest_name
@@ -33,14 +34,15 @@ class Restorer:
         damaged_chunks: chunk ids found damaged (shared with the writer, which rewrites them).
         failed: manifests found damaged or under a key it lacks (shared with retention).
         emit: records an event (`emit(kind, **facts)`).
+        signer: a plaintext run's manifest signer; with it, plaintext manifests it did not sign are refused.
     """
 
     def __init__(
         self, storage: Storage, keyring: Optional[Keyring], *, io_threads: int,
         expected_run: Callable[[], Optional[str]], damaged_chunks: set[str], failed: set[str],
-        emit: Callable[..., None],
+        emit: Callable[..., None], signer: Optional[crypto.Signer] = None,
     ):
-        self.storage, self.keyring, self.io_threads = storage, keyring, io_threads
+        self.storage, self.keyring, self.io_threads, self.signer = storage, keyring, io_threads, signer
         self.expected_run = expected_run
         self.damaged_chunks, self.failed = damaged_chunks, failed
         self._emit: Callable[..., Any] = emit
@@ -75,9 +77,9 @@ class Restorer:
 
     def _load(self, name: str, run: Optional[str], into: Into, encrypted_runs: dict[str, bool]) -> Loaded:
         """Open and read one manifest; `encrypted_runs` caches `_encrypted_run` over one restore."""
-        opened = open_manifest(self.storage, name, self.keyring, run)
+        opened = open_manifest(self.storage, name, self.keyring, run, self.signer)
         body = opened.body
-        if self.keyring is None and not body.encrypted:
+        if self.keyring is None and self.signer is None and not body.encrypted:
             if body.run not in encrypted_runs:
                 encrypted_runs[body.run] = self._encrypted_run(body.run)
             if encrypted_runs[body.run]:
@@ -143,7 +145,7 @@ class Restorer:
         try:
             decoded = decode_as_current(self.storage.get(name))
             if decoded is not None:
-                open_decoded(name, decoded, self.keyring, run)
+                open_decoded(name, decoded, self.keyring, run, self.signer)
                 return CheckpointCorrupt(f"manifest {name}: its format or version field is damaged ({exc})")
         except (CheckpointError, FileNotFoundError):
             pass

@@ -1,4 +1,4 @@
-"""Carries out retention after a save: reads the manifests, plans (`retention.plan_retention`), deletes.
+"""Carries out retention after a save: reads and verifies the manifests, plans (`retention.plan_retention`), deletes.
 
 Manifests go first, each delete checked, then the chunks nothing references:
 a crash or a failed delete in between leaves only garbage chunks, which the
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from elastictrain.checkpoint.catalog import manifest_names, read_bodies
+from elastictrain.checkpoint.catalog import manifest_names
 from elastictrain.checkpoint.manifest import CHUNK_DIR, MANIFEST_DIR
 from elastictrain.checkpoint.retention import plan_retention
 from elastictrain.checkpoint.storage import Storage
+from elastictrain.checkpoint.trust import ManifestVerifier
 from elastictrain.checkpoint.writer import ChunkWriter
 
 # A temporary file of a local put this much older than now belongs to a writer that died: no chunk
@@ -26,6 +27,7 @@ class RetentionRunner:
     Args:
         storage: the run's storage.
         writer: its chunk writer, which forgets the chunks deleted here.
+        verifier: checks which manifests are the run's own (signature and identity; no chunk is read).
         keep_last, io_threads: from CheckpointConfig.
         fence: whether a term may still write; only the current term's writer deletes.
         failed: manifests a restore found damaged or under a key it lacks (shared with the restore side):
@@ -35,24 +37,32 @@ class RetentionRunner:
     """
 
     def __init__(
-        self, storage: Storage, writer: ChunkWriter, *, keep_last: int, io_threads: int,
-        fence: Optional[Callable[[int], bool]], failed: set[str], emit: Callable[..., None],
+        self, storage: Storage, writer: ChunkWriter, verifier: ManifestVerifier, *, keep_last: int,
+        io_threads: int, fence: Optional[Callable[[int], bool]], failed: set[str], emit: Callable[..., None],
         clock: Callable[[], float],
     ):
-        self.storage, self.writer = storage, writer
+        self.storage, self.writer, self.verifier = storage, writer, verifier
         self.keep_last, self.io_threads = keep_last, io_threads
         self.fence, self.failed = fence, failed
         self._emit: Callable[..., Any] = emit
         self._clock = clock
         self._swept_at: Optional[float] = None  # when temporaries were last swept
 
-    def apply(self, run: str, term: int, chunk_files: dict[str, int]) -> None:
-        """Delete what `keep_last` retires, given the chunk listing taken before the save of `term`."""
+    def apply(self, run: str, term: int, chunk_files: dict[str, int], committed: Optional[str] = None) -> None:
+        """Delete what `keep_last` retires, given the chunk listing taken before the save of `term`.
+
+        `committed`: the manifest that save wrote; it is never deleted, and nothing newer is counted.
+        """
         names = manifest_names(self.storage)
-        # every manifest read again, each save: one damaged since the last save must not count as kept
-        bodies = read_bodies(self.storage, names, self.io_threads)
+        # every manifest read and verified again, each save: one damaged or replaced since the last save
+        # must not count as kept
+        checked = self.verifier.check_all(self.storage, names, self.io_threads, run)
         self.failed.intersection_update(names)
-        plan = plan_retention(bodies, chunk_files, self.keep_last, run, frozenset(self.failed))
+        self.failed.discard(committed)  # written again just now: what a restore found of that name is gone
+        plan = plan_retention(
+            {c.name: c.body for c in checked}, chunk_files, self.keep_last, run, frozenset(self.failed),
+            verified=frozenset(c.name for c in checked if c.verified), committed=committed,
+        )
         # A newer term's leader may be saving already, and reuse a chunk this plan, made without its
         # manifest, would delete: only the current term's writer deletes, checked right before each step.
         if (plan.manifests or plan.chunks) and not self._still_current(term):

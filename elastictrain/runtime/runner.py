@@ -526,14 +526,28 @@ class Runner:
 
             self._checkpoints = CheckpointManager(
                 self.spec.checkpoint, fence=self.election.is_current, provenance=provenance(self.node),
-                listener=self._on_checkpoint_event,
+                listener=self._on_checkpoint_event, newest_store=self._newest_store(),
+                run_secret=self.spec.secret,
             )
         return self._checkpoints
+
+    def _newest_store(self):
+        """Where the newest committed step is kept outside the storage: Ray's KV store, under a namespace
+        stable for the run's name (not this fit's), so a resubmitted job checks what the last one saved."""
+        from elastictrain.election.ray_store import RayKVStore
+
+        store = getattr(self.election, "store", None)
+        if not isinstance(store, RayKVStore):
+            return store  # an in-memory election (tests): the same store
+        return RayKVStore(f"elastictrain/{self.spec.run_id}")
 
     def _on_checkpoint_event(self, record: Event) -> None:
         """A manifest was written: tell the driver now (from the saving thread), before this process can die."""
         if record.get("kind") == "checkpoint":
             self.emit(event("checkpoint", time=record["time"], term=record.get("term"), step=record.get("step")))
+        elif record.get("kind") == "checkpoint_rollback":  # a restore found only older checkpoints
+            self.emit(event("checkpoint_rollback", time=record["time"], recorded_step=record.get("recorded_step"),
+                            found_step=record.get("found_step")))
 
     def _save(self, state: ElasticState, world: WorldInfo, *, wait: bool) -> Optional[BaseException]:
         """Save through the checkpoint manager; a failed save is an event, not the end of training.

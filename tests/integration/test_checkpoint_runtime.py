@@ -154,3 +154,33 @@ def test_leader_lost_during_the_final_save_a_new_leader_writes_it(ray_session, t
     assert len(saves) == 1 and saves[0] in leaders and saves[0][0] > 1  # one writer, the new term's leader
     assert saves[0][1] != kill.killed
     assert [e["member"] for e in result.events if e["kind"] == "worker_lost"] == [kill.killed]
+
+
+def test_a_resubmitted_job_whose_newest_checkpoints_were_deleted_says_so(ray_session, tmp_path, key_spec):
+    # the storage provider deletes the newest checkpoints between two fit() calls of the same run name:
+    # the second resumes from what is left, and its events name the recorded and the found step
+    import uuid
+
+    from elastictrain.checkpoint.storage import FsspecStorage
+    from elastictrain.testing.toy import make_train_fn
+    from tests.toy_runs import BATCH
+
+    ckpt = et.CheckpointConfig(uri=f"file://{tmp_path}/run", every_steps=4,
+                               encryption=et.EncryptionConfig(key=key_spec))
+    run = et.RunConfig(name=f"rollback-{uuid.uuid4().hex[:8]}")
+
+    def fit(task):
+        return et.ElasticTrainer(
+            make_train_fn(task), scaling=et.ScalingConfig(min_workers=2, max_workers=2), batch=BATCH,
+            checkpoint=ckpt, failure=FAILURE, run=run,
+        ).fit()
+
+    first = fit(ToyTask(total_steps=10))
+    saved = CheckpointManager(ckpt).list()  # a periodic save may be deferred a step behind one in flight
+    assert saved[-1].step == 10 and len(saved) >= 2
+    assert not [e for e in first.events if e["kind"] == "checkpoint_rollback"]
+    FsspecStorage(ckpt.uri).delete([c.name for c in saved[1:]])
+    second = fit(ToyTask(total_steps=12))
+    assert second.history[0]["step"] == saved[0].step
+    rollback = [e for e in second.events if e["kind"] == "checkpoint_rollback"]
+    assert [(e["recorded_step"], e["found_step"]) for e in rollback] == [(10, saved[0].step)]

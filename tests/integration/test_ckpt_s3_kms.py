@@ -192,3 +192,37 @@ def test_kms_alias_moved_to_a_new_key_still_opens_what_the_old_key_wrapped(moto_
         mgr.save({"w": torch.full((4,), 2.0)}, None, step=2, term=1)
     assert [i.key_id for i in list_checkpoints(cfg.uri, cfg.storage_options)] == [
         f"kms:{first['Arn']}", f"kms:{second['Arn']}"]
+
+
+def test_s3_planted_manifests_delete_nothing_and_a_rollback_is_reported(moto_endpoint, caplog):
+    # a bucket writer without any key plants copies of the newest manifest under huge steps and under
+    # steps inside the kept window, edited ones and one signed by a stranger; later it deletes the newest
+    import logging
+
+    from elastictrain.election.store import MemoryStore
+    from elastictrain.secret import RunSecret
+    from tests.unit.test_ckpt_trust import plant
+
+    kms = boto3.client("kms", endpoint_url=moto_endpoint)
+    key_id = kms.create_key(Description="elastictrain planted")["KeyMetadata"]["KeyId"]
+    cfg = CheckpointConfig(**_s3_config(moto_endpoint, "planted", keep_last=2, async_save=False,
+                                        encryption=EncryptionConfig(key=f"kms:{key_id}")))
+    store, secret = MemoryStore(), RunSecret.generate()  # Ray's KV store and the run secret, in a run
+    with CheckpointManager(cfg, newest_store=store, run_secret=secret) as mgr:
+        for step in (100, 200):
+            mgr.save({"w": torch.full((10,), float(step))}, None, step=step, term=0)
+        planted = plant(mgr.storage, "manifests/000000000200-00000000.json", near=250)
+        for step in (300, 400):
+            mgr.save({"w": torch.full((10,), float(step))}, None, step=step, term=0)
+        real = [i.step for i in mgr.list() if i.name not in planted]
+        assert real == [300, 400] and set(planted) <= {i.name for i in mgr.list()}
+        assert mgr.latest().step == 400
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint)
+    s3.delete_object(Bucket="planted", Key="runs/r1/manifests/000000000400-00000000.json")  # rolled back
+    with caplog.at_level(logging.WARNING, logger="elastictrain.checkpoint"):
+        with CheckpointManager(cfg, newest_store=store, run_secret=secret) as resumed:
+            loaded = resumed.latest()
+    assert loaded.step == 300 and torch.equal(loaded.tensors["w"], torch.full((10,), 300.0))
+    assert [(e["recorded_step"], e["found_step"]) for e in resumed.events
+            if e["kind"] == "checkpoint_rollback"] == [(400, 300)]
+    assert any("is 400" in r.getMessage() and "step 300" in r.getMessage() for r in caplog.records)

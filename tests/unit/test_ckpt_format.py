@@ -335,26 +335,57 @@ def test_fuzz_table_header_parser(raw):
         pass
 
 
-def test_retention_keeps_newest_and_their_chunks():
-    def body(step, ids):
-        return Body(run=RUN, step=step, term=0, time_ns=0, content_bytes=0,
-                    chunks=tuple((c * 64, 5) for c in ids), table=Table(b"", ()))
+def _retention_body(step, ids, run=RUN, term=0):
+    return Body(run=run, step=step, term=term, time_ns=0, content_bytes=0,
+                chunks=tuple((c * 64, 5) for c in ids), table=Table(b"", ()))
 
+
+def test_retention_keeps_newest_and_their_chunks():
+    body = _retention_body
     bodies = {manifest_name(s, 0): body(s, ids) for s, ids in [(1, "ab"), (2, "bc"), (3, "cd")]}
     chunks = {chunk_path(c * 64): 5 for c in "abcde"}
-    plan = plan_retention(bodies, chunks, keep_last=2, run=RUN)
+
+    def plan_for(keep_last, failed=frozenset(), committed=manifest_name(3, 0)):
+        verified = frozenset(n for n, b in bodies.items() if b is not None)
+        return plan_retention(bodies, chunks, keep_last=keep_last, run=RUN, failed=failed, verified=verified,
+                              committed=committed)
+
+    plan = plan_for(2)
     assert plan.manifests == (manifest_name(1, 0),)
     assert set(plan.chunks) == {chunk_path("a" * 64), chunk_path("e" * 64)}
     # found damaged by a restore: not counted as kept, its chunks kept while it stays, gone once older
     failed = frozenset({manifest_name(3, 0)})
-    plan = plan_retention(bodies, chunks, keep_last=2, run=RUN, failed=failed)
+    plan = plan_for(2, failed, committed=manifest_name(2, 0))
     assert plan.manifests == () and set(plan.chunks) == {chunk_path("e" * 64)}
     bodies[manifest_name(4, 0)] = body(4, "e")
-    plan = plan_retention(bodies, chunks, keep_last=1, run=RUN, failed=failed)
+    plan = plan_for(1, failed, committed=manifest_name(4, 0))
     assert plan.manifests == tuple(manifest_name(s, 0) for s in (1, 2, 3))
     assert set(plan.chunks) == {chunk_path(c * 64) for c in "abcd"}
     bodies[manifest_name(4, 0)] = None  # damaged newest: chunks cannot be judged, none deleted
-    assert plan_retention(bodies, chunks, keep_last=2, run=RUN).chunks == ()
+    assert plan_for(2).chunks == ()
+
+
+def test_retention_counts_and_deletes_only_verified_manifests_up_to_the_one_just_committed():
+    body = _retention_body
+    real = {manifest_name(s, 0): body(s, ids) for s, ids in [(1, "a"), (2, "b"), (3, "c")]}
+    planted = {  # copies under huge steps, and an edited one: they do not verify
+        manifest_name(10**12 + k, 0): body(10**12 + k, "cf") for k in range(3)
+    }
+    bodies = {**real, **planted}
+    chunks = {chunk_path(c * 64): 5 for c in "abcdef"}
+    plan = plan_retention(bodies, chunks, keep_last=2, run=RUN, verified=frozenset(real),
+                          committed=manifest_name(3, 0))
+    assert plan.manifests == (manifest_name(1, 0),)  # planted ones neither counted nor deleted
+    assert set(plan.chunks) == {chunk_path("a" * 64), chunk_path("d" * 64), chunk_path("e" * 64)}
+    # a newer manifest that verifies (unsigned plaintext: nothing to check but form) still does not push
+    # out the one just committed, nor is it deleted
+    plan = plan_retention(bodies, chunks, keep_last=1, run=RUN, verified=frozenset(bodies),
+                          committed=manifest_name(3, 0))
+    assert plan.manifests == (manifest_name(1, 0), manifest_name(2, 0))
+    # the one just committed is never deleted, even when a restore marked its name failed earlier
+    plan = plan_retention(bodies, chunks, keep_last=1, run=RUN, verified=frozenset(real),
+                          failed=frozenset({manifest_name(3, 0)}), committed=manifest_name(3, 0))
+    assert manifest_name(3, 0) not in plan.manifests
 
 
 def test_snapshot_reuses_ids_of_unchanged_pieces_only():

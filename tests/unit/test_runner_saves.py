@@ -131,3 +131,24 @@ def test_a_periodic_save_due_while_the_last_one_uploads_is_deferred_not_waited_f
     runner._close_checkpoints()
     assert [i.step for i in CheckpointManager(runner.spec.checkpoint).list()] == [100, 202]
     assert [e[1] for e in _events(runner) if e[0] == "checkpoint_deferred"] == [200]
+
+
+def test_a_restore_that_finds_only_older_checkpoints_reaches_the_driver_as_a_rollback_event():
+    # the runner records each commit's step outside the storage (here the election's in-memory store;
+    # in a run, Ray's KV store under the run's name) and a later restore compares what it finds with it
+    uri = f"memory://runner-{uuid.uuid4().hex}"
+    election = Election(MemoryStore())
+    assert election.claim(1, "m0")
+    runner = _runner(uri, election, async_save=False)
+    for step in (100, 200):
+        runner._save(_state(step), _world(1), wait=True)
+    runner._close_checkpoints()
+    FsspecStorage(uri).delete(["manifests/000000000200-00000001.json"])  # the storage rolls the run back
+    sent: list[dict] = []
+    again = Runner("m0", lambda ctx: None, runner.spec, election, sent.extend, {}, torch.device("cpu"))
+    state = _state(0)
+    again._restore_from_checkpoint(state)
+    assert state.step == 100
+    rollback = [e for e in sent + again._buffer if e["kind"] == "checkpoint_rollback"]
+    assert [(e["recorded_step"], e["found_step"]) for e in rollback] == [(200, 100)]
+    again._close_checkpoints()
