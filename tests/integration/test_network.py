@@ -17,6 +17,7 @@ import torch.distributed as dist
 import elastictrain as et
 from elastictrain.runtime.network import interface_addresses
 from elastictrain.testing.toy import ToyTask, make_train_fn
+from tests.conftest import _wait_for
 from tests.toy_runs import BATCH, FAILURE
 
 TASK = ToyTask(total_steps=8)
@@ -77,14 +78,6 @@ def probe(host: str, port: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _wait_for(path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path.name} did not appear within {timeout_s} s")
-        time.sleep(0.05)  # polling a file another process writes
-
-
 def test_the_probe_reads_and_writes_an_open_tcp_store():
     """The stranger's probe is able to fail the test below: against a TCPStore listening on every interface
     (what each term's leader opened before), it connects through the external address, reads and writes."""
@@ -126,7 +119,7 @@ def test_a_stranger_reaches_no_rendezvous_port_of_the_leader(ray_session, tmp_pa
     runner = threading.Thread(target=fit)
     runner.start()
     try:
-        _wait_for(pid_file, WAIT_S)
+        assert _wait_for(pid_file.exists, timeout=WAIT_S), "the leader never reached the held step"
         pid = int(pid_file.read_text())
         ports = listening_ports(pid)
         host = external_address()

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import secrets
-import time
 import uuid
 
 import pytest
@@ -20,6 +19,7 @@ import pytest
 import elastictrain as et
 from elastictrain.secret import RunSecret
 from elastictrain.testing.toy import ToyTask, make_train_fn
+from tests.conftest import _wait_for
 from tests.toy_runs import BATCH, FAILURE
 
 boto3 = pytest.importorskip("boto3")
@@ -84,11 +84,8 @@ def _search_session(needles: dict[str, bytes]) -> dict[str, list[str]]:
 def _wait_for_session_text(marker: bytes, timeout_s: float = 60.0) -> None:
     """Wait (bounded) until a worker's output holding `marker` is in the session's log files: every line a
     worker wrote before it is there too."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if _search_session({"marker": marker}):
-            return
-        time.sleep(0.2)
+    if _wait_for(lambda: bool(_search_session({"marker": marker})), timeout=timeout_s, interval=0.2):
+        return
     pytest.fail(f"worker output {marker!r} did not reach the Ray session's log files within {timeout_s} s")
 
 
