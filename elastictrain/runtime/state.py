@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from elastictrain.errors import StateRefused
 from elastictrain.runtime.layout import OwnLayout, StateLimits, TensorSpec, check_layout, parse_header
 from elastictrain.runtime.rng import rng_state, set_rng_state
 from elastictrain.runtime.rollback import CommitCopy, copy_plain
@@ -171,7 +172,7 @@ def broadcast_tree(tree: Optional[dict], *, src: int, device: torch.device, grou
     them (a CPU optimizer step count stays on the CPU).
 
     Raises:
-        ValueError: on every rank, when any receiver refused the header (the refusing rank says why).
+        StateRefused: on every rank, when any receiver refused the header (the refusing rank says why).
     """
     rank = dist.get_rank(group)
     if rank == src:
@@ -197,8 +198,8 @@ def broadcast_tree(tree: Optional[dict], *, src: int, device: torch.device, grou
             skeleton, layout = parse_header(bytes(raw.cpu().numpy()))
             if expect is not None:
                 check_layout(layout, expect, limits)
-        except ValueError as exc:
-            refusal = exc
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the other ranks must learn it
+            refusal = exc if isinstance(exc, ValueError) else ValueError(f"{type(exc).__name__}: {exc}")
     _share_verdict(refusal, rank=rank, device=device, group=group)
     received: dict[str, torch.Tensor] = {}
     for spec in layout:
@@ -221,16 +222,16 @@ def _encode_header(skeleton: Any, layout: list[TensorSpec]) -> bytes:
     return json.dumps({"skeleton": skeleton, "layout": entries}, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _share_verdict(refusal: Optional[ValueError], *, rank: int, device: torch.device, group: Any) -> None:
+def _share_verdict(refusal: Optional[Exception], *, rank: int, device: torch.device, group: Any) -> None:
     """Every rank learns whether any receiver refused the header (one all-reduce of the highest refusing
     rank + 1), before any rank allocates or sends a tensor; raise on all of them if one did."""
     verdict = torch.tensor([0 if refusal is None else rank + 1], dtype=torch.int64, device=device)
     dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=group)
     refused_by = int(verdict.item()) - 1
     if refusal is not None:
-        raise ValueError(f"refused the state rank 0 broadcast: {refusal}")
+        raise StateRefused(f"refused the state rank 0 broadcast: {refusal}")
     if refused_by >= 0:
-        raise ValueError(f"rank {refused_by} refused the state rank 0 broadcast (its error says why); "
+        raise StateRefused(f"rank {refused_by} refused the state rank 0 broadcast (its error says why); "
                          "no rank took it")
 
 
@@ -257,7 +258,8 @@ def fingerprint(tree: dict) -> torch.Tensor:
     return torch.tensor(parts, dtype=torch.float64)
 
 
-def agree_or_broadcast(state: "ElasticState", *, device: torch.device, group: Any = None) -> bool:
+def agree_or_broadcast(state: "ElasticState", *, device: torch.device, group: Any = None,
+                       limits: StateLimits = StateLimits()) -> bool:
     """Check that every rank of `group` holds the same state (its fingerprint, two small all-reduces);
     when one does not, every rank takes rank 0's by broadcast. Returns True when they agreed.
 
@@ -274,7 +276,7 @@ def agree_or_broadcast(state: "ElasticState", *, device: torch.device, group: An
         n = mine.numel()
         same = bool(torch.equal(both[:n], -both[n:]))  # the largest equals the smallest on every entry
     if not same:
-        take_rank0_state(state, device=device, group=group)
+        take_rank0_state(state, device=device, group=group, limits=limits)
     return same
 
 
@@ -284,7 +286,7 @@ def take_rank0_state(state: "ElasticState", *, device: torch.device, group: Any 
     rank first checks what rank 0 announces against its own state's layout (`layout.check_layout`).
 
     Raises:
-        ValueError: on every rank, when a rank refused what rank 0 announced.
+        StateRefused: on every rank, when a rank refused what rank 0 announced.
     """
     rank = dist.get_rank(group)
     tree = broadcast_tree(state.tree() if rank == 0 else None, src=0, device=device, group=group,

@@ -24,7 +24,7 @@ def test_uninterrupted_run_matches_one_process(ray_session):
     result = _fit(task)
     assert result.steps == 12
     assert [h["step"] for h in result.history] == list(range(12))
-    assert not [e for e in result.events if e["kind"] in ("worker_lost", "world_changed")]
+    assert not [e for e in result.events if e["kind"] in ("worker_lost", "world_changed", "records_dropped")]
     assert_matches_one_process(result, task)
 
 

@@ -129,7 +129,7 @@ def test_forged_headers_are_refused_on_every_rank_before_allocation_and_a_genuin
         for r in receivers:
             outcome = r[scenario]
             assert not outcome["ok"], (scenario, outcome)
-            assert outcome["error"].startswith("ValueError: refused the state"), (scenario, outcome)
+            assert outcome["error"].startswith("StateRefused: refused the state"), (scenario, outcome)
             assert re.search(pattern, outcome["error"]), (scenario, outcome)
             assert outcome["tensor_allocations"] == [], (scenario, outcome)  # refused before allocating
         # rank 0 learns the verdict too instead of blocking in a broadcast

@@ -95,3 +95,11 @@ def test_every_allowed_dtype_is_a_plain_numeric_dtype():
     assert "float32" in ALLOWED_DTYPES and "bfloat16" in ALLOWED_DTYPES
     assert all(not d.is_complex or d in (torch.complex64, torch.complex128) for d in ALLOWED_DTYPES.values())
     assert "complex32" not in ALLOWED_DTYPES and "qint8" not in ALLOWED_DTYPES
+
+
+def test_a_refused_state_ends_the_run_as_an_error_not_a_rebuild():
+    from elastictrain.errors import StateRefused
+    from elastictrain.runtime.runner import USER_ERROR, classify_exit
+
+    refused = StateRefused("refused the state rank 0 broadcast: the models differ")
+    assert isinstance(refused, ValueError) and classify_exit(refused) == USER_ERROR
