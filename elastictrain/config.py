@@ -95,6 +95,13 @@ class FailureConfig(_Config):
         "long is hung and is killed, even while its heartbeat thread lives (seconds; None: never). Keep it above "
         "the slowest step and above collective_timeout_s.",
     )
+    state_growth_limit: float = Field(
+        8.0, ge=1,
+        description="A worker refuses a state a peer broadcasts to it (after a rebuild) that takes more than this "
+        "many times the bytes of its own, or a tensor it does not hold itself (say optimizer state before its "
+        "first step) over this many times its own largest one; states up to 256 MiB always pass. Raise it for an "
+        "optimizer whose state is much larger than the model.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "FailureConfig":

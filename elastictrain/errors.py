@@ -26,6 +26,11 @@ class LeaveWorld(ElasticTrainError):
     """This worker was told to leave (preemption notice, node draining) and does so at a step boundary."""
 
 
+class StateRefused(ElasticTrainError, ValueError):
+    """A rank refused the state its world's rank 0 broadcast (malformed, or not a state of this run's
+    model); raised on every rank of the world together, so the run fails instead of training a wrong model."""
+
+
 class StaleTerm(ElasticTrainError):
     """A write fenced by a term was refused because a newer term exists."""
 

@@ -78,6 +78,9 @@ KINDS: Mapping[str, EventKind] = _kinds(
     ("fault_injected", "driver", ("member",), "A callback injected a fault on a member (`RunView.signal`, `note_fault`)."),
     ("stragglers_killed", "driver", ("members",), "Workers still running long after the run ended were killed."),
     ("cleanup_failed", "driver", ("reason",), "Deleting the run's keys from the cluster's store failed."),
+    ("records_dropped", "driver", ("count", "reason"),
+     "Records from workers that were not plain data of a kind a worker sends, with its facts' types, within "
+     "size caps (`runtime.records`) were dropped; `reason` says what was wrong with the first."),
 )
 
 QUIET_KINDS = frozenset({"metrics", "commit"})

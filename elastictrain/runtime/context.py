@@ -10,6 +10,7 @@ import torch
 from elastictrain.election.topology import WORLD, Topology
 from elastictrain.errors import NotInWorker
 from elastictrain.events import event
+from elastictrain.runtime.records import to_plain
 from elastictrain.runtime.session import Session
 from elastictrain.runtime.state import ElasticState
 from elastictrain.runtime.world import WorldInfo
@@ -248,6 +249,11 @@ class Context:
         Inside the loop body of step s they are stamped with step s (unless `metrics` has a "step").
         Call it on every rank: each keeps its recent reports, so when rank 0 dies before its last
         reports reach the driver, the next rank 0 sends its own of those steps instead.
+        Values must be plain: numbers, strings, bools, None, lists and dicts of them; tensors and numpy
+        values are sent as numbers or lists (`tolist()`).
+
+        Raises:
+            TypeError: a value of another type (the message names it).
         """
         step = self._state.step if self._state is not None else None
-        self._session.report({**event("metrics", step=step, term=self.term), **metrics})
+        self._session.report({**event("metrics", step=step, term=self.term), **to_plain(metrics)})

@@ -25,6 +25,7 @@ from elastictrain.election.term import Member
 from elastictrain.errors import TrainingFailed
 from elastictrain.events import Event, event
 from elastictrain.runtime.policy import Decision, FailurePolicy, PlacementPolicy
+from elastictrain.runtime.records import accept_records
 from elastictrain.runtime.results import Result, RunView
 from elastictrain.runtime.runlog import RunLog
 from elastictrain.runtime.spec import RunSpec
@@ -159,7 +160,7 @@ class Driver:
         try:
             while self.step():
                 pass
-            self._ingest(self.workers.pull())
+            self._ingest_pulled()
         finally:
             where = self._failure_traceback() if self.failure is not None else None
             self.close()
@@ -177,7 +178,7 @@ class Driver:
         now = self.clock()
         if now >= self._next_pull:
             self._next_pull = now + self.PULL_EVERY_S
-            self._ingest(self.workers.pull())
+            self._ingest_pulled()
         if now >= self._next_health:
             self._next_health = now + self.HEALTH_EVERY_S
             self._check_health(now)
@@ -261,6 +262,11 @@ class Driver:
                     self.record(event("node_draining", member=member.id, node=member.node_id))
 
     # --- records -------------------------------------------------------------------------
+
+    def _ingest_pulled(self) -> None:
+        """Fold in what workers sent, taking only plain records of known kinds (`records.accept_records`)."""
+        kept, dropped = accept_records(self.workers.pull())
+        self._ingest(kept if dropped is None else kept + [dropped])
 
     def _ingest(self, records: list[Event]) -> None:
         before = self.log.newest_step

@@ -7,6 +7,7 @@ from typing import Any, Callable
 from elastictrain.errors import TrainingFailed
 from elastictrain.events import Event
 from elastictrain.runtime.driver import WorkerExit
+from elastictrain.runtime.records import check_result, clip
 from elastictrain.runtime.spec import RunSpec
 
 
@@ -60,10 +61,14 @@ class RayWorkers:
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             if isinstance(cause, TrainingFailed):
-                return WorkerExit(member_id, error=cause.reason)
+                return WorkerExit(member_id, error=clip(cause.reason))
             return WorkerExit(member_id, lost=type(exc).__name__)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as exc:
             return WorkerExit(member_id, lost=type(exc).__name__)
+        malformed = check_result(out)
+        if malformed is not None:  # its run is over and unaccounted for: it counts as lost
+            self.kill(member_id)
+            return WorkerExit(member_id, lost=f"malformed run result ({malformed})")
         return WorkerExit(member_id, status=out["status"], step=out.get("step"))
 
     def running(self) -> list[str]:

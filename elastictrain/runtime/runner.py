@@ -36,7 +36,7 @@ from elastictrain.runtime.rng import seed_everything
 from elastictrain.runtime.rollback import CommitCopy
 from elastictrain.runtime.session import TermSession
 from elastictrain.runtime.spec import RunSpec
-from elastictrain.runtime.state import ElasticState, agree_or_broadcast, take_rank0_state
+from elastictrain.runtime.state import ElasticState, StateLimits, agree_or_broadcast, take_rank0_state
 from elastictrain.runtime.term_store import TermStore, prune_terms
 from elastictrain.runtime.world import WorldInfo
 from elastictrain.statetree import unflatten_state
@@ -380,9 +380,11 @@ class Runner:
             state.load_tree(tree)
         elif plan.restore_from_storage and world.rank == 0:
             self._restore_from_checkpoint(state)
+        limits = StateLimits(growth=self.spec.failure.state_growth_limit)  # what a received state may take
         if world.world_size > 1 and (plan.needs_sync or plan.restore_from_storage):
-            take_rank0_state(state, device=self.device, group=group)
-        elif world.world_size > 1 and not agree_or_broadcast(state, device=self._vote_device(), group=group):
+            take_rank0_state(state, device=self.device, group=group, limits=limits)
+        elif world.world_size > 1 and not agree_or_broadcast(state, device=self._vote_device(), group=group,
+                                                             limits=limits):
             # survivors at one step whose states differ: a bug or a non-deterministic state; rank 0's won
             self.emit(event("state_disagreed", term=world.term, step=state.step))
         self._live = state

@@ -19,11 +19,13 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from elastictrain.errors import StateRefused
+from elastictrain.runtime.layout import OwnLayout, StateLimits, TensorSpec, check_layout, parse_header
 from elastictrain.runtime.rng import rng_state, set_rng_state
 from elastictrain.runtime.rollback import CommitCopy, copy_plain
 from elastictrain.statetree import flatten_state, unflatten_state
 
-__all__ = ["ElasticState", "agree_or_broadcast", "broadcast_tree", "take_rank0_state", "copy_plain", "fingerprint", "plain_module",
+__all__ = ["ElasticState", "StateLimits", "agree_or_broadcast", "broadcast_tree", "take_rank0_state", "copy_plain", "fingerprint", "plain_module",
            "rng_state", "set_rng_state"]
 
 _RESERVED = {"step"}
@@ -144,27 +146,41 @@ class ElasticState:
         if "rng" in tree:
             set_rng_state(tree["rng"])
 
+    def layout(self) -> OwnLayout:
+        """This state's tensor layout, what a received state is checked against."""
+        tensors, _ = flatten_state(self.tree())
+        modules = [n for n, o in self._objects.items() if isinstance(_unwrap(o), torch.nn.Module)]
+        return OwnLayout.of(tensors, self._objects, modules)
+
     def flatten(self) -> tuple[dict[str, torch.Tensor], Any]:
         """Named tensors and skeleton, for checkpoints."""
         return flatten_state(self.tree())
 
 
-def broadcast_tree(tree: Optional[dict], *, src: int, device: torch.device, group: Any = None) -> dict:
+def broadcast_tree(tree: Optional[dict], *, src: int, device: torch.device, group: Any = None,
+                   expect: Optional[OwnLayout] = None, limits: StateLimits = StateLimits()) -> dict:
     """Send the state tree of rank `src` of `group` (default: the default group) to its every rank;
     returns the tree.
 
     The skeleton and tensor layout travel as JSON bytes (no pickle: peers trust no
-    object from another machine), checked before use. Tensors travel one by one on
-    `device` (CUDA for NCCL, CPU for gloo) and land where the source kept them (a
-    CPU optimizer step count stays on the CPU).
+    object from another machine). A receiver parses them against an allow-list of
+    dtypes and, given `expect` (its own state's layout), checks the announced layout
+    against it within `limits` before it allocates anything (`layout.check_layout`).
+    Every rank then learns every receiver's verdict, so a refusal raises on all ranks
+    together instead of leaving the others blocked in a broadcast. Tensors travel one
+    by one on `device` (CUDA for NCCL, CPU for gloo) and land where the source kept
+    them (a CPU optimizer step count stays on the CPU).
+
+    Raises:
+        StateRefused: on every rank, when any receiver refused the header (the refusing rank says why).
     """
     rank = dist.get_rank(group)
     if rank == src:
         if tree is None:
             raise ValueError("the broadcast source has no state")
         tensors, skeleton = flatten_state(tree)
-        layout = [[n, list(t.shape), str(t.dtype).removeprefix("torch."), t.device.type] for n, t in tensors.items()]
-        header = json.dumps({"skeleton": skeleton, "layout": layout}, separators=(",", ":"), allow_nan=False).encode()
+        layout = [TensorSpec(n, tuple(t.shape), t.dtype, t.device.type) for n, t in tensors.items()]
+        header = _encode_header(skeleton, layout)
     else:
         tensors, header = {}, b""
     size = torch.tensor([len(header)], dtype=torch.int64, device=device)
@@ -176,35 +192,47 @@ def broadcast_tree(tree: Optional[dict], *, src: int, device: torch.device, grou
     raw = (torch.frombuffer(bytearray(header), dtype=torch.uint8).to(device) if rank == src
            else torch.empty(nbytes, dtype=torch.uint8, device=device))
     dist.broadcast(raw, group=group, group_src=src)
-    skeleton, layout = (None, None) if rank == src else _parse_header(bytes(raw.cpu().numpy()))
-    if rank == src:
-        layout = [[n, tuple(t.shape), t.dtype, t.device.type] for n, t in tensors.items()]
+    refusal = None
+    if rank != src:
+        try:
+            skeleton, layout = parse_header(bytes(raw.cpu().numpy()))
+            if expect is not None:
+                check_layout(layout, expect, limits)
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the other ranks must learn it
+            refusal = exc if isinstance(exc, ValueError) else ValueError(f"{type(exc).__name__}: {exc}")
+    _share_verdict(refusal, rank=rank, device=device, group=group)
     received: dict[str, torch.Tensor] = {}
-    for name, shape, dtype, home in layout:
+    for spec in layout:
         if rank == src:
-            buf = tensors[name].detach().to(device).contiguous()
+            buf = tensors[spec.name].detach().to(device).contiguous()
         else:
-            buf = torch.empty(shape, dtype=dtype, device=device)
+            buf = torch.empty(spec.shape, dtype=spec.dtype, device=device)
         dist.broadcast(buf, group=group, group_src=src)
-        received[name] = buf if home == device.type else buf.to(home)
-    return tree if rank == src else unflatten_state(received, skeleton)
-
-
-def _parse_header(raw: bytes) -> tuple[Any, list]:
-    """The skeleton and a checked layout [(name, shape, dtype, device type)] from a broadcast header."""
+        received[spec.name] = buf if spec.home == device.type else buf.to(spec.home)
+    if rank == src:
+        return tree
     try:
-        header = json.loads(raw)
-        skeleton, entries = header["skeleton"], header["layout"]
-        layout = []
-        for name, shape, dtype, home in entries:
-            torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
-            if not isinstance(name, str) or not isinstance(torch_dtype, torch.dtype) or home not in ("cpu", "cuda") \
-                    or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-                raise ValueError(f"bad entry {name!r}")
-            layout.append((name, tuple(shape), torch_dtype, home))
-    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        return unflatten_state(received, skeleton)
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
         raise ValueError(f"the state broadcast by rank 0 is malformed: {exc}") from None
-    return skeleton, layout
+
+
+def _encode_header(skeleton: Any, layout: list[TensorSpec]) -> bytes:
+    entries = [[s.name, list(s.shape), str(s.dtype).removeprefix("torch."), s.home] for s in layout]
+    return json.dumps({"skeleton": skeleton, "layout": entries}, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _share_verdict(refusal: Optional[Exception], *, rank: int, device: torch.device, group: Any) -> None:
+    """Every rank learns whether any receiver refused the header (one all-reduce of the highest refusing
+    rank + 1), before any rank allocates or sends a tensor; raise on all of them if one did."""
+    verdict = torch.tensor([0 if refusal is None else rank + 1], dtype=torch.int64, device=device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=group)
+    refused_by = int(verdict.item()) - 1
+    if refusal is not None:
+        raise StateRefused(f"refused the state rank 0 broadcast: {refusal}")
+    if refused_by >= 0:
+        raise StateRefused(f"rank {refused_by} refused the state rank 0 broadcast (its error says why); "
+                         "no rank took it")
 
 
 FINGERPRINT_SAMPLES = 4096
@@ -230,7 +258,8 @@ def fingerprint(tree: dict) -> torch.Tensor:
     return torch.tensor(parts, dtype=torch.float64)
 
 
-def agree_or_broadcast(state: "ElasticState", *, device: torch.device, group: Any = None) -> bool:
+def agree_or_broadcast(state: "ElasticState", *, device: torch.device, group: Any = None,
+                       limits: StateLimits = StateLimits()) -> bool:
     """Check that every rank of `group` holds the same state (its fingerprint, two small all-reduces);
     when one does not, every rank takes rank 0's by broadcast. Returns True when they agreed.
 
@@ -247,13 +276,20 @@ def agree_or_broadcast(state: "ElasticState", *, device: torch.device, group: An
         n = mine.numel()
         same = bool(torch.equal(both[:n], -both[n:]))  # the largest equals the smallest on every entry
     if not same:
-        take_rank0_state(state, device=device, group=group)
+        take_rank0_state(state, device=device, group=group, limits=limits)
     return same
 
 
-def take_rank0_state(state: "ElasticState", *, device: torch.device, group: Any = None) -> None:
-    """Every rank of `group` loads the state of its rank 0 (whose own state stays as it is)."""
+def take_rank0_state(state: "ElasticState", *, device: torch.device, group: Any = None,
+                     limits: StateLimits = StateLimits()) -> None:
+    """Every rank of `group` loads the state of its rank 0 (whose own state stays as it is). Each other
+    rank first checks what rank 0 announces against its own state's layout (`layout.check_layout`).
+
+    Raises:
+        StateRefused: on every rank, when a rank refused what rank 0 announced.
+    """
     rank = dist.get_rank(group)
-    tree = broadcast_tree(state.tree() if rank == 0 else None, src=0, device=device, group=group)
+    tree = broadcast_tree(state.tree() if rank == 0 else None, src=0, device=device, group=group,
+                          expect=None if rank == 0 else state.layout(), limits=limits)
     if rank != 0:
         state.load_tree(tree)

@@ -83,6 +83,7 @@ def test_buffers_schedule_scaler_and_draws_survive_a_follower_kill(ray_session, 
     clean = _final(_fit(None))
     faulty = _fit(tmp_path / "killed")
     assert "worker_lost" in kinds(faulty) and faulty.steps == TASK.total_steps
+    assert "records_dropped" not in kinds(faulty)  # every record, the replacement's state reports included, was plain
     lost = [e for e in faulty.events if e["kind"] == "world_changed"]
     assert lost and all(e["step"] == KILL_AFTER + 1 for e in lost)  # the kill landed where it was placed
     last = _final(faulty)

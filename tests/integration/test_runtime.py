@@ -24,7 +24,7 @@ def test_uninterrupted_run_matches_one_process(ray_session):
     result = _fit(task)
     assert result.steps == 12
     assert [h["step"] for h in result.history] == list(range(12))
-    assert not [e for e in result.events if e["kind"] in ("worker_lost", "world_changed")]
+    assert not [e for e in result.events if e["kind"] in ("worker_lost", "world_changed", "records_dropped")]
     assert_matches_one_process(result, task)
 
 
@@ -193,3 +193,19 @@ def test_plain_loop_without_accumulate_still_votes_and_leaves_cleanly(ray_sessio
     kinds = [e["kind"] for e in result.events]
     assert "worker_left" in kinds and "worker_lost" not in kinds
     assert result.steps == 40 and result.steps_redone == 0
+
+
+def test_a_state_a_rank_refuses_fails_the_run_on_every_rank_with_the_mismatch(ray_session):
+    def train_fn(ctx):
+        # rank 0's model differs from the others': whichever way its state goes, a receiver refuses it
+        model = ctx.prepare_model(torch.nn.Linear(3, 2 if ctx.rank == 0 else 4))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        state = ctx.state(model=model, optimizer=opt)
+        for step in ctx.steps(total_steps=5):
+            state.step = step
+
+    with pytest.raises(et.TrainingFailed) as failed:  # a fresh world syncs rank 0's initialisation to every rank
+        et.ElasticTrainer(train_fn, scaling=et.ScalingConfig(min_workers=2, max_workers=2),
+                          batch=et.BatchConfig(global_batch_size=4, micro_batch_size=2), failure=FAILURE).fit()
+    assert "StateRefused" in failed.value.reason and "the models differ" in failed.value.reason, failed.value.reason
+    assert "rebuilds without a committed step" not in failed.value.reason
