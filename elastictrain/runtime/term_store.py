@@ -9,6 +9,9 @@ secret, bound to its key. Whoever can write Ray's store but does not hold the ru
 neither read a rank's address nor plant one: a value that does not open fails the rendezvous with
 a clear error instead of connecting a rank to a stranger.
 
+Its errors are `torch.distributed.DistStoreError`s, as a `TCPStore`'s are: the runtime takes them for a
+failed world (a rebuild), never for the user's code failing.
+
 Only what the process groups use is served: `set`, `get`, `wait`, `check`, plus `add`,
 `compare_set`, `delete_key` and `num_keys` for completeness. The store is never wrapped in torch's
 `PrefixStore` (it cannot clone a Python store); the term prefix is applied here.
@@ -61,13 +64,13 @@ class TermStore(dist.Store):
 
     def _open(self, key: str, raw: Optional[bytes]) -> bytes:
         if raw is None:
-            raise RuntimeError(f"rendezvous key {key!r} vanished from the run's store (a newer term pruned it)")
+            raise dist.DistStoreError(f"rendezvous key {key!r} vanished from the run's store (a newer term pruned it)")
         if len(raw) > MAX_VALUE_BYTES + 64:
-            raise RuntimeError(f"rendezvous value for {key!r} is oversized: not written by this run")
+            raise dist.DistStoreError(f"rendezvous value for {key!r} is oversized: not written by this run")
         try:
             return self._secret.open(PURPOSE, raw, self._full(key).encode())
         except ValueError:
-            raise RuntimeError(
+            raise dist.DistStoreError(
                 f"rendezvous value for {key!r} does not open under the run secret: someone other than the run's "
                 "workers wrote it into Ray's key-value store; refusing to connect to the address it names"
             ) from None
@@ -85,7 +88,7 @@ class TermStore(dist.Store):
             if not pending:
                 return
             if time.monotonic() >= deadline:
-                raise RuntimeError(
+                raise dist.DistStoreError(
                     f"rendezvous timed out after {limit:.1f} s waiting for {pending[:4]} (socket timeout: a peer never "
                     "wrote its address)"
                 )

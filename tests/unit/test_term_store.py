@@ -107,3 +107,16 @@ def test_gloo_forms_a_group_through_the_store(monkeypatch):
     assert all(isinstance(out.get(r), torch.Tensor) for r in range(2)), out
     assert all(torch.equal(out[r], torch.full((3,), 3.0)) for r in range(2))
     assert kv.keys(term_prefix(7))  # the addresses went through the store
+
+
+def test_a_peer_that_never_comes_fails_the_world_not_the_users_code(monkeypatch):
+    """The timeout surfaces through gloo as a store error, which the runtime takes for a failed world
+    (a rebuild), as it did a TCPStore's; a plain RuntimeError would read as train_fn raising."""
+    from elastictrain.runtime.process_group import is_collective_failure
+    from elastictrain.runtime.runner import WORLD_CHANGED, classify_exit
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    store = TermStore(MemoryStore(), 1, RunSecret.generate(), timeout_s=0.3)
+    with pytest.raises(dist.DistStoreError) as err:
+        dist.ProcessGroupGloo(store, 0, 2)
+    assert is_collective_failure(err.value) and classify_exit(err.value) == WORLD_CHANGED
