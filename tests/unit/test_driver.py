@@ -171,7 +171,7 @@ def test_workers_on_a_draining_node_are_asked_to_leave_once():
     driver.election.register(Member(b, joined_at=0.0, node_id="n2"))
     workers.draining = {"n1"}
     assert _tick(driver, clock) and _tick(driver, clock)
-    assert driver.election.store.get(f"leave/{a}") == b"drain" and driver.election.store.get(f"leave/{b}") is None
+    assert driver.election.asked_to_leave(a) and not driver.election.asked_to_leave(b)
     assert _kinds(driver).count("node_draining") == 1
 
 
