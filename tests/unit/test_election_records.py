@@ -233,7 +233,8 @@ def _race(run: Run, members, policy=POLICY, timeout=20.0, **kwargs) -> dict:
 
     for m in members:
         run.election.register(m)
-    threads = [threading.Thread(target=go, args=(m,)) for m in members]
+    # daemon: a rendezvous that never ends fails this test instead of hanging the suite
+    threads = [threading.Thread(target=go, args=(m,), daemon=True) for m in members]
     for t in threads:
         t.start()
     for t in threads:
