@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 from elastictrain.election.heartbeat import Beat, BeatWatch
 from elastictrain.election.policy import is_live
-from elastictrain.election.records import RecordRejected, open_record, seal_record
+from elastictrain.election.records import RecordRejected, mac_key, open_record, seal_record
 from elastictrain.election.store import KVStore
 from elastictrain.election.term import NO_STATE, Liveness, Member, WorldPlan
 from elastictrain.errors import StaleTerm
@@ -69,11 +69,18 @@ class Election:
         self._lock = threading.Lock()
         self._leaders: dict[str, bool] = {}  # leader key -> verified (claimed once, never rewritten)
         self._beats: dict[str, bytes] = {}  # member -> its last beat that verified
+        self._key: Optional[bytes] = None
+
+    @property
+    def _mac_key(self) -> bytes:
+        if self._key is None:  # resolved on first use: a spec-named secret is read on the machine that uses it
+            self._key = mac_key(self.secret)
+        return self._key
 
     # --- sealed records -------------------------------------------------------
 
     def _seal(self, key: str, payload: bytes) -> bytes:
-        return seal_record(self.secret, self.scope, key, payload)
+        return seal_record(self._mac_key, self.scope, key, payload)
 
     def _put(self, key: str, payload: bytes) -> None:
         self.store.put(key, self._seal(key, payload))
@@ -94,7 +101,7 @@ class Election:
         if raw is None:
             return None
         try:
-            return open_record(self.secret, self.scope, key, raw)
+            return open_record(self._mac_key, self.scope, key, raw)
         except RecordRejected as exc:
             self.reject(key, exc.reason)
             return None
@@ -173,7 +180,7 @@ class Election:
         raw = self.store.get(key)
         if raw is not None:
             try:
-                self._beats[member_id] = open_record(self.secret, self.scope, key, raw)
+                self._beats[member_id] = open_record(self._mac_key, self.scope, key, raw)
             except RecordRejected as exc:
                 self.reject(key, exc.reason)
         return self._beats.get(member_id)

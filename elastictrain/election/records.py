@@ -8,6 +8,8 @@ Pure: no store, no Ray.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 
 from elastictrain.secret import MAC_BYTES, RunSecret
@@ -30,12 +32,22 @@ def _signed(scope: str, key: str, payload: bytes) -> bytes:
     return json.dumps([scope, key]).encode() + b"\0" + payload
 
 
-def seal_record(secret: RunSecret, scope: str, key: str, payload: bytes) -> bytes:
-    """The stored form of `payload` under `key`: magic, MAC, payload."""
-    return MAGIC + secret.mac(PURPOSE, _signed(scope, key, payload)) + payload
+def mac_key(secret: RunSecret) -> bytes:
+    """The key records are MAC'd under (derive it once per process: a record is read on every poll)."""
+    return secret.subkey(PURPOSE)
 
 
-def open_record(secret: RunSecret, scope: str, key: str, raw: bytes) -> bytes:
+def _mac(key_bytes: bytes, data: bytes) -> bytes:
+    return hmac.new(key_bytes, data, hashlib.sha256).digest()
+
+
+def seal_record(secret: RunSecret | bytes, scope: str, key: str, payload: bytes) -> bytes:
+    """The stored form of `payload` under `key`: magic, MAC, payload (`secret`: the run secret or its `mac_key`)."""
+    k = secret if isinstance(secret, bytes) else mac_key(secret)
+    return MAGIC + _mac(k, _signed(scope, key, payload)) + payload
+
+
+def open_record(secret: RunSecret | bytes, scope: str, key: str, raw: bytes) -> bytes:
     """The payload of a record sealed by `seal_record` for this scope and key.
 
     Raises:
@@ -46,6 +58,7 @@ def open_record(secret: RunSecret, scope: str, key: str, raw: bytes) -> bytes:
     if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + MAC_BYTES:
         raise RecordRejected("not a sealed record")
     tag, payload = raw[len(MAGIC):len(MAGIC) + MAC_BYTES], raw[len(MAGIC) + MAC_BYTES:]
-    if not secret.verify(PURPOSE, _signed(scope, key, payload), tag):
+    k = secret if isinstance(secret, bytes) else mac_key(secret)
+    if not hmac.compare_digest(_mac(k, _signed(scope, key, payload)), tag):
         raise RecordRejected("MAC does not verify (written without the run secret, or under another key)")
     return payload
