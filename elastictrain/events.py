@@ -51,6 +51,9 @@ KINDS: Mapping[str, EventKind] = _kinds(
     ("error", "worker", ("reason",), "The user's `train_fn` raised; the run fails with this reason."),
     ("state_disagreed", "worker", ("term", "step"),
      "Survivors at one committed step held different states (fingerprints); every rank took rank 0's."),
+    ("record_rejected", "worker", ("key", "reason"),
+     "An election record did not verify or parse (forged, moved, garbage) and was skipped; also from the driver. "
+     "Once per key and reason."),
     ("final_save_started", "worker", ("term", "step"), "The leader began the run's last checkpoint."),
     ("restored_from_checkpoint", "worker", ("step", "checkpoint"), "No member held state: rank 0 read storage."),
     ("checkpoint_skipped", "checkpoint", ("checkpoint", "reason"),

@@ -119,4 +119,5 @@ class ElasticTrainer:
             secret=RunSecret.for_run(self.network, self.checkpoint),
         )
         workers = RayWorkers(spec, self.train_fn)
-        return Driver(spec, workers, Election(RayKVStore(spec.namespace)), callbacks=self.callbacks)
+        election = Election(RayKVStore(spec.namespace), spec.secret, scope=spec.namespace)
+        return Driver(spec, workers, election, callbacks=self.callbacks)

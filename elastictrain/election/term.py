@@ -33,7 +33,19 @@ class Member:
 
     @classmethod
     def from_json(cls, raw: bytes) -> "Member":
-        return cls(**json.loads(raw))
+        """The member in `raw`.
+
+        Raises:
+            ValueError: not JSON, or not a member (unknown or missing fields, wrong types).
+        """
+        data = _object(raw, "member")
+        _fields(data, {"id", "joined_at"}, {f for f in cls.__dataclass_fields__})
+        if not (_name(data["id"]) and _number(data["joined_at"]) and _int(data.get("committed_step", NO_STATE))
+                and data.get("committed_step", NO_STATE) >= NO_STATE and isinstance(data.get("node_id", ""), str)
+                and isinstance(data.get("host", ""), str) and _labels(data.get("labels", {}))
+                and (data.get("detected_at") is None or _number(data["detected_at"]))):
+            raise ValueError("a member record with a field of the wrong type")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -97,11 +109,62 @@ class WorldPlan:
 
     @classmethod
     def from_json(cls, raw: bytes) -> "WorldPlan":
-        data = json.loads(raw)
+        """The world in `raw`.
+
+        Raises:
+            ValueError: not JSON, or not a world (unknown or missing fields, wrong types, lengths that disagree).
+        """
+        data = _object(raw, "world")
+        _fields(data, {"term", "leader", "members", "steps", "host", "port"}, set(cls.__dataclass_fields__))
+        members, steps, labels = data["members"], data["steps"], data.get("labels", [])
+        if not (_int(data["term"]) and data["term"] > 0 and _name(data["leader"]) and isinstance(members, list)
+                and all(_name(m) for m in members) and len(set(members)) == len(members)
+                and isinstance(steps, list) and len(steps) == len(members)
+                and all(_int(x) and x >= NO_STATE for x in steps)
+                and isinstance(labels, list) and len(labels) in (0, len(members)) and all(_labels(x) for x in labels)
+                and isinstance(data["host"], str) and _int(data["port"]) and 0 <= data["port"] < 65536
+                and _number(data.get("published_at", 0.0))
+                and (data.get("detected_at") is None or _number(data["detected_at"]))):
+            raise ValueError("a world record with a field of the wrong type")
         data["members"] = tuple(data["members"])
         data["steps"] = tuple(data["steps"])
         data["labels"] = tuple(dict(x) for x in data.get("labels", ()))
         return cls(**data)
+
+
+MAX_NAME = 256
+
+
+def _object(raw: bytes, what: str) -> dict:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"a {what} record that is not JSON") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"a {what} record that is not a JSON object")
+    return data
+
+
+def _fields(data: dict, required: set, known: set) -> None:
+    if not required <= set(data) or not set(data) <= known:
+        raise ValueError(f"a record with fields {sorted(data)[:20]}; needs {sorted(required)}, knows {sorted(known)}")
+
+
+def _int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and value == value
+
+
+def _name(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME
+
+
+def _labels(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float)))
+                                           for k, v in value.items())
 
 
 _MOVED = {

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Optional, Protocol
 from elastictrain.config import FailureConfig
 from elastictrain.election.election import Election
 from elastictrain.election.heartbeat import is_hung
-from elastictrain.election.term import Member
+from elastictrain.election.term import NO_STATE, Member
 from elastictrain.errors import TrainingFailed
 from elastictrain.events import Event, event
 from elastictrain.runtime.policy import Decision, FailurePolicy, PlacementPolicy
@@ -147,6 +147,9 @@ class Driver:
         # Once the run is over, workers return on their own (the leader after its final
         # save); only a hung one is still running after this long.
         self._end_grace = spec.failure.rendezvous_timeout_s + spec.failure.heartbeat_timeout_s
+        self._backed = NO_STATE  # the newest committed step workers reported, published to back their bids
+        if election.on_reject is None:
+            election.on_reject = self.record
 
     # --- the loop ------------------------------------------------------------------
 
@@ -258,7 +261,7 @@ class Driver:
         draining = self.workers.draining_nodes()
         if draining:
             for member in active:
-                if member.node_id in draining and self.election.store.put_if_absent(f"leave/{member.id}", b"drain"):
+                if member.node_id in draining and self.election.ask_to_leave(member.id):
                     self.record(event("node_draining", member=member.id, node=member.node_id))
 
     # --- records -------------------------------------------------------------------------
@@ -270,6 +273,7 @@ class Driver:
 
     def _ingest(self, records: list[Event]) -> None:
         before = self.log.newest_step
+        self._back_bids(records)
         for rec in records:
             added = self.log.add(rec)
             if added is not None:
@@ -280,6 +284,21 @@ class Driver:
         if self.log.newest_step > before:
             self._notify_callbacks()
             self._print_progress()
+
+    def _back_bids(self, records: list[Event]) -> None:
+        """Publish the newest committed step workers reported over their actor channel: a survivor reports its
+        step (`world_changed`) before it bids it, and a leader counts a bid only up to this (or its own)."""
+        backed = self._backed
+        for rec in records:
+            step, kind = rec.get("step"), rec.get("kind")
+            if isinstance(step, int) and not isinstance(step, bool):
+                if kind == "commit":
+                    backed = max(backed, step + 1)  # a commit of step s leaves the state at step s + 1
+                elif kind in ("world_changed", "restored_from_checkpoint", "left"):
+                    backed = max(backed, step)
+        if backed > self._backed:
+            self._backed = backed
+            self.election.back_step(backed)
 
     def _notify_callbacks(self) -> None:
         for callback in self.callbacks:

@@ -36,6 +36,8 @@ class RendezvousPolicy:
     poll_s: float = 0.01
     claim_stagger_s: float = 0.02
     no_state_delay_s: float = 0.2
+    check_bids: bool = False
+    """Count a bid above the leader's own step only once the driver backs it (`Election.backed_step`)."""
 
 
 class Rendezvous:
@@ -88,6 +90,7 @@ class Rendezvous:
         candidate = was_member or last_term == 0
         joined_term = 0
         waiting_since = time.monotonic()
+        unpublished: tuple[int, float] = (0, 0.0)  # a term seen claimed without a world, and since when
         while True:
             outcome = self.election.outcome()
             if outcome is not None:
@@ -104,9 +107,11 @@ class Rendezvous:
                         return world
                     # Left out (late, or beyond max_workers): wait for the leader to grow the world.
                     target, candidate = newest + 1, False
-                elif not self.leader_alive(newest):
+                elif not self.leader_alive(newest) or self._waited_out(newest, unpublished):
                     target, candidate = newest + 1, True
                     waiting_since = time.monotonic()
+                elif unpublished[0] != newest:
+                    unpublished = (newest, time.monotonic())
             else:
                 if not candidate and (newest == 0 or not self.leader_alive(newest)):
                     candidate, waiting_since = True, time.monotonic()
@@ -114,13 +119,45 @@ class Rendezvous:
                     delay = last_rank * self.policy.claim_stagger_s
                     if me.committed_step < 0:
                         delay += self.policy.no_state_delay_s
-                    if time.monotonic() - waiting_since >= delay and self.election.claim(target, self.member_id):
-                        try:
-                            return self._lead(target, me)
-                        except StaleTerm:
-                            target = self.election.newest_term()
-                            continue
+                    if time.monotonic() - waiting_since >= delay:
+                        if self.election.claim(target, self.member_id):
+                            try:
+                                return self._lead(target, me)
+                            except StaleTerm:
+                                newest = self.election.newest_term()
+                                # a newer term: join it; this term's world key held by a forgery: lead the next
+                                target = newest if newest > target else target + 1
+                                continue
+                        elif self.election.leader_of(target) is None:
+                            target += 1  # the term's key holds a record that does not verify: nobody can lead it
             time.sleep(self.policy.poll_s)
+
+    def _waited_out(self, term: int, unpublished: tuple[int, float]) -> bool:
+        """A live leader claimed `term` and published no world for longer than a leader waits: move on.
+
+        A leader publishes within `rendezvous_timeout_s` (plus the first world's startup wait) once
+        `min_workers` live members joined; with fewer it may wait for capacity up to `below_min_timeout_s`.
+        """
+        seen, since = unpublished
+        if seen != term:
+            return False
+        p = self.policy
+        waited = time.monotonic() - since
+        bound = p.rendezvous_timeout_s + (p.startup_wait_s if term == 1 else 0.0) + p.heartbeat_timeout_s
+        if waited < bound:
+            return False
+        if waited >= max(bound, p.below_min_timeout_s + p.heartbeat_timeout_s):
+            return True
+        live = self.election.live_ids(p.heartbeat_timeout_s) | {self.member_id}
+        return len({m.id for m in self.election.joined(term)} & live) >= p.min_workers
+
+    def _backed(self, term: int, me: Member, joined: dict[str, Member]) -> dict[str, Member]:
+        """The bids this leader counts: a member becomes the state source (rank 0) only on a step that the
+        leader itself holds or the driver has heard committed (see `check_bids`)."""
+        if not self.policy.check_bids:
+            return joined
+        backed = max(me.committed_step, self.election.backed_step())
+        return {i: m for i, m in joined.items() if m.committed_step <= backed}
 
     def _lead(self, term: int, me: Member) -> WorldPlan:
         self.election.join(term, me)
@@ -135,7 +172,8 @@ class Rendezvous:
             if not self.election.is_current(term):
                 raise StaleTerm(term, self.election.newest_term(), "leadership")
             live = self.election.live_ids(p.heartbeat_timeout_s) | {self.member_id}
-            joined = {m.id: m for m in self.election.joined(term)}
+            bids = {m.id: m for m in self.election.joined(term)}
+            joined = self._backed(term, me, bids)
             decision = decide_gather(
                 joined=set(joined),
                 live=live,
@@ -164,6 +202,9 @@ class Rendezvous:
                     detected_at=min(detected) if detected else None,
                 )
                 self.election.publish(plan, self.member_id)
+                for i in sorted(set(bids) - set(joined)):
+                    self.election.reject(f"join/{term:012d}/{i}", f"bid of step {bids[i].committed_step} that neither "
+                                         f"the leader nor the driver's newest commit backs; left out of the world")
                 return plan
             time.sleep(p.poll_s)
 

@@ -612,7 +612,7 @@ class Runner:
             try:
                 self._beats += 1
                 self.election.heartbeat(self.member_id, Beat(seq=self._beats, progress=self.progress, in_loop=self.in_loop))
-                if self.election.store.get(f"leave/{self.member_id}") is not None:
+                if self.election.asked_to_leave(self.member_id):
                     self._leave.set()
                 world = self.world
                 if world is not None and self.election.deaths() & set(world.plan.members):

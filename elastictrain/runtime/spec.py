@@ -42,4 +42,5 @@ class RunSpec:
             rendezvous_timeout_s=f.rendezvous_timeout_s,
             below_min_timeout_s=f.below_min_timeout_s,
             startup_wait_s=f.startup_wait_s,
+            check_bids=True,
         )

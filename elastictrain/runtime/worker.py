@@ -112,15 +112,17 @@ class WorkerActor:
             device = torch.device("cpu")
         store = RayKVStore(self.spec.namespace)
         hub = self.hub
+        election = Election(store, self.spec.secret, scope=self.spec.namespace)
         self.runner = Runner(
             self.member_id,
             train_fn,
             self.spec,
-            Election(store),
+            election,
             send=lambda records: ray.get(hub.push.remote(records)),
             node=self.node,
             device=device,
         )
+        election.on_reject = self.runner.emit
         if self._notice:
             self.runner.request_leave()
         if self._network_error is not None:

@@ -103,17 +103,20 @@ def test_ray_kv_one_leader_per_term_under_concurrent_candidates(ray_session):
     from elastictrain.election.election import Election
     from elastictrain.election.ray_store import RayKVStore
 
+    from elastictrain.secret import RunSecret
+
     namespace = f"election-test-{uuid.uuid4().hex}"
+    secret = RunSecret.generate()  # one run: every candidate holds its secret
 
     @ray_session.remote(num_cpus=0)
     def candidate(i: int) -> list[int]:
-        election = Election(RayKVStore(namespace))
+        election = Election(RayKVStore(namespace), secret, scope=namespace)
         return [term for term in range(1, 31) if election.claim(term, f"m{i}")]
 
     won = ray_session.get([candidate.remote(i) for i in range(8)])
     terms = sorted(t for w in won for t in w)
     assert terms == list(range(1, 31))  # every term has exactly one leader
-    election = Election(RayKVStore(namespace))
+    election = Election(RayKVStore(namespace), secret, scope=namespace)
     assert election.newest_term() == 30
     assert not election.is_current(29)
 

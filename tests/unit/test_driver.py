@@ -171,7 +171,7 @@ def test_workers_on_a_draining_node_are_asked_to_leave_once():
     driver.election.register(Member(b, joined_at=0.0, node_id="n2"))
     workers.draining = {"n1"}
     assert _tick(driver, clock) and _tick(driver, clock)
-    assert driver.election.store.get(f"leave/{a}") == b"drain" and driver.election.store.get(f"leave/{b}") is None
+    assert driver.election.asked_to_leave(a) and not driver.election.asked_to_leave(b)
     assert _kinds(driver).count("node_draining") == 1
 
 
@@ -208,3 +208,29 @@ def test_policies_decide_without_a_driver():
     assert failures.on_lost("b").fail is not None
     assert placement.returned("c", "finished") == Decision() and placement.ended
     assert placement.gone("b") == Decision()  # the run is over: no replacement
+
+
+@pytest.mark.parametrize("value", [b"{}", b"\xff\x00", b'{"id": "x", "joined_at": 0}', b"done"])
+def test_forged_records_in_the_store_never_crash_the_driver(value):
+    driver, workers, clock = _driver()
+    driver.start()
+    a, _ = workers.started
+    driver.election.register(Member(a, joined_at=0.0))
+    for key in ("member/evil", "hb/evil", f"hb/{a}", "deaths", f"dead/{a}", "outcome", "leader/999999999999"):
+        driver.election.store.put(key, value)
+    for _ in range(3):
+        assert _tick(driver, clock, 0.3)  # the forged outcome ends nothing; no forged death is a loss
+    rejected = [e["key"] for e in driver.log.events if e["kind"] == "record_rejected"]
+    assert {"member/evil", "outcome"} <= set(rejected) and len(rejected) == len(set(rejected))
+    assert driver.failure is None and "worker_lost" not in _kinds(driver)
+
+
+def test_the_driver_backs_bids_with_the_newest_step_workers_reported():
+    driver, workers, clock = _driver()
+    driver.start()
+    workers.records = [event("commit", term=1, step=6, rank=1), event("world_changed", term=1, step=4, reason="x")]
+    _tick(driver, clock)
+    assert driver.election.backed_step() == 7  # a commit of step 6 leaves the state at step 7
+    workers.records = [event("world_changed", term=1, step=9, reason="x")]
+    _tick(driver, clock)
+    assert driver.election.backed_step() == 9
