@@ -260,7 +260,7 @@ class Runner:
         plan = world.plan
         sockets = GroupSockets()
         timeout_s = self.spec.failure.collective_timeout_s
-        store = TermStore(self.election.store, plan.term, self.spec.secret, timeout_s)
+        store = TermStore(self.election.store, plan.term, self.spec.secret, timeout_s, scope=self.spec.namespace)
         init_group(plan, world.rank, backend=self.spec.backend, timeout_s=timeout_s, device=self.device, store=store)
         topology = plan_topology(plan.members, plan.labels or None, self.spec.scaling.topology_policy())
         groups = build_groups(topology, world.rank, timeout_s=timeout_s)

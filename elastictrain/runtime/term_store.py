@@ -41,12 +41,18 @@ def term_prefix(term: int) -> str:
 
 
 class TermStore(dist.Store):
-    """The rendezvous store of one term on `kv`, values sealed under `secret`."""
+    """The rendezvous store of one term on `kv`, values sealed under `secret` and bound to `scope` (the
+    run's store namespace: a value of another run under the same secret does not open here) and to
+    their key."""
 
-    def __init__(self, kv: KVStore, term: int, secret: RunSecret, timeout_s: float) -> None:
+    def __init__(self, kv: KVStore, term: int, secret: RunSecret, timeout_s: float, *, scope: str = "") -> None:
         super().__init__()
         self._kv, self._prefix, self._secret = kv, term_prefix(term), secret
+        self._scope = scope
         self._timeout_s = float(timeout_s)
+
+    def _aad(self, full: str) -> bytes:
+        return f"{self._scope}\n{full}".encode()
 
     def _full(self, key: str) -> str:
         return self._prefix + key
@@ -56,7 +62,7 @@ class TermStore(dist.Store):
         if len(data) > MAX_VALUE_BYTES:
             raise ValueError(f"rendezvous value for {key!r} is {len(data)} bytes, over {MAX_VALUE_BYTES}")
         full = self._full(key)
-        self._kv.put(full, self._secret.seal(PURPOSE, data, full.encode()))
+        self._kv.put(full, self._secret.seal(PURPOSE, data, self._aad(full)))
 
     def get(self, key: str) -> bytes:
         self.wait([key])
@@ -68,7 +74,7 @@ class TermStore(dist.Store):
         if len(raw) > MAX_VALUE_BYTES + 64:
             raise dist.DistStoreError(f"rendezvous value for {key!r} is oversized: not written by this run")
         try:
-            return self._secret.open(PURPOSE, raw, self._full(key).encode())
+            return self._secret.open(PURPOSE, raw, self._aad(self._full(key)))
         except ValueError:
             raise dist.DistStoreError(
                 f"rendezvous value for {key!r} does not open under the run secret: someone other than the run's "
@@ -101,17 +107,17 @@ class TermStore(dist.Store):
         total, slot = 0, 0
         while True:
             full = f"{self._full(key)}#{slot}"
-            if self._kv.put_if_absent(full, self._secret.seal(PURPOSE, str(int(amount)).encode(), full.encode())):
+            if self._kv.put_if_absent(full, self._secret.seal(PURPOSE, str(int(amount)).encode(), self._aad(full))):
                 return total + int(amount)
             raw = self._kv.get(full)
-            total += int(self._secret.open(PURPOSE, raw, full.encode())) if raw is not None else 0
+            total += int(self._secret.open(PURPOSE, raw, self._aad(full))) if raw is not None else 0
             slot += 1
 
     def compare_set(self, key: str, expected, desired) -> bytes:
         full = self._full(key)
         current = self._kv.get(full)
         if current is None:
-            if not bytes(expected) and self._kv.put_if_absent(full, self._secret.seal(PURPOSE, bytes(desired), full.encode())):
+            if not bytes(expected) and self._kv.put_if_absent(full, self._secret.seal(PURPOSE, bytes(desired), self._aad(full))):
                 return bytes(desired)
             current = self._kv.get(full)
             if current is None:

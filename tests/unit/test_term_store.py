@@ -25,6 +25,10 @@ def test_values_are_sealed_and_bound_to_their_key():
     kv.put(term_prefix(3) + "0//cpu//0/1", raw)
     with pytest.raises(RuntimeError, match="does not open under the run secret"):
         store.get("0//cpu//0/1")
+    # another run's value under the same secret does not open in this one
+    other_run = TermStore(kv, 3, secret, timeout_s=2, scope="elastictrain/other-run")
+    with pytest.raises(RuntimeError, match="does not open"):
+        other_run.get("0//cpu//0/0")
 
 
 def test_a_value_planted_without_the_secret_is_refused():
