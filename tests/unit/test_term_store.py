@@ -4,6 +4,7 @@ secret, and a value planted by someone without the secret is refused, never conn
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import pytest
 import torch
@@ -120,7 +121,7 @@ def test_a_peer_that_never_comes_fails_the_world_not_the_users_code(monkeypatch)
     from elastictrain.runtime.runner import WORLD_CHANGED, classify_exit
 
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    store = TermStore(MemoryStore(), 1, RunSecret.generate(), timeout_s=0.3)
+    store = TermStore(MemoryStore(), 1, RunSecret.generate(), timeout_s=60)
     with pytest.raises(dist.DistStoreError) as err:
-        dist.ProcessGroupGloo(store, 0, 2)
+        dist.ProcessGroupGloo(store, 0, 2, timedelta(seconds=0.3))  # gloo's timeout bounds its waits
     assert is_collective_failure(err.value) and classify_exit(err.value) == WORLD_CHANGED
