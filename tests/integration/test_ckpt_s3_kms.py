@@ -205,7 +205,7 @@ def test_s3_planted_manifests_delete_nothing_and_a_rollback_is_reported(moto_end
 
     kms = boto3.client("kms", endpoint_url=moto_endpoint)
     key_id = kms.create_key(Description="elastictrain planted")["KeyMetadata"]["KeyId"]
-    cfg = CheckpointConfig(**_s3_config(moto_endpoint, "planted", keep_last=2, async_save=False,
+    cfg = CheckpointConfig(**_s3_config(moto_endpoint, "kms-planted", keep_last=2, async_save=False,
                                         encryption=EncryptionConfig(key=f"kms:{key_id}")))
     store, secret = MemoryStore(), RunSecret.generate()  # Ray's KV store and the run secret, in a run
     with CheckpointManager(cfg, newest_store=store, run_secret=secret) as mgr:
@@ -218,7 +218,7 @@ def test_s3_planted_manifests_delete_nothing_and_a_rollback_is_reported(moto_end
         assert real == [300, 400] and set(planted) <= {i.name for i in mgr.list()}
         assert mgr.latest().step == 400
     s3 = boto3.client("s3", endpoint_url=moto_endpoint)
-    s3.delete_object(Bucket="planted", Key="runs/r1/manifests/000000000400-00000000.json")  # rolled back
+    s3.delete_object(Bucket="kms-planted", Key="runs/r1/manifests/000000000400-00000000.json")  # rolled back
     with caplog.at_level(logging.WARNING, logger="elastictrain.checkpoint"):
         with CheckpointManager(cfg, newest_store=store, run_secret=secret) as resumed:
             loaded = resumed.latest()

@@ -161,11 +161,12 @@ def test_fit_with_an_encrypted_checkpoint_on_s3_leaks_no_key_and_no_storage_cred
     caplog.set_level(logging.INFO)
     marker = f"et-marker-{uuid.uuid4().hex}"
     task = ToyTask(total_steps=6)
-    result, ckpt = _fit_on_s3(s3_server, "clean", key_spec, _print_at_last_step(task.total_steps, None, marker), task)
+    bucket = f"secrets-clean-{uuid.uuid4().hex[:8]}"  # the S3 server is shared by the session's tests
+    result, ckpt = _fit_on_s3(s3_server, bucket, key_spec, _print_at_last_step(task.total_steps, None, marker), task)
 
     assert result.steps == 6
     assert any(e["kind"] == "checkpoint" for e in result.events)  # the run did save to S3
-    assert any(k.startswith("runs/r1/manifests/") for k in _stored_objects(s3_server, "clean"))
+    assert any(k.startswith("runs/r1/manifests/") for k in _stored_objects(s3_server, bucket))
     _wait_for_session_text(marker.encode())  # what the workers printed up to the end of training is on disk
     _wait_for_session_text(b"checkpoint checkpoint {")  # and the leader's checkpoint manager logged its saves
 
@@ -196,7 +197,8 @@ def test_the_search_finds_a_key_a_worker_prints(ray_session, s3_server, key):
     marker = f"et-marker-{uuid.uuid4().hex}"
     task = ToyTask(total_steps=2)
     result, _ = _fit_on_s3(
-        s3_server, "planted", key_spec, _print_at_last_step(task.total_steps, key_spec[len("file:"):], marker), task
+        s3_server, f"secrets-leak-{uuid.uuid4().hex[:8]}", key_spec,
+        _print_at_last_step(task.total_steps, key_spec[len("file:"):], marker), task,
     )
     assert result.steps == 2
     _wait_for_session_text(marker.encode())
