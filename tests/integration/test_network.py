@@ -24,24 +24,25 @@ TASK = ToyTask(total_steps=8)
 HOLD_STEP = 3
 WAIT_S = 120.0
 
-# A stranger's attempt on one port, run in its own process so a server that never answers costs at most
-# its timeout: connect, then speak the TCPStore protocol, read what it holds and write a key.
+# A stranger's attempts, run in a process of its own so a server that never answers costs at most the
+# timeout: on each port, connect, then speak the TCPStore protocol, read what it holds and write a key.
 _PROBE = r"""
 import json, socket, sys
 from datetime import timedelta
 import torch.distributed as dist
-host, port = sys.argv[1], int(sys.argv[2])
-out = {"port": port, "connected": False, "read": None, "wrote": False}
-try:
-    socket.create_connection((host, port), timeout=2).close()
-    out["connected"] = True
-    store = dist.TCPStore(host, port, None, False, timeout=timedelta(seconds=3), wait_for_workers=False)
-    out["read"] = store.num_keys()
-    store.set("stranger", b"x")
-    out["wrote"] = True
-except Exception as exc:
-    out["error"] = type(exc).__name__
-print(json.dumps(out))
+host = sys.argv[1]
+for port in map(int, sys.argv[2:]):
+    out = {"port": port, "connected": False, "read": None, "wrote": False}
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        out["connected"] = True
+        store = dist.TCPStore(host, port, None, False, timeout=timedelta(seconds=3), wait_for_workers=False)
+        out["read"] = store.num_keys()
+        store.set("stranger", b"x")
+        out["wrote"] = True
+    except Exception as exc:
+        out["error"] = type(exc).__name__
+    print(json.dumps(out), flush=True)
 """
 
 
@@ -73,9 +74,10 @@ def listening_ports(pid: int) -> list[int]:
     return sorted(ports)
 
 
-def probe(host: str, port: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", _PROBE, host, str(port)], capture_output=True, text=True, timeout=60)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def probe(host: str, ports: list[int]) -> list[dict]:
+    done = subprocess.run([sys.executable, "-c", _PROBE, host, *map(str, ports)], capture_output=True, text=True,
+                          timeout=60 + 10 * len(ports))
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 def test_the_probe_reads_and_writes_an_open_tcp_store():
@@ -84,7 +86,7 @@ def test_the_probe_reads_and_writes_an_open_tcp_store():
     store = dist.TCPStore("0.0.0.0", 0, None, True, wait_for_workers=False)
     try:
         store.set("elastictrain/term1/0//cpu//0/0", b"rank 0's address")
-        out = probe(external_address(), store.port)
+        (out,) = probe(external_address(), [store.port])
         assert out["connected"] and out["read"] == 1 and out["wrote"], out
     finally:
         del store
@@ -123,13 +125,14 @@ def test_a_stranger_reaches_no_rendezvous_port_of_the_leader(ray_session, tmp_pa
         pid = int(pid_file.read_text())
         ports = listening_ports(pid)
         host = external_address()
-        probes = [probe(host, port) for port in ports]
+        probes = probe(host, ports)
     finally:
         release.write_text("go")
         runner.join(timeout=WAIT_S)
     assert not runner.is_alive(), "the run did not finish after the probe"
     assert "error" not in result, result.get("error")
     assert ports, "the leader listens on no port at all: the probe saw nothing to try"
+    assert [p["port"] for p in probes] == ports, probes
     leaks = [p for p in probes if p["read"] is not None or p["wrote"]]
     assert not leaks, f"a stranger read or wrote through the leader's ports: {leaks}"
     assert result["result"].steps == TASK.total_steps
