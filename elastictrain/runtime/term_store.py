@@ -31,7 +31,7 @@ from elastictrain.secret import RunSecret
 PURPOSE = "rendezvous"
 PREFIX = "rdzv/"
 _POLL_FIRST_S = 0.0005
-_POLL_MAX_S = 0.02
+_POLL_MAX_S = 0.004
 MAX_VALUE_BYTES = 1 << 20
 """A rendezvous value is an address or a communicator id: a few hundred bytes. Larger is refused."""
 
