@@ -141,3 +141,11 @@ def test_a_new_object_in_place_of_a_kept_one_is_still_loaded():
     runner.restore(renewed, _world(2, 1))
     for k, v in state.ema.state_dict().items():
         assert torch.equal(fresh.ema.state_dict()[k], v), k
+
+
+def test_a_kept_module_is_recognised_through_compile_and_ddp_wrappers():
+    net = torch.nn.Linear(2, 2)
+    live = ElasticState({"model": torch.compile(net, backend="eager"), "opt": torch.optim.SGD(net.parameters(), lr=1)})
+    again = ElasticState({"model": torch.compile(net, backend="eager"), "opt": live.opt})  # new wrapper, same module
+    assert again.kept_from(live) == {"model", "opt"}
+    assert ElasticState({"model": torch.nn.Linear(2, 2), "opt": live.opt}).kept_from(live) == {"opt"}
