@@ -236,6 +236,9 @@ class Runner:
                 if exit_kind == USER_ERROR:
                     self._fail_on_user_error(plan.term, exc)
                 reason, cause = self._world_changed(plan.term, exc), exc
+                # The ended entry's locals (its DDP wrapper and buckets, new objects of the older loop form)
+                # would live on in the traceback through the next entry: a second copy while it rebuilds.
+                traceback.clear_frames(exc.__traceback__)
                 progressed = self.committed > committed_before
             else:
                 if self._finish(ctx._state, world):
