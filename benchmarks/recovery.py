@@ -244,8 +244,12 @@ def read_memory(d: Path) -> dict:
         for line in path.read_text().splitlines():
             r = json.loads(line)
             by_pid.setdefault(r["pid"], {})[r["kind"]] = r["hwm_kb"]
+            if "reentry_s" in r:
+                by_pid[r["pid"]]["reentry_s"] = r["reentry_s"]
     ratios = [m["rebuild"] / m["steady"] for m in by_pid.values() if m.get("rebuild") and m.get("steady")]
-    return {"memory": list(by_pid.values()), "rebuild_peak_ratio": max(ratios) if ratios else None}
+    reentries = [m["reentry_s"] for m in by_pid.values() if "reentry_s" in m]
+    return {"memory": list(by_pid.values()), "rebuild_peak_ratio": max(ratios) if ratios else None,
+            "reentry_s": max(reentries) if reentries else None}
 
 
 def trial_elastictrain(a: argparse.Namespace, d: Path, keep_objects: bool = True) -> None:
@@ -265,16 +269,17 @@ def trial_elastictrain(a: argparse.Namespace, d: Path, keep_objects: bool = True
     memory_dir.mkdir(exist_ok=True)
     entries: list[int] = []  # this worker process's entries of train_fn
 
-    def note_memory(kind: str) -> None:
+    def note_memory(kind: str, **extra) -> None:
         with open(memory_dir / f"{os.getpid()}.jsonl", "a") as f:
             f.write(json.dumps({"pid": os.getpid(), "kind": kind, "hwm_kb": _memory_kb("VmHWM"),
-                                "rss_kb": _memory_kb("VmRSS")}) + "\n")
+                                "rss_kb": _memory_kb("VmRSS"), **extra}) + "\n")
 
     def train_fn(ctx) -> None:
         import torch
 
         from benchmarks import _common as CC
 
+        entered = time.perf_counter()
         CC.set_threads(1)
         entries.append(ctx.term)
         log = CC.StepLog(log_dir, ctx.rank, attempt=getattr(ctx, "term", None))
@@ -289,6 +294,7 @@ def trial_elastictrain(a: argparse.Namespace, d: Path, keep_objects: bool = True
                 model = ctx.prepare_model(CC.make_model("tiny", seed=seed, hidden=hidden), **ddp_kwargs)
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             ctx.state(model=model, optimizer=opt)
+            reentry_s = time.perf_counter() - entered  # build (or keep) the objects, wrap, restore
             for step in ctx.steps(total_steps=steps):
                 CC.maybe_kill(marker, ctx.rank, step, kill_rank, kill_step)
                 if step == kill_step - 2 and not first_step_of_reentry:
@@ -303,7 +309,7 @@ def trial_elastictrain(a: argparse.Namespace, d: Path, keep_objects: bool = True
                     note_memory("steady")
                 if first_step_of_reentry:
                     first_step_of_reentry = False
-                    note_memory("rebuild")  # the peak since the world changed: rebuild, re-entry, one step
+                    note_memory("rebuild", reentry_s=reentry_s)  # the peak since the world changed: rebuild, re-entry, one step
                 ctx.report({"step": step, "t": time.time(), "loss": float(acc.loss)})
         except BaseException:
             _reset_peak_memory()  # the world changed (or the run failed): from here on is the rebuild
@@ -451,6 +457,8 @@ def summarise(arm: str, runs: list[dict], base_median: float | None) -> dict:
         "speedup_vs_raytrain": (base_median / med_rec) if (base_median and med_rec) else None,
         "rebuild_peak_ratio_median": C.median(r["rebuild_peak_ratio"] for r in ok if r.get("rebuild_peak_ratio")),
         "rebuild_peak_ratio_all": [r.get("rebuild_peak_ratio") for r in runs],
+        "reentry_s_median": C.median(r.get("reentry_s") for r in ok),
+        "reentry_s_all": [r.get("reentry_s") for r in runs],
         "failures": [
             {k: r.get(k) for k in ("rc", "timed_out", "error", "completed", "recovery_s")} for r in runs if not r.get("ok")
         ],
@@ -511,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[arm].append(r)
             print(
                 f"      ok={r['ok']} recovery={C.fmt(r.get('recovery_s'), 3, ' s')} redone={r.get('steps_redone')} "
-                f"rebuild_peak_ratio={C.fmt(r.get('rebuild_peak_ratio'), 3)} "
+                f"rebuild_peak_ratio={C.fmt(r.get('rebuild_peak_ratio'), 3)} reentry={C.fmt(r.get('reentry_s'), 3, ' s')} "
                 f"first_after={r.get('first_step_after_kill')} wall={r['wall_s']} s rc={r['rc']}"
                 + (" TIMEOUT" if r["timed_out"] else ""),
                 flush=True,
@@ -550,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
             "steps_redone_total": "step indices applied more than once for any reason (extra failures included)",
             "rebuild_peak_ratio": "elastictrain arms: a survivor's peak RSS from the world change through its first "
                                   "step after it, over its peak RSS across two steps before the kill (highest survivor)",
+            "reentry_s": "elastictrain arms: a survivor's time from entering train_fn again to ctx.state returning "
+                         "(objects built or kept, DDP wrap, restore); the slowest survivor",
         },
         "summary": summary,
         "targets": targets,
@@ -562,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             s["label"], f"{s['n_ok']}/{s['n']}", C.fmt(s["recovery_s_median"], 2, " s"),
             C.fmt(s["steps_redone_median"], 1), C.fmt(s["speedup_vs_raytrain"], 1, "x"),
             ", ".join(C.fmt(x, 2) for x in s["recovery_s_all"]),
-            C.fmt(s["rebuild_peak_ratio_median"], 2, "x"),
+            C.fmt(s["rebuild_peak_ratio_median"], 2, "x"), C.fmt(s["reentry_s_median"], 3, " s"),
         ])
     md = [
         "# Recovery after a worker's SIGKILL\n",
@@ -572,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         "recovery = first step completed after the kill - kill time; "
         "steps redone = steps applied before the kill and applied again after it.\n",
         C.md_table(["arm", "ok/runs", "recovery (median)", "steps redone (median)", "speed-up vs Ray Train",
-                    "recovery, each run (s)", "survivor's peak memory, rebuild / steady"], rows),
+                    "recovery, each run (s)", "survivor's peak memory, rebuild / steady", "survivor's re-entry to ctx.state"], rows),
     ]
     if targets:
         md.append("\nTargets (elastictrain):\n")
