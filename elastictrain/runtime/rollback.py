@@ -108,7 +108,6 @@ class CommitCopy:
         tree["rng"] = self._rng
         return tree
 
-
     def put_back(self, name: str, obj: Any) -> None:
         """Put the copied parts of entry `name` back into `obj`, the live object itself (kept across a
         rebuild): buffers copied in place, hyperparameters set, a small stateful object loaded. Parameters
