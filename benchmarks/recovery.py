@@ -22,7 +22,14 @@ Arms:
   a checkpoint every 10 steps; restarts every rank and resumes from it;
 - torchft / torchft-hb1s: torchft (lighthouse heartbeat timeout 5 s, its
   default, and 1 s), one replica group per worker; survivors continue;
-- elastictrain: ElasticTrainer with min_workers=W-1, max_workers=W.
+- elastictrain: ElasticTrainer with min_workers=W-1, max_workers=W; the loop keeps its model and
+  optimizer across re-entries (`ctx.keep`, the documented form);
+- elastictrain-rebuild (opt-in): the same, in the older loop form that builds the model and optimizer
+  on every entry of train_fn and loads the survivor's state into them.
+
+The elastictrain arms also measure each survivor's peak memory (VmHWM, reset through
+/proc/self/clear_refs) over the rebuild and its first step, against its peak over two steps
+before the kill: `rebuild_peak_ratio`.
 
 Each run is a child process in its own session with a hard deadline; the whole
 process group is killed when it ends or overruns, and its temp dir is removed.
@@ -50,7 +57,8 @@ from pathlib import Path
 from benchmarks import _common as C
 
 ARMS = ["raytrain", "torchrun", "torchft", "torchft-hb1s", "elastictrain"]
-OPT_IN_ARMS = ["torchrun-plain"]  # hangs or fails on most restarts here (pytorch#135712)
+OPT_IN_ARMS = ["torchrun-plain",  # hangs or fails on most restarts here (pytorch#135712)
+               "elastictrain-rebuild"]  # the older loop form, for comparison
 ARM_LABELS = {
     "torchrun-plain": "torchrun --max-restarts, default store (ckpt every 10)",
     "raytrain": "Ray Train TorchTrainer (ckpt every 10)",
@@ -58,6 +66,7 @@ ARM_LABELS = {
     "torchft": "torchft 0.2.0, 5 s heartbeat timeout (default)",
     "torchft-hb1s": "torchft 0.2.0, 1 s heartbeat timeout",
     "elastictrain": "elastictrain ElasticTrainer",
+    "elastictrain-rebuild": "elastictrain ElasticTrainer, model and optimizer built on every entry (older loop form)",
 }
 BASELINE = "raytrain"
 QUICK = {"arms": "elastictrain", "repeats": 1, "steps": 40, "kill_step": 15, "timeout": 120.0}
@@ -209,7 +218,41 @@ def elastictrain_unavailable() -> str | None:
     return None
 
 
-def trial_elastictrain(a: argparse.Namespace, d: Path) -> None:
+def _memory_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _reset_peak_memory() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux: clear_refs 5); False where that is refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def read_memory(d: Path) -> dict:
+    """Per survivor (a process that re-entered): peak RSS over the rebuild and its first step, and over two
+    steps before the kill; the ratio of the two."""
+    by_pid: dict[int, dict] = {}
+    for path in sorted((d / "memory").glob("*.jsonl")) if (d / "memory").exists() else []:
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            by_pid.setdefault(r["pid"], {})[r["kind"]] = r["hwm_kb"]
+            if "reentry_s" in r:
+                by_pid[r["pid"]]["reentry_s"] = r["reentry_s"]
+    ratios = [m["rebuild"] / m["steady"] for m in by_pid.values() if m.get("rebuild") and m.get("steady")]
+    reentries = [m["reentry_s"] for m in by_pid.values() if "reentry_s" in m]
+    return {"memory": list(by_pid.values()), "rebuild_peak_ratio": max(ratios) if ratios else None,
+            "reentry_s": max(reentries) if reentries else None}
+
+
+def trial_elastictrain(a: argparse.Namespace, d: Path, keep_objects: bool = True) -> None:
     why = elastictrain_unavailable()
     if why:
         _write_status(d, unavailable=why)
@@ -222,26 +265,55 @@ def trial_elastictrain(a: argparse.Namespace, d: Path) -> None:
     steps, kill_step, kill_rank, sleep, seed = a.steps, a.kill_step, a.kill_rank, a.step_sleep, a.seed
     hidden = a.hidden or None
     ddp_kwargs = {"init_sync": True} if a.ddp_init_sync else {}
+    memory_dir = d / "memory"
+    memory_dir.mkdir(exist_ok=True)
+    entries: list[int] = []  # this worker process's entries of train_fn
+
+    def note_memory(kind: str, **extra) -> None:
+        with open(memory_dir / f"{os.getpid()}.jsonl", "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "kind": kind, "hwm_kb": _memory_kb("VmHWM"),
+                                "rss_kb": _memory_kb("VmRSS"), **extra}) + "\n")
 
     def train_fn(ctx) -> None:
+        import torch
+
         from benchmarks import _common as CC
 
+        entered = time.perf_counter()
         CC.set_threads(1)
+        entries.append(ctx.term)
         log = CC.StepLog(log_dir, ctx.rank, attempt=getattr(ctx, "term", None))
+        first_step_of_reentry = len(entries) > 1
         try:
             data = CC.make_dataset("tiny", seed=seed)
-            model = ctx.prepare_model(CC.make_model("tiny", seed=seed, hidden=hidden), **ddp_kwargs)
-            opt = __import__("torch").optim.AdamW(model.parameters(), lr=1e-3)
+            if keep_objects:
+                net = ctx.keep("net", lambda: CC.make_model("tiny", seed=seed, hidden=hidden))
+                model = ctx.prepare_model(net, **ddp_kwargs)
+                opt = ctx.keep("opt", lambda: torch.optim.AdamW(net.parameters(), lr=1e-3))
+            else:
+                model = ctx.prepare_model(CC.make_model("tiny", seed=seed, hidden=hidden), **ddp_kwargs)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             ctx.state(model=model, optimizer=opt)
+            reentry_s = time.perf_counter() - entered  # build (or keep) the objects, wrap, restore
             for step in ctx.steps(total_steps=steps):
                 CC.maybe_kill(marker, ctx.rank, step, kill_rank, kill_step)
+                if step == kill_step - 2 and not first_step_of_reentry:
+                    _reset_peak_memory()  # steady state: the peak over two whole steps before the kill
                 time.sleep(sleep)
                 with ctx.accumulate(model, opt) as acc:
                     for batch in ctx.micro_batches(data, step):
                         loss, n = CC.loss_sum(model, batch)
                         acc.backward(loss, num_items=n)
                 log.step(step)
+                if step == kill_step - 1 and len(entries) == 1:
+                    note_memory("steady")
+                if first_step_of_reentry:
+                    first_step_of_reentry = False
+                    note_memory("rebuild", reentry_s=reentry_s)  # the peak since the world changed: rebuild, re-entry, one step
                 ctx.report({"step": step, "t": time.time(), "loss": float(acc.loss)})
+        except BaseException:
+            _reset_peak_memory()  # the world changed (or the run failed): from here on is the rebuild
+            raise
         finally:
             log.close()
 
@@ -279,6 +351,8 @@ def run_trial_child(a: argparse.Namespace) -> int:
             trial_torchft(a, d, 1000)
         elif a.trial == "elastictrain":
             trial_elastictrain(a, d)
+        elif a.trial == "elastictrain-rebuild":
+            trial_elastictrain(a, d, keep_objects=False)
         else:
             raise SystemExit(f"unknown arm {a.trial!r}")
     except Exception as e:
@@ -315,7 +389,7 @@ def unavailable(arm: str) -> str | None:
             return f"ray.train unavailable ({e}); pip install 'ray[train]'"
     if arm.startswith("torchrun") and shutil.which("torchrun") is None:
         return "torchrun is not on PATH"
-    if arm == "elastictrain":
+    if arm.startswith("elastictrain"):
         return elastictrain_unavailable()
     return None
 
@@ -350,6 +424,8 @@ def run_one(arm: str, a: argparse.Namespace, keep: bool) -> dict:
         for key in ("events", "reported_recoveries", "reported_steps_redone"):
             if status.get(key) is not None:
                 rec[key] = status[key]
+        if arm.startswith("elastictrain"):
+            rec.update(read_memory(d))
         if status.get("error"):
             rec["error"] = status["error"]
         if not rec["ok"]:
@@ -379,6 +455,10 @@ def summarise(arm: str, runs: list[dict], base_median: float | None) -> dict:
         "steps_redone_all": [r.get("steps_redone") for r in runs],
         "steps_redone_total_all": [r.get("steps_redone_total") for r in runs],
         "speedup_vs_raytrain": (base_median / med_rec) if (base_median and med_rec) else None,
+        "rebuild_peak_ratio_median": C.median(r["rebuild_peak_ratio"] for r in ok if r.get("rebuild_peak_ratio")),
+        "rebuild_peak_ratio_all": [r.get("rebuild_peak_ratio") for r in runs],
+        "reentry_s_median": C.median(r.get("reentry_s") for r in ok),
+        "reentry_s_all": [r.get("reentry_s") for r in runs],
         "failures": [
             {k: r.get(k) for k in ("rc", "timed_out", "error", "completed", "recovery_s")} for r in runs if not r.get("ok")
         ],
@@ -439,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[arm].append(r)
             print(
                 f"      ok={r['ok']} recovery={C.fmt(r.get('recovery_s'), 3, ' s')} redone={r.get('steps_redone')} "
+                f"rebuild_peak_ratio={C.fmt(r.get('rebuild_peak_ratio'), 3)} reentry={C.fmt(r.get('reentry_s'), 3, ' s')} "
                 f"first_after={r.get('first_step_after_kill')} wall={r['wall_s']} s rc={r['rc']}"
                 + (" TIMEOUT" if r["timed_out"] else ""),
                 flush=True,
@@ -475,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
             "recovery_s": "first optimizer step completed by any process after the kill, minus the kill time",
             "steps_redone": "step indices applied before the kill and computed and applied again after it",
             "steps_redone_total": "step indices applied more than once for any reason (extra failures included)",
+            "rebuild_peak_ratio": "elastictrain arms: a survivor's peak RSS from the world change through its first "
+                                  "step after it, over its peak RSS across two steps before the kill (highest survivor)",
+            "reentry_s": "elastictrain arms: a survivor's time from entering train_fn again to ctx.state returning "
+                         "(objects built or kept, DDP wrap, restore); the slowest survivor",
         },
         "summary": summary,
         "targets": targets,
@@ -487,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             s["label"], f"{s['n_ok']}/{s['n']}", C.fmt(s["recovery_s_median"], 2, " s"),
             C.fmt(s["steps_redone_median"], 1), C.fmt(s["speedup_vs_raytrain"], 1, "x"),
             ", ".join(C.fmt(x, 2) for x in s["recovery_s_all"]),
+            C.fmt(s["rebuild_peak_ratio_median"], 2, "x"), C.fmt(s["reentry_s_median"], 3, " s"),
         ])
     md = [
         "# Recovery after a worker's SIGKILL\n",
@@ -496,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         "recovery = first step completed after the kill - kill time; "
         "steps redone = steps applied before the kill and applied again after it.\n",
         C.md_table(["arm", "ok/runs", "recovery (median)", "steps redone (median)", "speed-up vs Ray Train",
-                    "recovery, each run (s)"], rows),
+                    "recovery, each run (s)", "survivor's peak memory, rebuild / steady", "survivor's re-entry to ctx.state"], rows),
     ]
     if targets:
         md.append("\nTargets (elastictrain):\n")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 
@@ -15,6 +15,7 @@ from elastictrain.runtime.session import Session
 from elastictrain.runtime.state import ElasticState
 from elastictrain.runtime.world import WorldInfo
 
+T = TypeVar("T")
 _current: Optional["Context"] = None
 _current_lock = threading.Lock()
 
@@ -55,6 +56,7 @@ class Context:
         self._state: Optional[ElasticState] = None
         self._accumulators: dict[tuple[int, int], Any] = {}
         self._vote_carrier: Optional[Any] = None  # the step whose all-reduce carries the next boundary vote
+        self._wrappers: list[torch.nn.parallel.DistributedDataParallel] = []  # made by prepare_model in this world
 
     # --- identity -----------------------------------------------------------
 
@@ -102,6 +104,26 @@ class Context:
 
     # --- model and state ----------------------------------------------------
 
+    def keep(self, name: str, factory: Callable[[], T]) -> T:
+        """What `factory()` built on this worker's first entry of `train_fn`; the same object on later entries.
+
+        A survivor of a rebuild re-enters `train_fn` with its model and optimizer as they are: no
+        second copy is built or loaded (memory and time stay flat in the model's size), and
+        `ctx.state` puts back in place only what a step lost in flight changed (buffers, plain
+        entries, RNG). A new member calls the factory and receives the state.
+
+        Example:
+            net = ctx.keep("net", Net)
+            model = ctx.prepare_model(net)  # DDP over the new world wraps the same module
+            opt = ctx.keep("opt", lambda: torch.optim.AdamW(net.parameters(), lr=3e-4))
+            state = ctx.state(model=model, optimizer=opt)
+
+        Raises:
+            ValueError: `name` was already used in this entry of `train_fn`.
+            TypeError: `name` is not a string or `factory` is not callable.
+        """
+        return self._session.keep(name, factory)
+
     def prepare_model(self, model: torch.nn.Module, **ddp_kwargs: Any) -> torch.nn.Module:
         """Move `model` to `ctx.device` and wrap it in DDP over the current world.
 
@@ -122,14 +144,27 @@ class Context:
             ddp_kwargs.setdefault("device_ids", [self.device.index])
         ddp_kwargs.setdefault("process_group", self.group())
         ddp_kwargs.setdefault("init_sync", False)
-        return torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+        self._wrappers.append(ddp)
+        return ddp
+
+    def _release_wrappers(self) -> None:
+        """The world ended: unhook its DDP reducers from the parameters, which a kept module carries
+        into the next world (a stale reducer would all-reduce on the dead group)."""
+        wrappers, self._wrappers = self._wrappers, []
+        for ddp in wrappers:
+            remove = getattr(ddp, "_remove_autograd_hooks", None)
+            if remove is not None:
+                remove()
 
     def state(self, **objects: Any) -> ElasticState:
         """Register the training state and restore it to the last committed step.
 
         Stateful objects (model, optimizer, scheduler) are restored in place;
         other keyword values become attributes of the returned state. On a
-        fresh start nothing is restored and `state.step` is 0.
+        fresh start nothing is restored and `state.step` is 0. On a survivor, objects
+        that are the live ones (`ctx.keep`) are not loaded at all: only what a step lost
+        in flight changed is put back into them.
         """
         if self._state is not None:
             raise RuntimeError("ctx.state() was already called in this entry of train_fn")

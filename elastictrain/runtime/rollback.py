@@ -8,6 +8,8 @@ the plain entries, the RNG states, optimizer hyperparameters (a scheduler writes
 learning rate into them) and the state of other stateful objects (schedulers, a
 GradScaler, user objects: small by nature; keep EMA weights in a module, whose weights
 are not copied). Buffers go into copies kept from commit to commit (one foreach copy).
+Objects a survivor kept across the rebuild (`ctx.keep`) get these parts back in place
+(`put_back`); new objects get them through the tree they are loaded from (`lay_over`).
 """
 
 from __future__ import annotations
@@ -105,6 +107,24 @@ class CommitCopy:
         objects.update(copy_plain(self._plain))
         tree["rng"] = self._rng
         return tree
+
+    def put_back(self, name: str, obj: Any) -> None:
+        """Put the copied parts of entry `name` back into `obj`, the live object itself (kept across a
+        rebuild): buffers copied in place, hyperparameters set, a small stateful object loaded. Parameters
+        and optimizer moments are not touched: they hold the committed step already."""
+        if isinstance(obj, torch.nn.Module):
+            kept = self._buffers.get(name, {})
+            pairs = [(buf, kept[key]) for key, buf in persistent_buffers(obj) if key in kept]
+            if pairs:
+                with torch.no_grad():
+                    torch._foreach_copy_([b for b, _ in pairs], [c for _, c in pairs])
+        elif isinstance(obj, torch.optim.Optimizer):
+            groups = self._hyper.get(name)
+            if groups is not None and len(obj.param_groups) == len(groups):
+                for group, hyper in zip(obj.param_groups, groups):
+                    group.update(copy_tree(hyper))
+        elif name in self._other:
+            obj.load_state_dict(copy_tree(self._other[name]))
 
 
 def _is_stateful(obj: Any) -> bool:

@@ -23,6 +23,7 @@ from elastictrain.errors import LeaveWorld, StaleTerm, TrainingFailed, WorldChan
 from elastictrain.events import QUIET_KINDS, Event, event
 from elastictrain.runtime.context import Context, _set_current
 from elastictrain.election.topology import plan_topology
+from elastictrain.runtime.keep import KeptObjects
 from elastictrain.runtime.process_group import (
     GroupSockets,
     build_groups,
@@ -100,6 +101,7 @@ class Runner:
         self.detected_at: Optional[float] = None
         self.world: Optional[WorldInfo] = None
         self._live: Optional[ElasticState] = None
+        self.kept = KeptObjects()  # ctx.keep: the user's objects, carried from one entry of train_fn to the next
         self._joined_at = time.time()
         self._buffer: list[dict] = []
         self._buffer_lock = threading.Lock()
@@ -203,6 +205,8 @@ class Runner:
             beat.join(timeout=5)
             self.flush()
             self._close_checkpoints()
+            self.kept.release()  # nothing of the user's outlives the run
+            self._live = self._at_commit = None
 
     def _serve(self, me: Member) -> dict:
         """Enter one world after another until this worker's run ends: finished, left, or failed.
@@ -232,6 +236,9 @@ class Runner:
                 if exit_kind == USER_ERROR:
                     self._fail_on_user_error(plan.term, exc)
                 reason, cause = self._world_changed(plan.term, exc), exc
+                # The ended entry's locals (its DDP wrapper and buckets, new objects of the older loop form)
+                # would live on in the traceback through the next entry: a second copy while it rebuilds.
+                traceback.clear_frames(exc.__traceback__)
                 progressed = self.committed > committed_before
             else:
                 if self._finish(ctx._state, world):
@@ -272,6 +279,7 @@ class Runner:
         if self.committed == NO_STATE:
             seed_everything(self.spec.run.seed)
         ctx = Context(TermSession(self, world, topology, groups), world, self.device)
+        self.kept.begin_entry()
         _set_current(ctx)
         return ctx
 
@@ -285,6 +293,8 @@ class Runner:
         if ctx is not None:
             ctx._close_data()  # no DataLoader worker outlives its world
             ctx._accumulators.clear()
+            ctx._release_wrappers()
+        self.kept.end_entry(registered=ctx is not None and ctx._state is not None)
         if self._live is not None:
             self._live.release_world()
         with self._group_lock:
@@ -374,10 +384,9 @@ class Runner:
         the world's; rank 0 of the world is the source)."""
         plan = world.plan
         if self._live is not None and self.committed != NO_STATE:
-            tree = self._live.tree(with_rng=False)
-            if self._at_commit is not None:  # a step lost in flight leaves no buffer, counter or draw behind
-                self._at_commit.lay_over(tree)
-            state.load_tree(tree)
+            # Objects kept across the entry (ctx.keep) are the live ones: nothing is loaded into them, and
+            # a step lost in flight leaves no buffer, counter or draw behind (`CommitCopy`).
+            state.carry_over(self._live, self._at_commit)
         elif plan.restore_from_storage and world.rank == 0:
             self._restore_from_checkpoint(state)
         limits = StateLimits(growth=self.spec.failure.state_growth_limit)  # what a received state may take

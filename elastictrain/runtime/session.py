@@ -7,7 +7,7 @@ the context knows only the `Session` protocol, never the runner.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
 
 import torch
 
@@ -31,6 +31,9 @@ class Session(Protocol):
 
     def group(self, name: str = WORLD) -> Any:
         """The process group of a named group of the topology (`"world"`: every rank)."""
+
+    def keep(self, name: str, factory: Callable[[], Any]) -> Any:
+        """The worker's object under `name`, built by `factory` the first time (`ctx.keep`)."""
 
     def restore(self, state: ElasticState) -> None:
         """Bring `state` to the world's committed step (memory, a peer, or storage)."""
@@ -77,6 +80,9 @@ class TermSession:
             raise KeyError(f"rank {self.world.rank} is not in group {name!r}; its groups: "
                            f"{list(self._topology.groups_of(self.world.rank))}")
         return self._groups[name]
+
+    def keep(self, name: str, factory: Callable[[], Any]) -> Any:
+        return self.runner.kept.keep(name, factory)
 
     def restore(self, state: ElasticState) -> None:
         self.runner.restore(state, self.world, group=self.group())

@@ -1,7 +1,8 @@
 """The elastic state: what `ctx.state(...)` registers, restores and hands to new members.
 
 Tensors are never copied per step. A survivor keeps the objects of its last entry;
-on re-entry their state is loaded into the new objects once. Members behind the
+on re-entry the objects it kept (`ctx.keep`) are the live ones and nothing is loaded
+into them; objects built anew are loaded from the live ones once. Members behind the
 newest one (or new) receive rank 0's state by broadcast. What is copied at each
 commit is small (`rollback.CommitCopy`): buffers, plain entries, RNG states and
 small stateful objects, so a step lost in flight leaves nothing behind.
@@ -105,10 +106,39 @@ class ElasticState:
         copy.take({n: plain_module(o) for n, o in self._objects.items()}, self.plain())
         return copy
 
-    def tree(self, *, with_rng: bool = True) -> dict:
-        """The whole state as a tree of tensors and plain values (no copies)."""
+    def kept_from(self, live: "ElasticState") -> set[str]:
+        """The stateful entries of this state that are the very objects of `live` (kept across the entry)."""
+        return {n for n, o in self._objects.items()
+                if n in live._objects and _is_stateful(_unwrap(o)) and _unwrap(o) is _unwrap(live._objects[n])}
+
+    def carry_over(self, live: "ElasticState", at_commit: Optional[CommitCopy]) -> set[str]:
+        """Bring this state, registered by a survivor's new entry, to the committed step `live` holds.
+
+        Entries that are `live`'s own objects are not loaded: what a step lost in flight changed in
+        them (buffers, optimizer hyperparameters, small stateful objects) is put back in place from
+        `at_commit`, and a module's gradients of that step are dropped. Entries built anew are loaded
+        from `live`'s objects as before. Plain entries, the step and the RNG states come from `live`
+        and `at_commit`. Returns the names of the kept entries.
+        """
+        kept = self.kept_from(live)
+        tree = live.tree(with_rng=False, skip=kept)
+        if at_commit is not None:
+            at_commit.lay_over(tree)
+            for name in kept:
+                at_commit.put_back(name, _unwrap(self._objects[name]))
+        for name in kept:
+            obj = _unwrap(self._objects[name])
+            if isinstance(obj, torch.nn.Module):
+                obj.zero_grad(set_to_none=True)  # a new object would hold none either
+        self.load_tree(tree, skip=kept)
+        return kept
+
+    def tree(self, *, with_rng: bool = True, skip: frozenset[str] | set[str] = frozenset()) -> dict:
+        """The whole state as a tree of tensors and plain values (no copies); entries in `skip` are left out."""
         objects = {}
         for name, obj in self._objects.items():
+            if name in skip:
+                continue
             obj = _unwrap(obj)
             objects[name] = obj.state_dict() if _is_stateful(obj) else obj
         tree = {"step": self.step, "objects": objects}
@@ -130,13 +160,15 @@ class ElasticState:
                 objects[name] = obj.state_dict()
         return {"step": self.step, "objects": objects}
 
-    def load_tree(self, tree: dict) -> None:
-        """Load a tree made by `tree()` into these objects."""
+    def load_tree(self, tree: dict, *, skip: frozenset[str] | set[str] = frozenset()) -> None:
+        """Load a tree made by `tree()` into these objects; entries in `skip` are left as they are."""
         objects = tree["objects"]
-        missing = set(self._objects) - set(objects)
+        missing = set(self._objects) - set(objects) - set(skip)
         if missing:
             raise KeyError(f"restored state lacks entries {sorted(missing)} that ctx.state() registered")
         for name, obj in self._objects.items():
+            if name in skip:
+                continue
             target = _unwrap(obj)
             if _is_stateful(target):
                 target.load_state_dict(objects[name])

@@ -65,13 +65,22 @@ def loss_sum(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]
     return (((model(x) - y) ** 2) * mask).sum(), mask.sum()
 
 
-def make_train_fn(task: ToyTask, on_step: Optional[Callable] = None) -> Callable:
-    """The training loop of the README, on the toy task; reports loss and final weights."""
+def make_train_fn(task: ToyTask, on_step: Optional[Callable] = None, *, keep_objects: bool = True) -> Callable:
+    """The training loop of the README, on the toy task; reports loss and final weights.
+
+    With `keep_objects` (the documented form) a survivor re-enters with its model and optimizer
+    (`ctx.keep`); without it every entry builds them again and loads the state into them (the older form).
+    """
 
     def train_fn(ctx) -> None:
         dataset = ToyDataset(task)
-        model = ctx.prepare_model(make_model(task))
-        opt = torch.optim.AdamW(model.parameters(), lr=task.lr)
+        if keep_objects:
+            net = ctx.keep("net", lambda: make_model(task))
+            model = ctx.prepare_model(net)
+            opt = ctx.keep("opt", lambda: torch.optim.AdamW(net.parameters(), lr=task.lr))
+        else:
+            model = ctx.prepare_model(make_model(task))
+            opt = torch.optim.AdamW(model.parameters(), lr=task.lr)
         state = ctx.state(model=model, optimizer=opt)
         for step in ctx.steps(total_steps=task.total_steps):
             with ctx.accumulate(model, opt) as acc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -17,11 +18,16 @@ TASK = ToyTask(total_steps=16)
 DIE_AT = 8
 
 
-def _train_fn(die: str):
+def _train_fn(die: str, keep: bool = False):
     def train_fn(ctx):
         ds = ToyDataset(TASK)
-        model = ctx.prepare_model(make_model(TASK))
-        opt = torch.optim.AdamW(model.parameters(), lr=TASK.lr)
+        if keep:  # the survivors' objects are the live ones: the lost attempt is undone on them in place
+            net = ctx.keep("net", lambda: make_model(TASK))
+            model = ctx.prepare_model(net)
+            opt = ctx.keep("opt", lambda: torch.optim.AdamW(net.parameters(), lr=TASK.lr))
+        else:
+            model = ctx.prepare_model(make_model(TASK))
+            opt = torch.optim.AdamW(model.parameters(), lr=TASK.lr)
         state = ctx.state(model=model, optimizer=opt, tokens=0, seen=[])
         for step in ctx.steps(total_steps=TASK.total_steps):
             state.tokens += 1
@@ -46,9 +52,9 @@ def _train_fn(die: str):
     return train_fn
 
 
-def _fit(die: str) -> et.Result:
+def _fit(die: str, keep: bool = False) -> et.Result:
     return et.ElasticTrainer(
-        _train_fn(die), scaling=et.ScalingConfig(min_workers=2, max_workers=3), batch=BATCH, failure=FAILURE,
+        _train_fn(die, keep), scaling=et.ScalingConfig(min_workers=2, max_workers=3), batch=BATCH, failure=FAILURE,
         run=et.RunConfig(seed=3),
     ).fit()
 
@@ -61,9 +67,10 @@ def test_death_after_the_optimizer_step_keeps_the_step_instead_of_applying_it_tw
     assert result.steps_redone == 0
 
 
-def test_death_before_the_optimizer_step_leaves_no_counter_or_draw_behind(ray_session):
+@pytest.mark.parametrize("keep", [False, True], ids=["objects_built_per_entry", "objects_kept"])
+def test_death_before_the_optimizer_step_leaves_no_counter_or_draw_behind(ray_session, keep):
     clean = _fit("")
-    faulty = _fit("before_optimizer")
+    faulty = _fit("before_optimizer", keep)
     assert "worker_lost" in kinds(faulty) and "in_flight_step_kept" not in kinds(faulty)
     assert_matches_one_process(faulty, TASK)
     last = faulty.history[-1]
