@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import _wait_for
+
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,6 +87,14 @@ def _stop(head: subprocess.Popen, tag: str) -> None:
     head.wait(timeout=10)
 
 
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def ray_head():
     """A private head node with the dashboard (the job API) on a free port; yields (address, env)."""
@@ -110,6 +120,9 @@ def ray_head():
             if head.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"ray start did not come up:\n{(root / 'head.log').read_bytes()[-3000:].decode(errors='replace')}")
             time.sleep(0.5)
+        # `ray start` returns before the dashboard (the job API) listens: wait for its port, bounded
+        if not _wait_for(lambda: _accepts(dash), timeout=60, interval=0.2):
+            pytest.fail(f"the dashboard never listened on port {dash}")
         yield f"http://127.0.0.1:{dash}", env
     finally:
         _stop(head, tag)
