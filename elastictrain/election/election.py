@@ -163,12 +163,16 @@ class Election:
         return self._get(f"leave/{member_id}") is not None
 
     def members(self) -> list[Member]:
+        return self._members_under("member/")
+
+    def _members_under(self, prefix: str) -> list[Member]:
+        """The verified member records under `prefix` whose member id is the last part of their key."""
         out = []
-        for key in self.store.keys("member/"):
+        for key in self.store.keys(prefix):
             member = self._parsed(key, Member.from_json)
             if member is None:
                 continue
-            if member.id != key.split("/", 1)[1]:
+            if member.id != key[len(prefix):]:
                 self.reject(key, f"names member {member.id[:100]!r}, not the one of its key")
                 continue
             out.append(member)
@@ -232,16 +236,7 @@ class Election:
         self._put(f"join/{_term_key(term)}/{member.id}", member.to_json())
 
     def joined(self, term: int) -> list[Member]:
-        out = []
-        for key in self.store.keys(f"join/{_term_key(term)}/"):
-            member = self._parsed(key, Member.from_json)
-            if member is None:
-                continue
-            if member.id != key.rsplit("/", 1)[1]:
-                self.reject(key, f"names member {member.id[:100]!r}, not the one of its key")
-                continue
-            out.append(member)
-        return out
+        return self._members_under(f"join/{_term_key(term)}/")
 
     def back_step(self, step: int) -> None:
         """Publish the newest committed step the driver has heard of (the driver only)."""
