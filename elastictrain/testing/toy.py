@@ -65,6 +65,16 @@ def loss_sum(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]
     return (((model(x) - y) ** 2) * mask).sum(), mask.sum()
 
 
+def model_and_optimizer(ctx, task: ToyTask, keep_objects: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The toy model, prepared for the world, and its AdamW: kept across entries (`ctx.keep`, the documented
+    form) or, without `keep_objects`, built again on every entry (the older form)."""
+    if keep_objects:
+        net = ctx.keep("net", lambda: make_model(task))
+        return ctx.prepare_model(net), ctx.keep("opt", lambda: torch.optim.AdamW(net.parameters(), lr=task.lr))
+    model = ctx.prepare_model(make_model(task))
+    return model, torch.optim.AdamW(model.parameters(), lr=task.lr)
+
+
 def make_train_fn(task: ToyTask, on_step: Optional[Callable] = None, *, keep_objects: bool = True) -> Callable:
     """The training loop of the README, on the toy task; reports loss and final weights.
 
@@ -74,13 +84,7 @@ def make_train_fn(task: ToyTask, on_step: Optional[Callable] = None, *, keep_obj
 
     def train_fn(ctx) -> None:
         dataset = ToyDataset(task)
-        if keep_objects:
-            net = ctx.keep("net", lambda: make_model(task))
-            model = ctx.prepare_model(net)
-            opt = ctx.keep("opt", lambda: torch.optim.AdamW(net.parameters(), lr=task.lr))
-        else:
-            model = ctx.prepare_model(make_model(task))
-            opt = torch.optim.AdamW(model.parameters(), lr=task.lr)
+        model, opt = model_and_optimizer(ctx, task, keep_objects)
         state = ctx.state(model=model, optimizer=opt)
         for step in ctx.steps(total_steps=task.total_steps):
             with ctx.accumulate(model, opt) as acc:

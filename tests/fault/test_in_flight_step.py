@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import elastictrain as et
-from elastictrain.testing.toy import ToyDataset, ToyTask, flat_params, loss_sum, make_model
+from elastictrain.testing.toy import ToyDataset, ToyTask, flat_params, loss_sum, model_and_optimizer
 from tests.toy_runs import BATCH, FAILURE, assert_matches_one_process, kinds
 
 TASK = ToyTask(total_steps=16)
@@ -21,13 +21,8 @@ DIE_AT = 8
 def _train_fn(die: str, keep: bool = False):
     def train_fn(ctx):
         ds = ToyDataset(TASK)
-        if keep:  # the survivors' objects are the live ones: the lost attempt is undone on them in place
-            net = ctx.keep("net", lambda: make_model(TASK))
-            model = ctx.prepare_model(net)
-            opt = ctx.keep("opt", lambda: torch.optim.AdamW(net.parameters(), lr=TASK.lr))
-        else:
-            model = ctx.prepare_model(make_model(TASK))
-            opt = torch.optim.AdamW(model.parameters(), lr=TASK.lr)
+        # kept: the survivors' objects are the live ones, and the lost attempt is undone on them in place
+        model, opt = model_and_optimizer(ctx, TASK, keep)
         state = ctx.state(model=model, optimizer=opt, tokens=0, seen=[])
         for step in ctx.steps(total_steps=TASK.total_steps):
             state.tokens += 1
