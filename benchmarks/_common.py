@@ -333,6 +333,17 @@ def read_kill(marker: str | os.PathLike) -> Optional[dict]:
         return None
 
 
+def step_gap(records: list[dict], before_t: Optional[float]) -> Optional[float]:
+    """The median time between consecutive steps of one process, over the steps completed before
+    `before_t` (all of them when None)."""
+    by_pid: dict[Any, list[float]] = {}
+    for r in records:
+        if before_t is None or r["t"] <= before_t:
+            by_pid.setdefault(r["pid"], []).append(r["t"])
+    gaps = [b - a for ts in by_pid.values() for a, b in zip(ts, ts[1:])]
+    return statistics.median(gaps) if gaps else None
+
+
 def analyse_recovery(records: list[dict], kill: Optional[dict], total_steps: int) -> dict:
     """Recovery figures of one run, defined the same way for every arm.
 

@@ -103,6 +103,7 @@ def trial_raytrain(a: argparse.Namespace, d: Path) -> None:
         log_dir=str(d / "steps"), marker=str(d / "killed.json"), ckpt_tmp=str(d / "ckpt-tmp"),
         steps=a.steps, kill_step=a.kill_step, kill_rank=a.kill_rank, step_sleep=a.step_sleep,
         ckpt_every=a.ckpt_every, global_batch=a.global_batch, micro_batch=a.micro_batch, seed=a.seed,
+        hidden=a.hidden or None,
     )
 
     def train_loop(config: dict) -> None:
@@ -119,7 +120,7 @@ def trial_raytrain(a: argparse.Namespace, d: Path) -> None:
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         log = CC.StepLog(config["log_dir"], rank)
         data = CC.make_dataset("tiny", seed=config["seed"])
-        model = rtt.prepare_model(CC.make_model("tiny", seed=config["seed"]))
+        model = rtt.prepare_model(CC.make_model("tiny", seed=config["seed"], hidden=config["hidden"]))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         start = 0
         ckpt = rt.get_checkpoint()
@@ -187,7 +188,8 @@ def trial_torchft(a: argparse.Namespace, d: Path, heartbeat_timeout_ms: int) -> 
                  "--lighthouse", f"http://127.0.0.1:{port}", "--log-dir", str(d / "steps"),
                  "--marker", str(d / "killed.json"), "--steps", str(a.steps), "--kill-step", str(a.kill_step),
                  "--kill-rank", str(a.kill_rank), "--step-sleep", str(a.step_sleep),
-                 "--global-batch", str(a.global_batch), "--micro-batch", str(a.micro_batch), "--seed", str(a.seed)],
+                 "--global-batch", str(a.global_batch), "--micro-batch", str(a.micro_batch), "--seed", str(a.seed),
+                 "--hidden", str(a.hidden)],
                 env=C.child_env(), cwd=C.REPO_ROOT,
             ))
         deadline = time.monotonic() + a.timeout
@@ -418,7 +420,9 @@ def run_one(arm: str, a: argparse.Namespace, keep: bool) -> dict:
             status = json.loads((d / "status.json").read_text())
         if status.get("unavailable"):
             return {"arm": arm, "unavailable": status["unavailable"]}
-        rec = C.analyse_recovery(C.read_step_logs(d / "steps"), C.read_kill(d / "killed.json"), a.steps)
+        records, kill = C.read_step_logs(d / "steps"), C.read_kill(d / "killed.json")
+        rec = C.analyse_recovery(records, kill, a.steps)
+        rec.update(kill_t=kill["t"] if kill else None, step_s=C.step_gap(records, kill["t"] if kill else None))
         rec.update(arm=arm, rc=run["rc"], timed_out=run["timed_out"], wall_s=round(run["wall_s"], 2))
         rec["ok"] = bool(rec["killed"] and rec["recovery_s"] is not None and rec["completed"] and not run["timed_out"])
         for key in ("events", "reported_recoveries", "reported_steps_redone"):
@@ -479,8 +483,14 @@ def build_parser() -> C.BenchmarkParser:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--join-timeout-ms", type=int, default=60000, help="torchft lighthouse join timeout")
     p.add_argument("--keep", action="store_true", help="keep each run's temp dir (logs) for inspection")
-    p.add_argument("--hidden", type=int, default=0, help="elastictrain arm: width of the MLP's hidden layers "
+    p.add_argument("--hidden", type=int, default=0, help="width of the MLP's hidden layers, every arm "
                    "(about 2*hidden**2 parameters; 0: the tiny model's 64)")
+    p.add_argument("--sizes", default="", help="recovery against model size (benchmarks/_recovery_sizes.py): "
+                   "comma-separated parameter counts, e.g. 1M,10M,100M,250M; 2 workers")
+    p.add_argument("--after-kill-s", type=float, default=15.0, help="with --sizes: seconds of training after "
+                   "the kill (the step count follows from a measured step at each size)")
+    p.add_argument("--faults", default="follower,leader", help="with --sizes: which rank is killed, "
+                   "follower (rank 1) and/or leader (rank 0)")
     p.add_argument("--ddp-init-sync", action="store_true", help="elastictrain arm: DDP's constructor broadcasts "
                    "the parameters, as before survivors compared fingerprints instead")
     p.add_argument("--trial", help=argparse.SUPPRESS)
@@ -500,6 +510,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown arms {bad}; choose from {ARMS + OPT_IN_ARMS}")
     if not 0 < a.kill_step < a.steps:
         p.error("--kill-step must lie inside the run")
+    if a.sizes:
+        from benchmarks._recovery_sizes import run_sizes
+
+        skipped = {arm: why for arm in arms if (why := unavailable(arm))}
+        for arm, why in skipped.items():
+            print(f"[skip] {arm}: {why}")
+        a.arms = ",".join(arm for arm in arms if arm not in skipped)
+        return run_sizes(a, argv, run_one)
 
     skipped = {arm: why for arm in arms if (why := unavailable(arm))}
     for arm, why in skipped.items():

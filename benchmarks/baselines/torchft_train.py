@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--timeout-s", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the model and the data")
+    p.add_argument("--hidden", type=int, default=0, help="width of the MLP's hidden layers (0: the tiny model's)")
     a = p.parse_args()
 
     from torchft import DistributedDataParallel, Manager, Optimizer, ProcessGroupGloo
@@ -50,7 +51,7 @@ def main() -> None:
     store = TCPStore("127.0.0.1", store_port, is_master=True, wait_for_workers=False)  # noqa: F841 (kept alive)
 
     data = C.make_dataset("tiny", seed=a.seed)
-    model = C.make_model("tiny", seed=a.seed)
+    model = C.make_model("tiny", seed=a.seed, hidden=a.hidden or None)
     inner_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
     def load_state_dict(sd):

@@ -56,6 +56,30 @@ def provenance(node: dict) -> dict[str, str]:
     return {**labels, "node": str(node.get("node_id", "")), "host": str(node.get("host", ""))}
 
 
+RECOVERY_PHASES = ("elect", "group", "reenter", "restore", "first_step")
+"""The phases of a recovery after detection, in order, as the `recovered` event reports them."""
+
+
+def recovery_phases(detected: float, published: float, marks: dict[str, float], committed: float) -> dict[str, float]:
+    """Seconds each phase of a recovery took, from the failure's detection to the first commit: `elect`
+    (a leader publishes the world), `group` (process groups formed), `reenter` (`train_fn` entered again
+    up to `ctx.state`: objects built or kept, wrapped), `restore` (state carried over, agreed or received),
+    `first_step` (the first step of the new world committed). They add up to the recovery; a phase whose
+    end went unrecorded reads 0 and its time falls to the next one."""
+    ends = [published, marks.get("grouped"), marks.get("reentered"), marks.get("restored"), committed]
+    phases, last = {}, detected
+    for name, end in zip(RECOVERY_PHASES, ends):
+        end = last if end is None or end < last else end
+        phases[name], last = end - last, end
+    return phases
+
+
+def state_bytes(state: ElasticState) -> int:
+    """Bytes of the tensors of a state (what a broadcast of it carries, besides its small header)."""
+    tensors, _ = state.flatten()
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def classify_exit(exc: BaseException) -> str:
     """How an entry of `train_fn` that raised `exc` ended: `LEFT` (this member leaves at a boundary),
     `WORLD_CHANGED` (a planned rebuild, or a collective failed because a peer is gone), or
@@ -116,6 +140,7 @@ class Runner:
         self._stop = threading.Event()
         self._first_commit_of_term = True
         self._restored_at = 0.0
+        self._marks: dict[str, float] = {}  # when this entry's recovery phases ended (`recovery_phases`)
         self._checkpoints = None
         self._last_saved_step: Optional[int] = None
         self._pending_save: Optional[tuple[int, int]] = None  # (term, step) of the save in flight
@@ -279,6 +304,7 @@ class Runner:
         if self.committed == NO_STATE:
             seed_everything(self.spec.run.seed)
         ctx = Context(TermSession(self, world, topology, groups), world, self.device)
+        self._marks = {"grouped": time.time()}
         self.kept.begin_entry()
         _set_current(ctx)
         return ctx
@@ -383,6 +409,7 @@ class Runner:
         """Bring `state` to the world's committed step: from memory, a peer, or storage (over `group`,
         the world's; rank 0 of the world is the source)."""
         plan = world.plan
+        self._marks["reentered"] = time.time()  # train_fn is back at ctx.state: its objects are built or kept
         if self._live is not None and self.committed != NO_STATE:
             # Objects kept across the entry (ctx.keep) are the live ones: nothing is loaded into them, and
             # a step lost in flight leaves no buffer, counter or draw behind (`CommitCopy`).
@@ -391,7 +418,13 @@ class Runner:
             self._restore_from_checkpoint(state)
         limits = StateLimits(growth=self.spec.failure.state_growth_limit)  # what a received state may take
         if world.world_size > 1 and (plan.needs_sync or plan.restore_from_storage):
+            began = time.monotonic()
             take_rank0_state(state, device=self.device, group=group, limits=limits)
+            if world.rank == 0:
+                behind = [r for r in range(1, world.world_size)
+                          if plan.restore_from_storage or plan.steps[r] != plan.source_step]
+                self.emit(event("state_sent", term=world.term, step=state.step, bytes=state_bytes(state),
+                                seconds=time.monotonic() - began, receivers=behind))
         elif world.world_size > 1 and not agree_or_broadcast(state, device=self._vote_device(), group=group,
                                                              limits=limits):
             # survivors at one step whose states differ: a bug or a non-deterministic state; rank 0's won
@@ -492,7 +525,9 @@ class Runner:
                 detected = world.plan.detected_at
                 self.emit(event("recovered", time=now, term=world.term, world_size=world.world_size,
                                 resumed_from=world.plan.source_step, recovery_s=now - detected,
-                                elected_s=world.plan.published_at - detected, restored_s=self._restored_at - detected))
+                                elected_s=world.plan.published_at - detected, restored_s=self._restored_at - detected,
+                                phases=recovery_phases(detected, world.plan.published_at,
+                                                       {**self._marks, "restored": self._restored_at}, now)))
         if world.is_leader:
             manager = self._checkpoint_manager()
             if manager is not None and (self._save_owed or manager.should_save(state.step)):

@@ -148,3 +148,30 @@ def test_bench_command_runs_the_checkouts_benchmarks(tmp_path, monkeypatch, caps
     assert main(["bench", "--out", "o", "--only", "recovery"]) == 3
     assert json.loads(seen.read_text()) == ["all", "--quick", "--out", "o", "--only", "recovery"]
     assert "deprecated" in capsys.readouterr().err
+
+
+def test_recovery_sizes_reads_the_phases_growth_and_state_sent_from_the_events():
+    from benchmarks import _recovery_sizes as S
+
+    assert S.parse_size("100M") == 100_000_000 and S.parse_size("12.5k") == 12_500
+    with pytest.raises(ValueError):
+        S.parse_size("10")
+    assert abs(S.param_count(S.hidden_for(10_000_000)) - 10_000_000) < 0.01 * 10_000_000
+    phases = {"elect": 0.1, "group": 0.1, "reenter": 0.05, "restore": 0.05, "first_step": 0.2}
+    events = [
+        {"kind": "joined", "time": 99.0, "term": 1},
+        {"kind": "world_changed", "time": 100.2, "term": 1, "reason": "peer lost"},
+        {"kind": "recovered", "time": 100.7, "term": 2, "recovery_s": 0.5, "phases": phases},
+        {"kind": "world_changed", "time": 104.0, "term": 2, "reason": "planned at step 9: capacity is waiting to join"},
+        {"kind": "state_sent", "time": 104.5, "term": 3, "bytes": 4096, "seconds": 0.2, "receivers": [1]},
+        {"kind": "recovered", "time": 105.0, "term": 3, "recovery_s": 1.0, "phases": phases},
+    ]
+    view = S.runtime_view(events, kill_t=100.0)
+    assert view["detect_s"] == pytest.approx(0.2)
+    assert view["resume_s"] == pytest.approx(0.2 + 0.3)  # detection, then every phase but the first step
+    assert view["growth_s"] == 1.0 and view["back_to_full_s"] == pytest.approx(5.0)
+    assert view["bytes_sent"] == 4096
+    rows = [{"arm": "elastictrain", "fault": "follower", "params": p, "ok": True, "stall_s": s, "resume_s": s}
+            for p, s in ((1_000_000, 0.2), (100_000_000, 0.3))]
+    summary = {r["params"]: r for r in S.summarise(rows)}
+    assert summary[100_000_000]["stall_s_vs_smallest"] == pytest.approx(1.5)

@@ -8,7 +8,7 @@ import pytest
 import torch.distributed as dist
 
 from elastictrain.errors import LeaveWorld, WorldChanged
-from elastictrain.runtime.runner import LEFT, USER_ERROR, WORLD_CHANGED, classify_exit
+from elastictrain.runtime.runner import LEFT, RECOVERY_PHASES, USER_ERROR, WORLD_CHANGED, classify_exit, recovery_phases
 
 
 @pytest.mark.parametrize("exc,kind", [
@@ -47,3 +47,18 @@ def test_provenance_is_the_node_and_every_label_of_it():
     assert provenance(node) == {"node": "n1", "host": "10.0.0.2", "region": "eu-west", "provider": "x", "zone": "3"}
     # a label cannot pass itself off as the node or host
     assert provenance({"node_id": "n1", "host": "h", "labels": {"node": "fake"}})["node"] == "n1"
+
+
+def test_recovery_phases_split_the_time_from_detection_to_the_first_commit():
+    marks = {"grouped": 10.5, "reentered": 10.75, "restored": 11.0}
+    phases = recovery_phases(10.0, 10.25, marks, 12.0)
+    assert list(phases) == list(RECOVERY_PHASES)
+    assert phases == {"elect": 0.25, "group": 0.25, "reenter": 0.25, "restore": 0.25, "first_step": 1.0}
+    assert sum(phases.values()) == pytest.approx(2.0)
+
+
+def test_a_phase_with_no_recorded_end_reads_zero_and_its_time_falls_to_the_next():
+    # no "reentered" mark, and a restore stamped before the group formed (another machine's clock)
+    phases = recovery_phases(10.0, 10.25, {"grouped": 10.5, "restored": 10.4}, 11.0)
+    assert phases == {"elect": 0.25, "group": 0.25, "reenter": 0.0, "restore": 0.0, "first_step": 0.5}
+    assert all(v >= 0 for v in phases.values())
