@@ -150,20 +150,31 @@ def send_tensors(tensors: Sequence[torch.Tensor], *, src: int, device: torch.dev
     messages = plan_messages(sizes, bucket_bytes=BUCKET_BYTES, direct_bytes=DIRECT_BYTES)
     direct_ok = [t.device == device and t.is_contiguous() for t in tensors]
     staging = _staging(messages, lambda m: not (m.direct and direct_ok[m.pieces[0].tensor]), device, stats)
+    pending: list = []
     for message in messages:
         if message.direct and direct_ok[message.pieces[0].tensor]:
             p = message.pieces[0]
-            buf = source(p.tensor)[p.start:p.start + p.nbytes]
+            # pieces of tensors in place go out back to back: the next one is queued while one is on the wire
+            pending.append(dist.broadcast(source(p.tensor)[p.start:p.start + p.nbytes], group=group,
+                                          group_src=src, async_op=True))
         else:
+            _drain(pending)
             buf = staging[:message.nbytes]
             for p in message.pieces:
                 buf[p.at:p.at + p.nbytes].copy_(source(p.tensor)[p.start:p.start + p.nbytes])
-        dist.broadcast(buf, group=group, group_src=src)
+            dist.broadcast(buf, group=group, group_src=src)
         stats.broadcasts += 1
         stats.bytes_moved += message.nbytes
         last = message.pieces[-1]
         if last.start + last.nbytes == sizes[last.tensor]:
             sources[last.tensor] = None  # its last byte is sent: drop a contiguous copy made for it
+    _drain(pending)
+
+
+def _drain(pending: list) -> None:
+    """Wait for the queued broadcasts (in order: a failed one raises here, as a synchronous one would)."""
+    while pending:
+        pending.pop(0).wait()
 
 
 def home_device(home: str, device: torch.device) -> torch.device:
@@ -202,15 +213,19 @@ def receive_tensors(layout: Sequence[TensorSpec], *, src: int, device: torch.dev
     direct_ok = [t.device == device for t in targets]
     messages = plan_messages([s.nbytes for s in layout], bucket_bytes=BUCKET_BYTES, direct_bytes=DIRECT_BYTES)
     staging = _staging(messages, lambda m: not (m.direct and direct_ok[m.pieces[0].tensor]), device, stats)
+    pending: list = []
     for message in messages:
         p = message.pieces[0]
         if message.direct and direct_ok[p.tensor]:
-            dist.broadcast(views[p.tensor][p.start:p.start + p.nbytes], group=group, group_src=src)
+            pending.append(dist.broadcast(views[p.tensor][p.start:p.start + p.nbytes], group=group, group_src=src,
+                                          async_op=True))
         else:
+            _drain(pending)
             buf = staging[:message.nbytes]
             dist.broadcast(buf, group=group, group_src=src)
             for p in message.pieces:
                 views[p.tensor][p.start:p.start + p.nbytes].copy_(buf[p.at:p.at + p.nbytes])
         stats.broadcasts += 1
         stats.bytes_moved += message.nbytes
+    _drain(pending)
     return received
