@@ -24,6 +24,7 @@ from elastictrain.errors import StateRefused
 from elastictrain.runtime.layout import OwnLayout, StateLimits, TensorSpec, check_layout, parse_header
 from elastictrain.runtime.rng import rng_state, set_rng_state
 from elastictrain.runtime.rollback import CommitCopy, copy_plain
+from elastictrain.runtime.transfer import receive_tensors, send_tensors
 from elastictrain.statetree import flatten_state, unflatten_state
 
 __all__ = ["ElasticState", "StateLimits", "agree_or_broadcast", "broadcast_tree", "take_rank0_state", "copy_plain", "fingerprint", "plain_module",
@@ -180,9 +181,33 @@ class ElasticState:
 
     def layout(self) -> OwnLayout:
         """This state's tensor layout, what a received state is checked against."""
-        tensors, _ = flatten_state(self.tree())
+        return self.layout_of(self.flatten()[0])
+
+    def layout_of(self, tensors: dict[str, torch.Tensor]) -> OwnLayout:
+        """The layout of `tensors`, this state's own as `flatten()` gave them."""
         modules = [n for n, o in self._objects.items() if isinstance(_unwrap(o), torch.nn.Module)]
         return OwnLayout.of(tensors, self._objects, modules)
+
+    def filled_in_place(self, tree: dict, own: dict[str, torch.Tensor]) -> set[str]:
+        """The models whose every parameter and buffer already holds what `tree` carries: each of its
+        tensors is one of `own` (this state's, by `flatten()`) and is the model's own storage. Loading
+        them would copy each tensor onto itself."""
+        done = set()
+        for name, obj in self._objects.items():
+            module = _unwrap(obj)
+            received = tree["objects"].get(name)
+            if not isinstance(module, torch.nn.Module) or not isinstance(received, dict):
+                continue
+            if any(m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks for m in module.modules()):
+                continue  # the user's hooks run on a load
+            live = dict(module.named_parameters(remove_duplicate=False))
+            live.update(module.named_buffers(remove_duplicate=False))
+            if set(received) == set(module.state_dict()) and all(
+                    isinstance(t, torch.Tensor) and t is own.get(f"objects/{name}/{key}") and key in live
+                    and live[key].data_ptr() == t.data_ptr() and live[key].shape == t.shape
+                    for key, t in received.items()):
+                done.add(name)
+        return done
 
     def flatten(self) -> tuple[dict[str, torch.Tensor], Any]:
         """Named tensors and skeleton, for checkpoints."""
@@ -199,13 +224,22 @@ def broadcast_tree(tree: Optional[dict], *, src: int, device: torch.device, grou
     dtypes and, given `expect` (its own state's layout), checks the announced layout
     against it within `limits` before it allocates anything (`layout.check_layout`).
     Every rank then learns every receiver's verdict, so a refusal raises on all ranks
-    together instead of leaving the others blocked in a broadcast. Tensors travel one
-    by one on `device` (CUDA for NCCL, CPU for gloo) and land where the source kept
-    them (a CPU optimizer step count stays on the CPU).
+    together instead of leaving the others blocked in a broadcast. Tensors travel on
+    `device` (CUDA for NCCL, CPU for gloo) packed in buckets or in large pieces with one
+    bucket of staging memory (`transfer`), and land where the source kept them (a CPU
+    optimizer step count stays on the CPU).
 
     Raises:
         StateRefused: on every rank, when any receiver refused the header (the refusing rank says why).
     """
+    return _broadcast_tree(tree, src=src, device=device, group=group, expect=expect, limits=limits, into=None)
+
+
+def _broadcast_tree(tree: Optional[dict], *, src: int, device: torch.device, group: Any,
+                    expect: Optional[OwnLayout], limits: StateLimits,
+                    into: Optional[dict[str, torch.Tensor]]) -> dict:
+    """`broadcast_tree`; a receiver takes the bytes of a tensor it holds in `into` (same name, shape,
+    dtype and home) into that tensor instead of a new one."""
     rank = dist.get_rank(group)
     if rank == src:
         if tree is None:
@@ -233,16 +267,10 @@ def broadcast_tree(tree: Optional[dict], *, src: int, device: torch.device, grou
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the other ranks must learn it
             refusal = exc if isinstance(exc, ValueError) else ValueError(f"{type(exc).__name__}: {exc}")
     _share_verdict(refusal, rank=rank, device=device, group=group)
-    received: dict[str, torch.Tensor] = {}
-    for spec in layout:
-        if rank == src:
-            buf = tensors[spec.name].detach().to(device).contiguous()
-        else:
-            buf = torch.empty(spec.shape, dtype=spec.dtype, device=device)
-        dist.broadcast(buf, group=group, group_src=src)
-        received[spec.name] = buf if spec.home == device.type else buf.to(spec.home)
     if rank == src:
+        send_tensors([tensors[spec.name] for spec in layout], src=src, device=device, group=group)
         return tree
+    received = receive_tensors(layout, src=src, device=device, group=group, into=into)
     try:
         return unflatten_state(received, skeleton)
     except (KeyError, ValueError, TypeError, RecursionError) as exc:
@@ -321,7 +349,10 @@ def take_rank0_state(state: "ElasticState", *, device: torch.device, group: Any 
         StateRefused: on every rank, when a rank refused what rank 0 announced.
     """
     rank = dist.get_rank(group)
-    tree = broadcast_tree(state.tree() if rank == 0 else None, src=0, device=device, group=group,
-                          expect=None if rank == 0 else state.layout(), limits=limits)
-    if rank != 0:
-        state.load_tree(tree)
+    if rank == 0:
+        _broadcast_tree(state.tree(), src=0, device=device, group=group, expect=None, limits=limits, into=None)
+        return
+    own, _ = state.flatten()  # the tensors it holds receive rank 0's bytes in place
+    tree = _broadcast_tree(None, src=0, device=device, group=group, expect=state.layout_of(own), limits=limits,
+                           into=own)
+    state.load_tree(tree, skip=state.filled_in_place(tree, own))
