@@ -379,6 +379,10 @@ class Runner:
         self.emit(event("in_flight_step_kept", term=term, step=step))
         return True
 
+    def _forget_state(self) -> None:
+        """This member's objects are about to be overwritten: it holds no committed state until they are."""
+        self.committed, self._live, self._at_commit, self._stepped = NO_STATE, None, None, False
+
     def _mark_committed(self, state: ElasticState) -> None:
         """`state` holds a committed step: note it, copy what a lost step could change before its optimizer
         step (buffers, plain entries, RNG states, small stateful objects); no step is in flight."""
@@ -418,6 +422,11 @@ class Runner:
             self._restore_from_checkpoint(state)
         limits = StateLimits(growth=self.spec.failure.state_growth_limit)  # what a received state may take
         if world.world_size > 1 and (plan.needs_sync or plan.restore_from_storage):
+            if world.rank != 0:
+                # The state lands in this member's own tensors: once the first byte has, they hold no
+                # committed step until the last one has. A transfer cut short leaves this member with no
+                # state to bid, never a mix of two steps that it would hand out as its old one.
+                self._forget_state()
             began = time.monotonic()
             take_rank0_state(state, device=self.device, group=group, limits=limits)
             if world.rank == 0:
