@@ -148,3 +148,28 @@ def test_bench_command_runs_the_checkouts_benchmarks(tmp_path, monkeypatch, caps
     assert main(["bench", "--out", "o", "--only", "recovery"]) == 3
     assert json.loads(seen.read_text()) == ["all", "--quick", "--out", "o", "--only", "recovery"]
     assert "deprecated" in capsys.readouterr().err
+
+
+def test_recovery_back_to_full_size_is_the_first_full_world_commit_after_the_kill():
+    from benchmarks.recovery import back_to_full_size
+
+    kill = {"t": 100.0}
+    events = [
+        {"kind": "recovered", "time": 99.0, "world_size": 3},   # before the kill: not this recovery
+        {"kind": "recovered", "time": 100.2, "world_size": 2},  # the shrunken world trains again
+        {"kind": "world", "time": 103.0, "world_size": 3},
+        {"kind": "recovered", "time": 103.5, "world_size": 3},  # grown back to full size
+        {"kind": "recovered", "time": 110.0, "world_size": 3},
+    ]
+    assert back_to_full_size(events, kill, workers=3) == pytest.approx(3.5)
+    assert back_to_full_size(events[:3], kill, workers=3) is None
+    assert back_to_full_size(events, None, workers=3) is None
+
+
+def test_recovery_spares_flag_adds_the_spares_arm_and_the_arm_needs_it():
+    from benchmarks import recovery
+
+    args = recovery.build_parser().parse_args(["--spares", "1"])
+    assert args.spares == 1 and "--spares" in recovery.trial_args(args)
+    with pytest.raises(SystemExit):
+        recovery.main(["--arms", "elastictrain-spares"])
