@@ -328,7 +328,7 @@ def trial_elastictrain(a: argparse.Namespace, d: Path, keep_objects: bool = True
             ctx.state(model=model, optimizer=opt)
             reentry_s = time.perf_counter() - entered  # build (or keep) the objects, wrap, restore
             for step in ctx.steps(total_steps=steps):
-                if spares and step == kill_step and len(entries) == 1:
+                if spares and step == kill_step and ctx.term == 1:
                     wait_for_a_spare(ctx)  # the kill lands while a spare waits, however slowly it started
                 CC.maybe_kill(marker, ctx.rank, step, kill_rank, kill_step)
                 if step == kill_step - 2 and not first_step_of_reentry:
