@@ -192,3 +192,20 @@ def test_a_spare_waits_outside_the_full_first_world_and_joins_the_rebuild_after_
         for t in [*first, survivor]:
             if t is not None and t.ident is not None:
                 t.join(timeout=10)
+
+
+def test_the_embedded_cluster_has_room_for_every_worker_and_spare(monkeypatch):
+    import os
+    from types import SimpleNamespace
+
+    from elastictrain.runtime import cluster
+    from elastictrain.trainer import ElasticTrainer
+
+    asked = []
+    monkeypatch.setattr(cluster, "ensure_ray", lambda cpus: asked.append(cpus) and False)  # starts nothing
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    trainer = ElasticTrainer(lambda ctx: None, scaling=ScalingConfig(max_workers=2, spares=2),
+                             batch=BatchConfig(global_batch_size=8))
+    monkeypatch.setattr(trainer, "_driver", lambda: SimpleNamespace(run=lambda: "result"))
+    assert trainer.fit() == "result"
+    assert asked == [5]  # 2 workers + 2 spares, a CPU each, and one for the driver's helpers
