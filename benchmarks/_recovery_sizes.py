@@ -111,7 +111,9 @@ def runtime_view(events: list[dict], kill_t: float) -> dict:
         if grown:
             out["growth_s"] = grown[0]["recovery_s"]
             out["growth_phases"] = grown[0].get("phases") or {}
-            out["back_to_full_s"] = grown[0]["time"] - kill_t
+    from benchmarks.recovery import back_to_full_size
+
+    out["back_to_full_s"] = back_to_full_size(events, {"t": kill_t}, workers=2)  # by growth, or a spare at once
     sent = [e for e in after if e["kind"] == "state_sent"]
     out["bytes_sent"] = sum(int(e.get("bytes", 0)) for e in sent)
     out["state_sends"] = [{"term": e.get("term"), "bytes": e.get("bytes"), "seconds": e.get("seconds"),

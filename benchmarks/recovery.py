@@ -25,7 +25,13 @@ Arms:
 - elastictrain: ElasticTrainer with min_workers=W-1, max_workers=W; the loop keeps its model and
   optimizer across re-entries (`ctx.keep`, the documented form);
 - elastictrain-rebuild (opt-in): the same, in the older loop form that builds the model and optimizer
-  on every entry of train_fn and loads the survivor's state into them.
+  on every entry of train_fn and loads the survivor's state into them;
+- elastictrain-spares (added by `--spares N`): the same with `ScalingConfig(spares=N)`; the kill waits
+  (bounded) until a spare waits outside the world.
+
+The elastictrain arms also report full_size_s: from the kill to the first step committed by a world
+of W members again (a spare fills the next world; without one, a new worker process starts and the
+world grows at a step boundary). Runs need enough steps after the kill for that (say --steps 200).
 
 The elastictrain arms also measure each survivor's peak memory (VmHWM, reset through
 /proc/self/clear_refs) over the rebuild and its first step, against its peak over two steps
@@ -38,6 +44,7 @@ process group is killed when it ends or overruns, and its temp dir is removed.
     python -m benchmarks recovery --repeats 1 --arms torchrun,torchft
     python -m benchmarks recovery --out bench-out/      # recovery.json, recovery.md
     python -m benchmarks recovery --quick               # elastictrain only, 1 repeat, 40 steps
+    python -m benchmarks recovery --arms elastictrain --spares 1 --steps 200 --repeats 5   # with and without a spare
 """
 
 from __future__ import annotations
@@ -58,7 +65,8 @@ from benchmarks import _common as C
 
 ARMS = ["raytrain", "torchrun", "torchft", "torchft-hb1s", "elastictrain"]
 OPT_IN_ARMS = ["torchrun-plain",  # hangs or fails on most restarts here (pytorch#135712)
-               "elastictrain-rebuild"]  # the older loop form, for comparison
+               "elastictrain-rebuild",  # the older loop form, for comparison
+               "elastictrain-spares"]  # warm spares; --spares N adds it
 ARM_LABELS = {
     "torchrun-plain": "torchrun --max-restarts, default store (ckpt every 10)",
     "raytrain": "Ray Train TorchTrainer (ckpt every 10)",
@@ -67,6 +75,7 @@ ARM_LABELS = {
     "torchft-hb1s": "torchft 0.2.0, 1 s heartbeat timeout",
     "elastictrain": "elastictrain ElasticTrainer",
     "elastictrain-rebuild": "elastictrain ElasticTrainer, model and optimizer built on every entry (older loop form)",
+    "elastictrain-spares": "elastictrain ElasticTrainer with warm spares (ScalingConfig(spares=N))",
 }
 BASELINE = "raytrain"
 QUICK = {"arms": "elastictrain", "repeats": 1, "steps": 40, "kill_step": 15, "timeout": 120.0}
@@ -254,7 +263,30 @@ def read_memory(d: Path) -> dict:
             "reentry_s": max(reentries) if reentries else None}
 
 
-def trial_elastictrain(a: argparse.Namespace, d: Path, keep_objects: bool = True) -> None:
+def wait_for_a_spare(ctx, timeout_s: float = 60.0) -> bool:
+    """Hold this rank until a live worker waits outside its world (a warm spare), bounded; every rank polls
+    the same store, so they all go on together."""
+    runner, members = ctx._session.runner, set(ctx._session.world.plan.members)
+    lapse = runner.spec.failure.heartbeat_timeout_s
+    deadline = time.monotonic() + timeout_s
+    while not runner.election.live_ids(lapse) - members:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def back_to_full_size(events: list[dict] | None, kill: dict | None, workers: int) -> float | None:
+    """Seconds from the kill to the first step committed by a world of `workers` members after it (the
+    library's `recovered` event of that world), or None."""
+    if not events or not kill:
+        return None
+    full = [e["time"] for e in events if e.get("kind") == "recovered" and e.get("world_size") == workers
+            and e["time"] > kill["t"]]
+    return min(full) - kill["t"] if full else None
+
+
+def trial_elastictrain(a: argparse.Namespace, d: Path, keep_objects: bool = True, spares: int = 0) -> None:
     why = elastictrain_unavailable()
     if why:
         _write_status(d, unavailable=why)
@@ -298,6 +330,8 @@ def trial_elastictrain(a: argparse.Namespace, d: Path, keep_objects: bool = True
             ctx.state(model=model, optimizer=opt)
             reentry_s = time.perf_counter() - entered  # build (or keep) the objects, wrap, restore
             for step in ctx.steps(total_steps=steps):
+                if spares and step == kill_step and ctx.term == 1:
+                    wait_for_a_spare(ctx)  # the kill lands while a spare waits, however slowly it started
                 CC.maybe_kill(marker, ctx.rank, step, kill_rank, kill_step)
                 if step == kill_step - 2 and not first_step_of_reentry:
                     _reset_peak_memory()  # steady state: the peak over two whole steps before the kill
@@ -319,11 +353,11 @@ def trial_elastictrain(a: argparse.Namespace, d: Path, keep_objects: bool = True
         finally:
             log.close()
 
-    ray.init(address="local", num_cpus=max(8, a.workers + 2), include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=max(8, a.workers + spares + 2), include_dashboard=False, log_to_driver=True)
     try:
         result = et.ElasticTrainer(
             train_fn,
-            scaling=et.ScalingConfig(min_workers=a.workers - 1, max_workers=a.workers,
+            scaling=et.ScalingConfig(min_workers=a.workers - 1, max_workers=a.workers, spares=spares,
                                      resources_per_worker={"CPU": 1}),
             batch=et.BatchConfig(global_batch_size=a.global_batch, micro_batch_size=a.micro_batch),
             failure=et.FailureConfig(max_failures=3),
@@ -355,6 +389,8 @@ def run_trial_child(a: argparse.Namespace) -> int:
             trial_elastictrain(a, d)
         elif a.trial == "elastictrain-rebuild":
             trial_elastictrain(a, d, keep_objects=False)
+        elif a.trial == "elastictrain-spares":
+            trial_elastictrain(a, d, spares=a.spares)
         else:
             raise SystemExit(f"unknown arm {a.trial!r}")
     except Exception as e:
@@ -375,6 +411,7 @@ def trial_args(a: argparse.Namespace) -> list[str]:
         "--global-batch", str(a.global_batch), "--micro-batch", str(a.micro_batch),
         "--timeout", str(a.timeout), "--join-timeout-ms", str(a.join_timeout_ms), "--seed", str(a.seed),
         "--hidden", str(a.hidden), *(["--ddp-init-sync"] if a.ddp_init_sync else []),
+        "--spares", str(a.spares),
     ]
 
 
@@ -430,6 +467,8 @@ def run_one(arm: str, a: argparse.Namespace, keep: bool) -> dict:
                 rec[key] = status[key]
         if arm.startswith("elastictrain"):
             rec.update(read_memory(d))
+            rec["full_size_s"] = back_to_full_size(status.get("events"), C.read_kill(d / "killed.json"), a.workers)
+            rec["spares_joined"] = sum(1 for e in status.get("events") or [] if e.get("kind") == "spare_joined")
         if status.get("error"):
             rec["error"] = status["error"]
         if not rec["ok"]:
@@ -463,6 +502,8 @@ def summarise(arm: str, runs: list[dict], base_median: float | None) -> dict:
         "rebuild_peak_ratio_all": [r.get("rebuild_peak_ratio") for r in runs],
         "reentry_s_median": C.median(r.get("reentry_s") for r in ok),
         "reentry_s_all": [r.get("reentry_s") for r in runs],
+        "full_size_s_median": C.median(r.get("full_size_s") for r in ok),
+        "full_size_s_all": [r.get("full_size_s") for r in runs],
         "failures": [
             {k: r.get(k) for k in ("rc", "timed_out", "error", "completed", "recovery_s")} for r in runs if not r.get("ok")
         ],
@@ -493,6 +534,8 @@ def build_parser() -> C.BenchmarkParser:
                    "follower (rank 1) and/or leader (rank 0)")
     p.add_argument("--ddp-init-sync", action="store_true", help="elastictrain arm: DDP's constructor broadcasts "
                    "the parameters, as before survivors compared fingerprints instead")
+    p.add_argument("--spares", type=int, default=0, help="add the elastictrain-spares arm: elastictrain with "
+                   "ScalingConfig(spares=N), interleaved with the others; compare full_size_s")
     p.add_argument("--trial", help=argparse.SUPPRESS)
     p.add_argument("--trial-dir", help=argparse.SUPPRESS)
     return p
@@ -510,6 +553,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown arms {bad}; choose from {ARMS + OPT_IN_ARMS}")
     if not 0 < a.kill_step < a.steps:
         p.error("--kill-step must lie inside the run")
+    if a.spares < 0:
+        p.error("--spares must be 0 or more")
+    if a.spares and "elastictrain-spares" not in arms:
+        arms.append("elastictrain-spares")
+    if "elastictrain-spares" in arms and not a.spares:
+        p.error("the elastictrain-spares arm needs --spares N (N >= 1)")
     if a.sizes:
         from benchmarks._recovery_sizes import run_sizes
 
@@ -538,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"      ok={r['ok']} recovery={C.fmt(r.get('recovery_s'), 3, ' s')} redone={r.get('steps_redone')} "
                 f"rebuild_peak_ratio={C.fmt(r.get('rebuild_peak_ratio'), 3)} reentry={C.fmt(r.get('reentry_s'), 3, ' s')} "
+                f"full_size={C.fmt(r.get('full_size_s'), 3, ' s')} "
                 f"first_after={r.get('first_step_after_kill')} wall={r['wall_s']} s rc={r['rc']}"
                 + (" TIMEOUT" if r["timed_out"] else ""),
                 flush=True,
@@ -562,6 +612,11 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "<= 1 step redone": et_s["steps_redone_median"] <= 1,
         }
+    sp_s = summary.get("elastictrain-spares")
+    if sp_s and sp_s["n_ok"]:
+        targets["back to full size within 0.5 s with a spare"] = (
+            None if sp_s["full_size_s_median"] is None else sp_s["full_size_s_median"] <= 0.5
+        )
 
     params = {k: v for k, v in vars(a).items() if k not in ("trial", "trial_dir", "keep")}
     data = {
@@ -578,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "step after it, over its peak RSS across two steps before the kill (highest survivor)",
             "reentry_s": "elastictrain arms: a survivor's time from entering train_fn again to ctx.state returning "
                          "(objects built or kept, DDP wrap, restore); the slowest survivor",
+            "full_size_s": "elastictrain arms: from the kill to the first step committed by a world of --workers "
+                           "members again (the `recovered` event of that world)",
         },
         "summary": summary,
         "targets": targets,
@@ -591,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
             C.fmt(s["steps_redone_median"], 1), C.fmt(s["speedup_vs_raytrain"], 1, "x"),
             ", ".join(C.fmt(x, 2) for x in s["recovery_s_all"]),
             C.fmt(s["rebuild_peak_ratio_median"], 2, "x"), C.fmt(s["reentry_s_median"], 3, " s"),
+            C.fmt(s["full_size_s_median"], 2, " s"),
         ])
     md = [
         "# Recovery after a worker's SIGKILL\n",
@@ -600,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
         "recovery = first step completed after the kill - kill time; "
         "steps redone = steps applied before the kill and applied again after it.\n",
         C.md_table(["arm", "ok/runs", "recovery (median)", "steps redone (median)", "speed-up vs Ray Train",
-                    "recovery, each run (s)", "survivor's peak memory, rebuild / steady", "survivor's re-entry to ctx.state"], rows),
+                    "recovery, each run (s)", "survivor's peak memory, rebuild / steady", "survivor's re-entry to ctx.state",
+                    "back to full size (median)"], rows),
     ]
     if targets:
         md.append("\nTargets (elastictrain):\n")

@@ -27,6 +27,11 @@ class ScalingConfig(_Config):
         1, ge=1, description="Training waits while fewer are alive (up to failure.below_min_timeout_s, then fails)."
     )
     max_workers: int = Field(1, ge=1, description="Never more workers than this; new capacity joins up to it.")
+    spares: int = Field(
+        0, ge=0, description="Warm spares: workers started beyond max_workers, placed like the others, that warm up "
+        "and wait outside the world; a rebuild after a loss takes one in at once (no process start), and a new "
+        "spare starts in the background. Each reserves resources_per_worker."
+    )
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1.0}, description="Ray resources each worker actor reserves."
     )

@@ -40,6 +40,9 @@ KINDS: Mapping[str, EventKind] = _kinds(
     ("commit", "worker", ("term", "step", "rank"), "A step committed on a rank."),
     # --- a worker's life in the world ---------------------------------------------------------
     ("joined", "worker", ("term", "rank", "world_size", "leader"), "A member entered the world of a term."),
+    ("spare_joined", "worker", ("term", "rank", "waited_s"),
+     "A warm spare (`ScalingConfig.spares`), started earlier and waiting outside a full world, entered the world "
+     "of a term: no process was started for it. `waited_s`: how long it waited."),
     ("left", "worker", ("term", "step"), "A member left the run at a step boundary (a preemption notice)."),
     ("world_changed", "worker", ("term", "step", "reason"),
      "A member's world ended (a peer lost, a planned rebuild); `in_flight` names a step lost in flight."),

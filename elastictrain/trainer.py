@@ -90,8 +90,9 @@ class ElasticTrainer:
 
         from elastictrain.runtime.cluster import ensure_ray
 
-        # Room for every worker plus the driver's helpers, even on a small machine.
-        cpus = max(os.cpu_count() or 1, int(self.scaling.max_workers * self.scaling.resources_per_worker.get("CPU", 1)) + 1)
+        # Room for every worker, spares included, plus the driver's helpers, even on a small machine.
+        pool = self.scaling.max_workers + self.scaling.spares
+        cpus = max(os.cpu_count() or 1, int(pool * self.scaling.resources_per_worker.get("CPU", 1)) + 1)
         started_ray = ensure_ray(cpus)
         try:
             return self._driver().run()

@@ -48,6 +48,9 @@ class FailurePolicy:
 class PlacementPolicy:
     """How many workers the pool holds and where they go; stops refilling once the run ended.
 
+    The pool is `max_workers` plus `spares`: spares run the same worker, wait outside a full world and
+    join the next rebuild; the refill after a loss replaces whichever was consumed.
+
     Args:
         scaling: the run's scaling config (pool size, resources, node labels).
     """
@@ -93,4 +96,9 @@ class PlacementPolicy:
     def _refill(self) -> Decision:
         if self.ended:
             return Decision()
-        return Decision(spawn=self.scaling.max_workers - len(self.active))
+        return Decision(spawn=max(0, self.pool_size - len(self.active)))
+
+    @property
+    def pool_size(self) -> int:
+        """Workers kept started: the world's `max_workers` and the warm `spares` that wait outside it."""
+        return self.scaling.max_workers + self.scaling.spares

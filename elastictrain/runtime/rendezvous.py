@@ -62,6 +62,8 @@ class Rendezvous:
         self.policy = policy
         self.open_store = open_store
         self.store_handle: Optional[object] = None
+        self.spare_since: Optional[float] = None
+        """Wall time this member was first left out of a full world and waited as a warm spare (None: never)."""
 
     def leader_alive(self, term: int) -> bool:
         """Whether `term` has a leader whose heartbeat is current (this member counts as alive)."""
@@ -107,6 +109,8 @@ class Rendezvous:
                         return world
                     # Left out (late, or beyond max_workers): wait for the leader to grow the world.
                     target, candidate = newest + 1, False
+                    if world.world_size >= self.policy.max_workers and self.spare_since is None:
+                        self.spare_since = time.time()  # a warm spare: it joins the next rebuild
                 elif not self.leader_alive(newest) or self._waited_out(newest, unpublished):
                     target, candidate = newest + 1, True
                     waiting_since = time.monotonic()

@@ -82,6 +82,13 @@ class RunView:
         """Members of the newest world: id -> {rank, term, leader, pid, node_id}."""
         return {m: dict(info) for m, info in self._driver.log.world_members.items()}
 
+    def waiting(self) -> list[str]:
+        """Live workers outside the newest world: warm spares (`ScalingConfig.spares`), or new capacity
+        about to join. Judged on this process's clock, like the driver's health checks."""
+        driver = self._driver
+        live = driver.election.live_ids(driver.spec.failure.heartbeat_timeout_s)
+        return sorted(live - set(driver.log.world_members))
+
     def events(self) -> list[dict]:
         """Every event so far, in arrival order."""
         return list(self._driver.log.events)

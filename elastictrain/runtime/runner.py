@@ -285,6 +285,9 @@ class Runner:
         self.emit(event("joined", term=plan.term, rank=world.rank, world_size=world.world_size,
                         leader=world.is_leader, pid=self.node.get("pid"), node_id=self.node.get("node_id")))
         self._replay_reports(world)
+        spare_since, self.rendezvous.spare_since = self.rendezvous.spare_since, None
+        if spare_since is not None:
+            self.emit(event("spare_joined", term=plan.term, rank=world.rank, waited_s=time.time() - spare_since))
         return world
 
     def _open_context(self, world: WorldInfo) -> Context:

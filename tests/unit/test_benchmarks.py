@@ -164,7 +164,7 @@ def test_recovery_sizes_reads_the_phases_growth_and_state_sent_from_the_events()
         {"kind": "recovered", "time": 100.7, "term": 2, "recovery_s": 0.5, "phases": phases},
         {"kind": "world_changed", "time": 104.0, "term": 2, "reason": "planned at step 9: capacity is waiting to join"},
         {"kind": "state_sent", "time": 104.5, "term": 3, "bytes": 4096, "seconds": 0.2, "receivers": [1]},
-        {"kind": "recovered", "time": 105.0, "term": 3, "recovery_s": 1.0, "phases": phases},
+        {"kind": "recovered", "time": 105.0, "term": 3, "recovery_s": 1.0, "phases": phases, "world_size": 2},
     ]
     view = S.runtime_view(events, kill_t=100.0)
     assert view["detect_s"] == pytest.approx(0.2)
@@ -175,3 +175,28 @@ def test_recovery_sizes_reads_the_phases_growth_and_state_sent_from_the_events()
             for p, s in ((1_000_000, 0.2), (100_000_000, 0.3))]
     summary = {r["params"]: r for r in S.summarise(rows)}
     assert summary[100_000_000]["stall_s_vs_smallest"] == pytest.approx(1.5)
+
+
+def test_recovery_back_to_full_size_is_the_first_full_world_commit_after_the_kill():
+    from benchmarks.recovery import back_to_full_size
+
+    kill = {"t": 100.0}
+    events = [
+        {"kind": "recovered", "time": 99.0, "world_size": 3},   # before the kill: not this recovery
+        {"kind": "recovered", "time": 100.2, "world_size": 2},  # the shrunken world trains again
+        {"kind": "world", "time": 103.0, "world_size": 3},
+        {"kind": "recovered", "time": 103.5, "world_size": 3},  # grown back to full size
+        {"kind": "recovered", "time": 110.0, "world_size": 3},
+    ]
+    assert back_to_full_size(events, kill, workers=3) == pytest.approx(3.5)
+    assert back_to_full_size(events[:3], kill, workers=3) is None
+    assert back_to_full_size(events, None, workers=3) is None
+
+
+def test_recovery_spares_flag_adds_the_spares_arm_and_the_arm_needs_it():
+    from benchmarks import recovery
+
+    args = recovery.build_parser().parse_args(["--spares", "1"])
+    assert args.spares == 1 and "--spares" in recovery.trial_args(args)
+    with pytest.raises(SystemExit):
+        recovery.main(["--arms", "elastictrain-spares"])
