@@ -6,6 +6,8 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
+import pytest
+
 import elastictrain as et
 from elastictrain.testing.faults import hold_until_faults
 from elastictrain.testing.toy import ToyTask, make_train_fn
@@ -74,3 +76,11 @@ def test_a_warm_spare_fills_the_next_world_and_a_new_spare_is_started(ray_sessio
     assert max(term for term, _, _ in result.commit_spans) == next_term
     assert result.steps_redone <= 1
     assert_matches_one_process(result, TASK)
+
+    # Only the spare received state, and the recovery says where its time went.
+    sent = [e for e in result.events if e["kind"] == "state_sent" and e["term"] > fault.term]
+    assert [(e["term"], e["receivers"]) for e in sent] == [(next_term, [1])], sent
+    assert sent[0]["bytes"] > 0
+    recovered = [e for e in result.events if e["kind"] == "recovered" and e["term"] == next_term]
+    assert len(recovered) == 1 and set(recovered[0]["phases"]) == {"elect", "group", "reenter", "restore", "first_step"}
+    assert sum(recovered[0]["phases"].values()) == pytest.approx(recovered[0]["recovery_s"], abs=1e-6)
