@@ -197,7 +197,10 @@ class Driver:
         if self._ended_at is not None and now - self._ended_at > self._end_grace:
             self.record(event("stragglers_killed", members=sorted(self.workers.running())))
             return False
-        return bool(self.workers.running())
+        running = self.workers.running()
+        if self._ended_at is not None and self.log.world_members and not set(running) & set(self.log.world_members):
+            return False  # every member of the last world returned; the rest (spares, capacity still starting) hold nothing
+        return bool(running)
 
     def close(self) -> None:
         """Kill every worker (finished ones hold their resources until killed); clear the run's keys."""

@@ -126,6 +126,23 @@ def test_a_finished_run_stops_refilling_and_ends_when_every_worker_returned():
     assert result.steps == 3 and result.commit_spans == [(1, 0, 2)]
 
 
+def test_a_finished_run_does_not_wait_for_workers_outside_its_last_world():
+    driver, workers, clock = _driver(max_workers=2)
+    driver.start()
+    a, b = workers.started
+    workers.started.append("spare")  # a warm spare, or capacity still starting: never in a world
+    workers.records += [event("joined", term=1, rank=r, world_size=2, leader=r == 0, member=m)
+                        for r, m in enumerate((a, b))]
+    workers.records += [event("commit", term=1, step=s, rank=0) for s in range(3)]
+    workers.pending_exits.append(WorkerExit(a, status="finished", step=3))
+    assert _tick(driver, clock)  # b, a member of the last world, still runs
+    workers.pending_exits.append(WorkerExit(b, status="ended", step=3))
+    assert not _tick(driver, clock)  # only the spare runs: the run is over, close() stops it
+    assert workers.running() == ["spare"] and driver.failure is None
+    driver.close()
+    assert workers.closed
+
+
 def test_a_worker_that_leaves_is_replaced_without_counting_a_failure():
     driver, workers, clock = _driver(max_workers=2, max_failures=0)
     driver.start()
