@@ -10,6 +10,7 @@ import torch
 from elastictrain.election.topology import WORLD, Topology
 from elastictrain.errors import NotInWorker
 from elastictrain.events import event
+from elastictrain.runtime.keep import unhook_ddp
 from elastictrain.runtime.records import to_plain
 from elastictrain.runtime.session import Session
 from elastictrain.runtime.state import ElasticState
@@ -149,13 +150,11 @@ class Context:
         return ddp
 
     def _release_wrappers(self) -> None:
-        """The world ended: unhook its DDP reducers from the parameters, which a kept module carries
-        into the next world (a stale reducer would all-reduce on the dead group)."""
+        """The world ended: take its DDP wrappers' hooks off the modules, which a kept module carries
+        into the next world (`keep.unhook_ddp`)."""
         wrappers, self._wrappers = self._wrappers, []
         for ddp in wrappers:
-            remove = getattr(ddp, "_remove_autograd_hooks", None)
-            if remove is not None:
-                remove()
+            unhook_ddp(ddp)
 
     def state(self, **objects: Any) -> ElasticState:
         """Register the training state and restore it to the last committed step.

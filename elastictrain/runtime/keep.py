@@ -69,3 +69,23 @@ class KeptObjects:
 
     def __len__(self) -> int:
         return len(self._objects)
+
+
+def unhook_ddp(ddp: Any) -> None:
+    """Take off a kept module what a DDP wrapper of an ended world hung on it: its reducer's autograd
+    hooks (a stale reducer would all-reduce on the dead group), the accumulate-grad hooks of its
+    Python reducer, and the forward pre-hooks of its mixed precision (each new wrapper adds its own:
+    they would pile up, one more cast per forward and rebuild)."""
+    remove = getattr(ddp, "_remove_autograd_hooks", None)
+    if remove is not None:
+        remove()
+    for handle in getattr(ddp, "_accum_grad_hooks", ()):
+        handle.remove()
+    module = getattr(ddp, "module", None)
+    if module is None:
+        return
+    for sub in module.modules():
+        for key, hook in list(sub._forward_pre_hooks.items()):
+            if getattr(hook, "__self__", None) is ddp:  # a bound method of this wrapper
+                del sub._forward_pre_hooks[key]
+                sub._forward_pre_hooks_with_kwargs.pop(key, None)

@@ -149,3 +149,30 @@ def test_a_kept_module_is_recognised_through_compile_and_ddp_wrappers():
     again = ElasticState({"model": torch.compile(net, backend="eager"), "opt": live.opt})  # new wrapper, same module
     assert again.kept_from(live) == {"model", "opt"}
     assert ElasticState({"model": torch.nn.Linear(2, 2), "opt": live.opt}).kept_from(live) == {"opt"}
+
+
+def test_wrapping_a_kept_module_again_leaves_no_hook_of_the_old_wrapper(tmp_path):
+    """Each entry wraps the kept module in a new DDP; with mixed precision, DDP hangs forward pre-hooks on
+    every submodule. Released at the end of each world, they do not pile up across rebuilds."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecision
+
+    from elastictrain.runtime.keep import unhook_ddp
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(str(tmp_path / "store"), 1))
+    try:
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+
+        def hooks() -> int:
+            return sum(len(m._forward_pre_hooks) for m in net.modules())
+
+        mixed = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.bfloat16)
+        counts = []
+        for _ in range(3):  # three worlds
+            ddp = torch.nn.parallel.DistributedDataParallel(net, init_sync=False, mixed_precision=mixed)
+            counts.append(hooks())
+            unhook_ddp(ddp)
+            assert hooks() == 0
+        assert counts == [counts[0]] * 3 and counts[0] > 0
+    finally:
+        dist.destroy_process_group()
