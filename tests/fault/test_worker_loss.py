@@ -13,7 +13,7 @@ from tests.conftest import _wait_for
 from tests.fault.faults import At, a_follower, kill_follower, kill_leader
 from tests.toy_runs import BATCH, FAILURE, assert_matches_one_process, kinds
 
-TASK = ToyTask(total_steps=30, step_sleep_s=0.05)
+TASK = ToyTask(total_steps=16, step_sleep_s=0.05)
 FAULT_STEP = 8
 # The first world waits for every worker, and the loop holds at the step after the fault's until the driver
 # has fired it: the fault lands mid-run in a whole world however slowly this machine runs.
