@@ -10,6 +10,7 @@ import elastictrain as et
 from elastictrain.testing.faults import hold_for_whole_world
 from elastictrain.testing.toy import ToyTask, make_train_fn
 from tests.fault.faults import At, a_follower
+from tests.fault.test_give_up import wait_until_released
 from tests.toy_runs import BATCH, assert_matches_one_process, fit_toy
 from tests.toy_runs import FAILURE as BASE_FAILURE
 
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 # Workers that cannot be placed stay pending: the first world should not wait long for them.
 FAILURE = BASE_FAILURE.model_copy(update={"startup_wait_s": 1.0})
-TASK = ToyTask(total_steps=30, step_sleep_s=0.08)
+TASK = ToyTask(total_steps=16, step_sleep_s=0.08)
 AWS = {"provider": "aws", "region": "us-east-1"}
 GCP = {"provider": "gcp", "region": "europe-west4"}
 
@@ -89,16 +90,36 @@ def _world_sizes(result: et.Result) -> list[int]:
     return [e["world_size"] for e in result.events if e["kind"] == "world"]
 
 
+class RecordHub:
+    """Where the run's hub runs, looked up at the run's first event (a worker started), before any step."""
+
+    def __init__(self) -> None:
+        self.node_id = None
+
+    def on_progress(self, view):
+        pass
+
+    def on_event(self, view, event):
+        import ray
+
+        if self.node_id is None:
+            hub = view._driver.workers.hub
+            self.node_id = ray.get(hub.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+
+
 def test_whole_node_lost_and_workers_stay_on_their_provider(cluster):
     aws = [cluster.add_node(num_cpus=1, labels=AWS) for _ in range(3)]
     gcp = cluster.add_node(num_cpus=1, labels=GCP)
     cluster.wait_for_nodes()
     watch = NodeWatch()
+    hub = RecordHub()
     removed: list[str] = []
 
     fault = At(8, lambda view: removed.append(remove_a_followers_node(cluster, view)), min_members=3)
-    result = _fit([watch, fault], workers=(2, 3), label_selector={"provider": "aws"}, hold_at=9)
+    result = _fit([watch, fault, hub], workers=(2, 3), label_selector={"provider": "aws"}, hold_at=9)
     assert removed and any(e["kind"] == "worker_lost" for e in result.events)
+    # losing a worker node never takes the run's own bookkeeping with it: the hub runs on the driver's node
+    assert hub.node_id == cluster.head_node.node_id
     assert gcp.node_id not in watch.nodes, "a worker ran on a node the label selector excludes"
     assert watch.nodes <= {n.node_id for n in aws}
     assert result.steps_redone <= 1
@@ -109,7 +130,7 @@ def test_capacity_added_mid_run_scales_up(cluster):
     for _ in range(2):
         cluster.add_node(num_cpus=1, labels=AWS)
     cluster.wait_for_nodes()
-    task = ToyTask(total_steps=30, step_sleep_s=0.02)
+    task = ToyTask(total_steps=12, step_sleep_s=0.02)
     grow = At(3, lambda view: cluster.add_node(num_cpus=1, labels=AWS), min_members=2)
     result = et.ElasticTrainer(
         make_train_fn(task, on_step=hold_for_whole_world([6], workers=3)),
@@ -192,31 +213,6 @@ def test_draining_node_worker_leaves_cleanly(cluster):
     _assert_same_model(result)
 
 
-def test_driver_side_actors_stay_on_the_driver_node(cluster):
-    """Losing every worker node must never take the run's own bookkeeping with it."""
-    import ray
-
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, labels=AWS)
-    cluster.wait_for_nodes()
-    placed = {}
-
-    class RecordHub:
-        """Where the hub runs, looked up at the run's first event (a worker started), before any step."""
-
-        def on_progress(self, view):
-            pass
-
-        def on_event(self, view, event):
-            if "hub" not in placed:
-                hub = view._driver.workers.hub
-                placed["hub"] = ray.get(hub.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
-
-    result = _fit([RecordHub()], workers=(2, 2))
-    assert placed["hub"] == cluster.head_node.node_id
-    assert result.steps == TASK.total_steps
-
-
 def test_a_world_across_providers_needs_a_private_network_or_the_opt_in(cluster):
     cluster.add_node(num_cpus=1, labels=AWS)
     cluster.add_node(num_cpus=1, labels=GCP)
@@ -235,3 +231,27 @@ def test_a_world_across_providers_needs_a_private_network_or_the_opt_in(cluster)
         assert way_out in message
     result = fit(et.NetworkConfig(allow_plaintext=True))
     assert result.steps == task.total_steps
+
+
+@pytest.mark.timeout(180)
+def test_below_min_workers_for_too_long_ends_the_run(cluster):
+    """A node is lost and no capacity comes back: after `below_min_timeout_s` fit() ends with TrainingFailed
+    naming the cause, and no worker actor (the pending replacement included) holds resources."""
+    import ray
+
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, labels=AWS)
+    cluster.wait_for_nodes()
+    removed = []
+
+    failure = BASE_FAILURE.model_copy(update={"below_min_timeout_s": 5.0})
+    task = ToyTask(total_steps=40, step_sleep_s=0.02)  # more than the run gets to: it holds at step 5 for the fault
+    with pytest.raises(et.TrainingFailed, match=r"fewer than min_workers=2") as failed:
+        fit_toy(task, workers=(2, 2), callbacks=[At(4, lambda view: removed.append(remove_a_followers_node(cluster, view)), min_members=2)], failure=failure,
+                hold_at=5)
+    assert removed, "the node was never removed"
+    assert "1 live worker(s) for 5s" in failed.value.reason and failed.value.cause is None
+    # The replacement the driver asked for never found a node; it must not linger pending either.
+    total = ray.cluster_resources().get("CPU", 0)
+    assert total == 1
+    assert wait_until_released(ray, total) == total, "a worker actor still holds its CPU"

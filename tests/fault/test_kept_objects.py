@@ -16,7 +16,7 @@ from elastictrain.testing.toy import ToyDataset, ToyTask, flat_params, loss_sum,
 from tests.fault.faults import At, kill_follower
 from tests.toy_runs import BATCH, FAILURE, assert_matches_one_process, kinds
 
-TASK = ToyTask(total_steps=24, step_sleep_s=0.05)
+TASK = ToyTask(total_steps=16, step_sleep_s=0.05)
 FAULT_STEP = 6
 GROW_STEP = 12  # the world of two survivors holds here until the replacement waits to join
 

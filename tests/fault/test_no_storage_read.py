@@ -15,7 +15,7 @@ from elastictrain.testing.faults import hold_until_faults
 from elastictrain.testing.toy import ToyTask, make_train_fn
 from tests.toy_runs import BATCH, FAILURE, assert_matches_one_process, kinds
 
-TASK = ToyTask(total_steps=30, step_sleep_s=0.05)
+TASK = ToyTask(total_steps=20, step_sleep_s=0.05)
 RESTORE_CALLS = ("latest", "load", "load_manifest")
 HOLD_AT = 10
 

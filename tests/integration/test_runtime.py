@@ -86,15 +86,21 @@ def test_context_is_a_value_per_world(ray_session):
 
 
 def test_sigterm_notice_leaves_at_a_step_boundary_costing_no_step(ray_session):
-    task = ToyTask(total_steps=30, step_sleep_s=0.05)
+    from tests.fault.test_give_up import wait_until_released
+
+    total = ray_session.cluster_resources()["CPU"]
+    task = ToyTask(total_steps=16, step_sleep_s=0.05)
     notice = At(8, lambda view: view.signal(a_follower(view), signal.SIGTERM), min_members=3)
     result = fit_toy(task, workers=(2, 3), callbacks=[notice], hold_at=9)
     kinds = [e["kind"] for e in result.events]
     assert notice.fired_at is not None
     assert "worker_left" in kinds and "preemption_notice" in kinds
     assert "worker_lost" not in kinds
-    assert result.steps == 30 and result.steps_redone == 0
+    assert result.steps == task.total_steps and result.steps_redone == 0
     assert_matches_one_process(result, task)
+    # fit releases every worker it started: those that finished, the one that left and its replacement
+    assert "worker_started" in kinds[kinds.index("worker_left"):]
+    assert wait_until_released(ray_session, total, 20) == total, "a finished run still holds worker resources"
 
 
 def test_ray_kv_one_leader_per_term_under_concurrent_candidates(ray_session):
@@ -119,14 +125,6 @@ def test_ray_kv_one_leader_per_term_under_concurrent_candidates(ray_session):
     election = Election(RayKVStore(namespace), secret, scope=namespace)
     assert election.newest_term() == 30
     assert not election.is_current(29)
-
-
-def test_fit_releases_every_worker_it_started(ray_session):
-    from tests.fault.test_give_up import wait_until_released
-
-    total = ray_session.cluster_resources()["CPU"]
-    _fit(ToyTask(total_steps=3), workers=(2, 3))
-    assert wait_until_released(ray_session, total, 20) == total, "a finished run still holds worker resources"
 
 
 def _count_all_reduces_per_step(ctx, use_accumulate: bool) -> list[int]:
@@ -182,7 +180,7 @@ def test_plain_loop_without_accumulate_still_votes_and_leaves_cleanly(ray_sessio
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         state = ctx.state(model=model, optimizer=opt)
         hold = hold_until_faults(9)
-        for step in ctx.steps(total_steps=40):
+        for step in ctx.steps(total_steps=20):
             hold(ctx, step)
             opt.zero_grad()
             model(torch.ones(2, 4)).sum().backward()
@@ -195,7 +193,7 @@ def test_plain_loop_without_accumulate_still_votes_and_leaves_cleanly(ray_sessio
                                failure=FAILURE.model_copy(update={"startup_wait_s": 120.0}), callbacks=[notice]).fit()
     kinds = [e["kind"] for e in result.events]
     assert "worker_left" in kinds and "worker_lost" not in kinds
-    assert result.steps == 40 and result.steps_redone == 0
+    assert result.steps == 20 and result.steps_redone == 0
 
 
 def test_a_state_a_rank_refuses_fails_the_run_on_every_rank_with_the_mismatch(ray_session):
