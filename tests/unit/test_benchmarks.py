@@ -175,3 +175,31 @@ def test_recovery_sizes_reads_the_phases_growth_and_state_sent_from_the_events()
             for p, s in ((1_000_000, 0.2), (100_000_000, 0.3))]
     summary = {r["params"]: r for r in S.summarise(rows)}
     assert summary[100_000_000]["stall_s_vs_smallest"] == pytest.approx(1.5)
+
+
+def test_overhead_ray_idle_arm_runs_the_ddp_loop_inside_an_idle_ray_cluster(monkeypatch, tmp_path):
+    import contextlib
+
+    from benchmarks import overhead
+
+    seen = []
+
+    @contextlib.contextmanager
+    def cluster(a, d):
+        seen.append("up")
+        yield
+        seen.append("down")
+
+    def child(cmd, timeout_s, log_path, **kw):
+        seen.append(("run", cmd[0], "up" in seen and "down" not in seen))
+        out = Path(cmd[cmd.index("--out-file") + 1])
+        out.write_text(json.dumps({"steps_per_s": 2.0, "median_step_s": 0.5}))
+        return {"rc": 0, "timed_out": False, "wall_s": 1.0}
+
+    monkeypatch.setattr(overhead, "ray_cluster_up", cluster)
+    monkeypatch.setattr(C, "run_child", child)
+    a = overhead.build_parser().parse_args(["--arms", "ddp,ddp_ray_idle"])
+    assert overhead.run_one("ddp", a)["ok"] and seen == [("run", "torchrun", False)]
+    seen.clear()
+    assert overhead.run_one("ddp_ray_idle", a)["ok"]
+    assert seen == ["up", ("run", "torchrun", True), "down"]  # the same torchrun loop, while the cluster is up
