@@ -77,14 +77,6 @@ def _byte_tensor(value: Any, name: str) -> torch.Tensor:
     return value.cpu()
 
 
-def _numpy_state() -> dict | None:
-    try:
-        import numpy
-    except ImportError:  # torch runs without numpy: then nothing can draw from it
-        return None
-    return _numpy_dict(numpy.random.get_state())
-
-
 def _numpy_dict(numpy_state: tuple) -> dict:
     import numpy
 

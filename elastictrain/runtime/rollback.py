@@ -105,7 +105,7 @@ class CommitCopy:
             if name in objects:
                 objects[name] = copy_tree(saved)
         objects.update(copy_plain(self._plain))
-        tree["rng"] = rng_state_of(self._rng)
+        tree["rng"] = rng_state_of(self._rng) if self._rng else {}
         return tree
 
     def put_back(self, name: str, obj: Any) -> None:
