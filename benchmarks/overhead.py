@@ -10,13 +10,16 @@ the same run:
   ctx.report per step, as the README shows;
 - elastictrain_ddp_loop: the same runtime running the ddp arm's own hand-written
   loop (ctx.steps around it), which isolates what the failure machinery costs
-  from what the accumulator's exact normalisation costs.
+  from what the accumulator's exact normalisation costs;
+- ddp_ray_idle: the ddp arm again, while an idle local Ray cluster of the same shape
+  (its daemons and --workers idle actors of 1 CPU) is up: what Ray's own processes
+  cost on the machine, to tell from what the runtime costs.
 
 Start-up is excluded: rank 0 times steps [warmup, steps) with time.perf_counter
 inside the loop. Each step is some tens of milliseconds of real compute per
 worker on one thread, so the comparison means something on a small machine.
 Arms are interleaved over the repeats; the report gives medians and the ratio
-elastictrain / ddp (target: within 3%).
+elastictrain / ddp (target: within 1%).
 
     python -m benchmarks overhead                  # 3 repeats
     python -m benchmarks overhead --repeats 1 --steps 40
@@ -26,8 +29,11 @@ elastictrain / ddp (target: within 3%).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,13 +41,15 @@ from pathlib import Path
 
 from benchmarks import _common as C
 
-ARMS = ["ddp", "elastictrain", "elastictrain_ddp_loop"]
+ARMS = ["ddp", "elastictrain", "elastictrain_ddp_loop", "ddp_ray_idle"]
 ARM_LABELS = {
     "ddp": "torch DDP under torchrun",
     "elastictrain": "elastictrain ElasticTrainer",
     "elastictrain_ddp_loop": "elastictrain runtime, the ddp arm's loop",
+    "ddp_ray_idle": "torch DDP under torchrun, idle Ray cluster up",
 }
-TARGET = 0.03
+RAY_READY_S = 120.0
+TARGET = 0.01
 QUICK = {"repeats": 1, "steps": 40, "warmup": 5, "timeout": 120.0}
 QUICK_DEADLINE_S = 300
 
@@ -115,19 +123,65 @@ def trial_elastictrain(a: argparse.Namespace, out_file: Path, hand_loop: bool = 
         ray.shutdown()
 
 
+def idle_ray_cluster(a: argparse.Namespace, ready_file: Path) -> None:
+    """Hold a local Ray cluster of the elastictrain arms' shape, with --workers idle actors, until stdin closes."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Idle:
+        def ping(self) -> bool:
+            return True
+
+    ray.init(address="local", num_cpus=max(8, a.workers + 2), include_dashboard=False, log_to_driver=False)
+    try:
+        actors = [Idle.remote() for _ in range(a.workers)]
+        ray.get([x.ping.remote() for x in actors], timeout=RAY_READY_S)
+        ready_file.write_text("ready")
+        sys.stdin.read()  # until the benchmark closes the pipe
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_cluster_up(a: argparse.Namespace, d: Path):
+    """An idle Ray cluster in a child process for the duration of the block (ddp_ray_idle)."""
+    ready = d / "ray-ready"
+    with open(d / "ray.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.overhead", "--trial", "ray_idle", "--trial-out",
+                                 str(ready), "--workers", str(a.workers)], stdin=subprocess.PIPE, stdout=log,
+                                stderr=subprocess.STDOUT, env=C.child_env(), cwd=C.REPO_ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RAY_READY_S
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() >= deadline:
+                raise RuntimeError(f"the idle Ray cluster did not come up: {C.tail(d / 'ray.log', 1500)}")
+            time.sleep(0.2)
+        yield
+    finally:
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        C.kill_group(proc.pid, grace_s=1.0)
+        if proc.poll() is None:
+            proc.wait()
+
+
 def run_one(arm: str, a: argparse.Namespace) -> dict:
     d = Path(tempfile.mkdtemp(prefix=f"overhead-{arm}-"))
     out_file, log_path = d / "result.json", d / "output.log"
     common = ["--steps", str(a.steps), "--warmup", str(a.warmup), "--global-batch", str(a.global_batch),
               "--micro-batch", str(a.micro_batch), "--seed", str(a.seed)]
     try:
-        if arm == "ddp":
+        if arm in ("ddp", "ddp_ray_idle"):
             cmd = ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", str(a.workers),
                    "--module", "benchmarks.baselines.ddp_overhead", "--out-file", str(out_file), *common]
         else:
             cmd = [sys.executable, "-m", "benchmarks.overhead", "--trial", arm, "--trial-out", str(out_file),
                    "--workers", str(a.workers), *common]
-        run = C.run_child(cmd, timeout_s=a.timeout, log_path=log_path)
+        with ray_cluster_up(a, d) if arm == "ddp_ray_idle" else contextlib.nullcontext():
+            run = C.run_child(cmd, timeout_s=a.timeout, log_path=log_path)
         res = json.loads(out_file.read_text()) if out_file.exists() else {}
         if res.get("unavailable"):
             return {"arm": arm, "unavailable": res["unavailable"]}
@@ -157,6 +211,9 @@ def build_parser() -> C.BenchmarkParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
+    if a.trial == "ray_idle":
+        idle_ray_cluster(a, Path(a.trial_out))
+        return 0
     if a.trial:
         trial_elastictrain(a, Path(a.trial_out), hand_loop=a.trial == "elastictrain_ddp_loop")
         return 0
@@ -176,8 +233,13 @@ def main(argv: list[str] | None = None) -> int:
                 if x.startswith("elastictrain"):
                     skipped[x] = why
             print(f"[skip] elastictrain: {why}")
-    if shutil.which("torchrun") is None and "ddp" in arms:
-        skipped["ddp"] = "torchrun is not on PATH"
+    if shutil.which("torchrun") is None:
+        skipped.update({x: "torchrun is not on PATH" for x in ("ddp", "ddp_ray_idle") if x in arms})
+    if "ddp_ray_idle" in arms and "ddp_ray_idle" not in skipped:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            skipped["ddp_ray_idle"] = "ray is not installed"
     runs: dict[str, list[dict]] = {x: [] for x in arms if x not in skipped}
     t_start = time.time()
     for rep in range(a.repeats):
@@ -211,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("ddp", {}).get("steps_per_s_median") and summary.get("elastictrain_ddp_loop", {}).get("steps_per_s_median"):
         ratio_runtime = summary["elastictrain_ddp_loop"]["steps_per_s_median"] / summary["ddp"]["steps_per_s_median"]
 
+    ratio_ray_idle = None
+    if summary.get("ddp", {}).get("steps_per_s_median") and summary.get("ddp_ray_idle", {}).get("steps_per_s_median"):
+        ratio_ray_idle = summary["ddp_ray_idle"]["steps_per_s_median"] / summary["ddp"]["steps_per_s_median"]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+
     data = {
         "benchmark": "overhead",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start)),
@@ -220,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "ratio_elastictrain_over_ddp": ratio,
         "ratio_runtime_with_ddp_loop_over_ddp": ratio_runtime,
+        "ratio_ddp_with_idle_ray_over_ddp": ratio_ray_idle,
+        "load_average_at_end": load,
         "target": f"elastictrain steps/s within {TARGET:.0%} of DDP",
         "target_met": target_met,
         "skipped": skipped,
@@ -238,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(target >= {1 - TARGET:.2f}: {'met' if target_met else ('n/a' if target_met is None else 'NOT met')})\n",
         f"\nelastictrain runtime with the ddp arm's own loop / DDP steps/s: {C.fmt(ratio_runtime, 3)} "
         "(the failure machinery alone, without the accumulator's exact normalisation)\n",
+        f"\nDDP with an idle Ray cluster up / DDP steps/s: {C.fmt(ratio_ray_idle, 3)} (what Ray's own processes cost)\n",
+        f"\nLoad average at the end (1, 5, 15 min): {', '.join(C.fmt(x, 2) for x in load) if load else 'n/a'}\n",
     ]
     if skipped:
         md.append("\nSkipped:\n" + "".join(f"- {k}: {v}\n" for k, v in skipped.items()))

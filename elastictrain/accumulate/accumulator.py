@@ -158,12 +158,16 @@ class AccumulationStep:
     def _launch_stats(self, async_op: bool) -> None:
         device = collective_device(self._acc._group(), self._acc._param_device())
         items = self._items_local
-        items_t = items.to(device) if isinstance(items, torch.Tensor) else torch.tensor(float(items), device=device)
-        items_t = items_t.to(torch.float64)
-        bad = (~torch.isfinite(items_t) | (items_t < 0)).to(torch.float64)  # checked after the reduce: no host sync
-        self._stats = torch.stack([self._loss_local.to(device), items_t, bad])
+        parts = [self._loss_local.reshape(1).to(device)]
+        if isinstance(items, torch.Tensor):
+            items_t = items.to(device=device, dtype=torch.float64).reshape(1)
+            bad = (~torch.isfinite(items_t) | (items_t < 0)).to(torch.float64)  # checked after the reduce: no host sync
+            parts += [items_t, bad]
+        else:  # a number, checked by backward() already: one small tensor for the count and a bad-count of 0
+            parts.append(torch.tensor([float(items), 0.0], dtype=torch.float64, device=device))
         if self._extra_local is not None:
-            self._stats = torch.cat([self._stats, self._extra_local.to(device)])
+            parts.append(self._extra_local.to(device))
+        self._stats = torch.cat(parts)
         if self._world > 1:
             self._stats_work = dist.all_reduce(self._stats, group=self._acc._group(), async_op=async_op)
 

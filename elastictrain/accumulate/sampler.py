@@ -15,6 +15,7 @@ import functools
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
+import torch
 
 from elastictrain.accumulate.plan import RankPlan, plan_rank
 from elastictrain.config import BatchConfig
@@ -127,6 +128,13 @@ def default_collate(samples: Sequence[Any]) -> Any:
     return collate(samples)
 
 
+def _tensor_columns(dataset: Any) -> Optional[tuple]:
+    """The tensors of a plain `TensorDataset` (not a subclass, whose `__getitem__` may differ), else None."""
+    from torch.utils.data import TensorDataset
+
+    return dataset.tensors if type(dataset) is TensorDataset else None
+
+
 class MicroBatches:
     """Iterator over this rank's collated micro-batches of one global step; ``len()`` is k.
 
@@ -152,8 +160,13 @@ class MicroBatches:
         return len(self.indices)
 
     def _collated(self) -> Iterator[Any]:
+        tensors = _tensor_columns(self._dataset) if self._collate is default_collate else None
         for group in self.indices:
-            yield self._collate([self._dataset[int(i)] for i in group])
+            if tensors is not None:  # one gather per tensor: what stacking the rows gives, without a row at a time
+                index = torch.from_numpy(np.asarray(group, dtype=np.int64))
+                yield [t[index] for t in tensors]
+            else:
+                yield self._collate([self._dataset[int(i)] for i in group])
 
     def __iter__(self) -> "MicroBatches":
         return self

@@ -28,13 +28,30 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     """The current states of torch, CUDA (when initialised), numpy and `random`."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    numpy_state = _numpy_state()
+    return rng_state_of(capture_rng())
+
+
+def capture_rng() -> tuple:
+    """The current RNG states as the generators give them (no conversion): what a commit copies every
+    step; `rng_state_of` turns it into `rng_state`'s form only when it is used."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        import numpy
+    except ImportError:  # torch runs without numpy: then nothing can draw from it
+        numpy_state = None
+    else:
+        numpy_state = numpy.random.get_state()
+    return torch.get_rng_state(), cuda, numpy_state, random.getstate()
+
+
+def rng_state_of(captured: tuple) -> dict:
+    """`rng_state`'s form of what `capture_rng` captured."""
+    torch_state, cuda, numpy_state, (version, internal, gauss) = captured
+    state: dict[str, Any] = {"torch": torch_state}
+    if cuda is not None:
+        state["cuda"] = cuda
     if numpy_state is not None:
-        state["numpy"] = numpy_state
-    version, internal, gauss = random.getstate()
+        state["numpy"] = _numpy_dict(numpy_state)
     state["random"] = {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
     return state
 
@@ -60,12 +77,10 @@ def _byte_tensor(value: Any, name: str) -> torch.Tensor:
     return value.cpu()
 
 
-def _numpy_state() -> dict | None:
-    try:
-        import numpy
-    except ImportError:  # torch runs without numpy: then nothing can draw from it
-        return None
-    kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
+def _numpy_dict(numpy_state: tuple) -> dict:
+    import numpy
+
+    kind, keys, pos, has_gauss, gauss = numpy_state
     return {"kind": str(kind), "keys": torch.from_numpy(keys.astype(numpy.int64)), "pos": int(pos),
             "has_gauss": int(has_gauss), "gauss": float(gauss)}
 

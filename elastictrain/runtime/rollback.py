@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
-from elastictrain.runtime.rng import rng_state
+from elastictrain.runtime.rng import capture_rng, rng_state_of
 
 
 def persistent_buffers(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -61,13 +61,13 @@ class CommitCopy:
     def __init__(self) -> None:
         self._buffers: dict[str, dict[str, torch.Tensor]] = {}  # entry -> name -> copy, reused across commits
         self._plain: dict[str, Any] = {}
-        self._rng: dict = {}
+        self._rng: tuple = ()  # `capture_rng`'s form: converted only when a lost step needs it
         self._hyper: dict[str, list[dict]] = {}
         self._other: dict[str, Any] = {}
 
     def take(self, objects: dict[str, Any], plain: dict[str, Any]) -> None:
         """Copy from the unwrapped entries of a state that holds a committed step; `plain` is copied already."""
-        self._plain, self._rng = plain, rng_state()
+        self._plain, self._rng = plain, capture_rng()
         self._hyper, self._other = {}, {}
         sources, targets = [], []
         for name, obj in objects.items():
@@ -105,7 +105,7 @@ class CommitCopy:
             if name in objects:
                 objects[name] = copy_tree(saved)
         objects.update(copy_plain(self._plain))
-        tree["rng"] = self._rng
+        tree["rng"] = rng_state_of(self._rng) if self._rng else {}
         return tree
 
     def put_back(self, name: str, obj: Any) -> None:

@@ -87,3 +87,35 @@ def test_dataset_smaller_than_global_batch_is_a_clear_error():
         sample_indices(10, 0, rank=0, world_size=1, batch=batch)
     with pytest.raises(ValueError, match="empty"):
         sample_indices(0, 0, rank=0, world_size=1, batch=batch)
+
+
+def test_tensor_dataset_micro_batches_are_gathered_per_tensor_and_equal_stacked_rows(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, generator=g), torch.randint(0, 9, (40,), generator=g)
+    data = torch.utils.data.TensorDataset(x, y)
+    batch = BatchConfig(global_batch_size=12, micro_batch_size=4, seed=3)
+    rows = micro_batches(list(zip(x, y)), 2, rank=1, world_size=2, batch=batch)  # a list: collated row by row
+    expected = list(rows)
+    calls = []
+    original = torch.utils.data.TensorDataset.__getitem__
+    monkeypatch.setattr(torch.utils.data.TensorDataset, "__getitem__",
+                        lambda self, i: calls.append(i) or original(self, i))
+    got = list(micro_batches(data, 2, rank=1, world_size=2, batch=batch))
+    assert calls == []  # no sample fetched one at a time
+    assert len(got) == len(expected) == 2
+    for a, b in zip(got, expected):
+        assert type(a) is type(b) and len(a) == len(b) == 2
+        assert all(torch.equal(p, q) and p.dtype == q.dtype for p, q in zip(a, b))
+
+
+def test_tensor_dataset_subclass_and_custom_collate_keep_the_row_path():
+    class Doubled(torch.utils.data.TensorDataset):
+        def __getitem__(self, i):
+            return tuple(t[i] * 2 for t in self.tensors)
+
+    x = torch.arange(8.0).reshape(8, 1)
+    batch = BatchConfig(global_batch_size=4, micro_batch_size=4, shuffle=False)
+    got = list(micro_batches(Doubled(x), 1, rank=0, world_size=1, batch=batch))
+    assert got[0][0].flatten().tolist() == [8.0, 10.0, 12.0, 14.0]
+    rows = list(micro_batches(torch.utils.data.TensorDataset(x), 1, rank=0, world_size=1, batch=batch, collate_fn=list))
+    assert len(rows[0]) == 4 and isinstance(rows[0][0], tuple)

@@ -200,3 +200,31 @@ def test_recovery_spares_flag_adds_the_spares_arm_and_the_arm_needs_it():
     assert args.spares == 1 and "--spares" in recovery.trial_args(args)
     with pytest.raises(SystemExit):
         recovery.main(["--arms", "elastictrain-spares"])
+
+
+def test_overhead_ray_idle_arm_runs_the_ddp_loop_inside_an_idle_ray_cluster(monkeypatch, tmp_path):
+    import contextlib
+
+    from benchmarks import overhead
+
+    seen = []
+
+    @contextlib.contextmanager
+    def cluster(a, d):
+        seen.append("up")
+        yield
+        seen.append("down")
+
+    def child(cmd, timeout_s, log_path, **kw):
+        seen.append(("run", cmd[0], "up" in seen and "down" not in seen))
+        out = Path(cmd[cmd.index("--out-file") + 1])
+        out.write_text(json.dumps({"steps_per_s": 2.0, "median_step_s": 0.5}))
+        return {"rc": 0, "timed_out": False, "wall_s": 1.0}
+
+    monkeypatch.setattr(overhead, "ray_cluster_up", cluster)
+    monkeypatch.setattr(C, "run_child", child)
+    a = overhead.build_parser().parse_args(["--arms", "ddp,ddp_ray_idle"])
+    assert overhead.run_one("ddp", a)["ok"] and seen == [("run", "torchrun", False)]
+    seen.clear()
+    assert overhead.run_one("ddp_ray_idle", a)["ok"]
+    assert seen == ["up", ("run", "torchrun", True), "down"]  # the same torchrun loop, while the cluster is up

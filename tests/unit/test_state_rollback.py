@@ -120,3 +120,30 @@ def test_a_step_lost_after_a_skipped_scaler_step_leaves_no_scale_or_lr_change_be
     clean = _run(-1, "")
     _assert_same(_run(2, "after_skipped_step"), clean)
 
+
+
+def test_a_commit_copies_rng_states_raw_and_converts_them_only_when_laid_over(monkeypatch):
+    from elastictrain.runtime import rollback
+    from elastictrain.runtime.rng import rng_state, set_rng_state
+
+    converted = []
+    real = rollback.rng_state_of
+    monkeypatch.setattr(rollback, "rng_state_of", lambda captured: converted.append(1) or real(captured))
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    expected = rng_state()
+    copy = rollback.CommitCopy()
+    for _ in range(3):  # a commit per step: nothing converted
+        copy.take({}, {})
+    assert converted == []
+    draws = (float(torch.rand(())), random.random(), float(np.random.rand()))
+    tree = copy.lay_over({"objects": {}})
+    assert converted == [1]
+    for key in ("torch", "numpy", "random"):
+        assert key in tree["rng"]
+    assert torch.equal(tree["rng"]["torch"], expected["torch"])
+    assert torch.equal(tree["rng"]["numpy"]["keys"], expected["numpy"]["keys"])
+    assert torch.equal(tree["rng"]["random"]["state"], expected["random"]["state"])
+    set_rng_state(tree["rng"])
+    assert (float(torch.rand(())), random.random(), float(np.random.rand())) == draws
