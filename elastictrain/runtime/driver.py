@@ -148,6 +148,7 @@ class Driver:
         # save); only a hung one is still running after this long.
         self._end_grace = spec.failure.rendezvous_timeout_s + spec.failure.heartbeat_timeout_s
         self._backed = NO_STATE  # the newest committed step workers reported, published to back their bids
+        self._entered: set[str] = set()  # workers that joined any world of the run
         if election.on_reject is None:
             election.on_reject = self.record
 
@@ -198,8 +199,10 @@ class Driver:
             self.record(event("stragglers_killed", members=sorted(self.workers.running())))
             return False
         running = self.workers.running()
-        if self._ended_at is not None and self.log.world_members and not set(running) & set(self.log.world_members):
-            return False  # every member of the last world returned; the rest (spares, capacity still starting) hold nothing
+        if self._ended_at is not None and self._entered and not set(running) & self._entered:
+            # Whoever was ever in a world has returned or been seen lost; the rest (warm spares, capacity
+            # still starting) never held state: close() stops them rather than the run waiting for them.
+            return False
         return bool(running)
 
     def close(self) -> None:
@@ -277,6 +280,7 @@ class Driver:
     def _ingest(self, records: list[Event]) -> None:
         before = self.log.newest_step
         self._back_bids(records)
+        self._entered.update(r["member"] for r in records if r.get("kind") == "joined" and isinstance(r.get("member"), str))
         for rec in records:
             added = self.log.add(rec)
             if added is not None:

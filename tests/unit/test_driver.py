@@ -26,6 +26,7 @@ class FakeWorkers:
         self.pending_exits: list[WorkerExit] = []
         self.records: list[dict] = []
         self.draining: set[str] = set()
+        self.gone: set[str] = set()  # exits the driver has been told of
         self.closed = False
 
     def start(self, member_id, options):
@@ -37,10 +38,11 @@ class FakeWorkers:
 
     def exits(self, timeout_s):
         out, self.pending_exits = self.pending_exits, []
+        self.gone.update(e.member for e in out)
         return out
 
     def running(self):
-        exited = set(self.killed) | {e.member for e in self.pending_exits}
+        exited = set(self.killed) | self.gone | {e.member for e in self.pending_exits}
         return [m for m in self.started if m not in exited]
 
     def pull(self):
@@ -141,6 +143,20 @@ def test_a_finished_run_does_not_wait_for_workers_outside_its_last_world():
     assert workers.running() == ["spare"] and driver.failure is None
     driver.close()
     assert workers.closed
+
+
+def test_a_finished_run_waits_to_see_the_loss_of_a_member_of_an_earlier_world():
+    driver, workers, clock = _driver(max_workers=2)
+    driver.start()
+    a, b = workers.started
+    workers.records += [event("joined", term=1, rank=r, world_size=2, leader=r == 0, member=m)
+                        for r, m in enumerate((a, b))]
+    workers.records.append(event("joined", term=2, rank=0, world_size=1, leader=True, member=a))  # b's node went
+    workers.pending_exits.append(WorkerExit(a, status="finished", step=3))
+    assert _tick(driver, clock)  # b is not in the last world, but it was in one: its end is still to be seen
+    workers.pending_exits.append(WorkerExit(b, lost="ActorDiedError"))
+    assert not _tick(driver, clock)
+    assert "worker_lost" in _kinds(driver)
 
 
 def test_a_worker_that_leaves_is_replaced_without_counting_a_failure():
