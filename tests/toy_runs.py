@@ -24,13 +24,14 @@ def fit_toy(
     checkpoint: Optional[et.CheckpointConfig] = None,
     label_selector: Optional[dict] = None,
     hold_at: Optional[int] = None,
+    on_step=None,
 ) -> et.Result:
     """Train the toy task. With `hold_at`, the first world waits for all its workers and holds its loop at that
     step until a callback has injected a fault: a fault a callback fires at an earlier step lands mid-run in a
-    whole world however slowly this machine runs (no race against the step count)."""
-    on_step = None
+    whole world however slowly this machine runs (no race against the step count). `on_step` replaces that
+    hold (it is called at every step of every rank)."""
     if hold_at is not None:
-        on_step = hold_until_faults(hold_at)
+        on_step = on_step or hold_until_faults(hold_at)
         failure = failure.model_copy(update={"startup_wait_s": 120.0})
     return et.ElasticTrainer(
         make_train_fn(task, on_step=on_step),

@@ -77,9 +77,27 @@ def remove_a_followers_node(cluster, view) -> str:
     return node_id
 
 
-def _fit(callbacks, *, workers, label_selector=None, task=TASK, hold_at=None) -> et.Result:
+def _fit(callbacks, *, workers, label_selector=None, task=TASK, hold_at=None, on_step=None) -> et.Result:
     return fit_toy(task, workers=workers, callbacks=callbacks, failure=FAILURE, label_selector=label_selector,
-                   hold_at=hold_at)
+                   hold_at=hold_at, on_step=on_step)
+
+
+def hold_until_a_member_is_lost(at_step: int, timeout_s: float = 120.0):
+    """An `on_step`: at `at_step` of the first world, every rank holds until the driver noted a fault and saw
+    a member of this world die. A removed node's workers die some time after the removal returns; without
+    this the world could finish its steps with them first."""
+
+    def on_step(ctx, step: int) -> None:
+        if step != at_step or ctx.term != 1:
+            return
+        session = ctx._session
+        session.wait_for_faults(1, timeout_s)
+        runner, members = session.runner, set(session.world.plan.members)
+        deadline = time.monotonic() + timeout_s
+        while not runner.election.deaths() & members and time.monotonic() < deadline:
+            runner.stopping.wait(0.02)
+
+    return on_step
 
 
 def _assert_same_model(result: et.Result, task: ToyTask = TASK) -> None:
@@ -116,7 +134,8 @@ def test_whole_node_lost_and_workers_stay_on_their_provider(cluster):
     removed: list[str] = []
 
     fault = At(8, lambda view: removed.append(remove_a_followers_node(cluster, view)), min_members=3)
-    result = _fit([watch, fault, hub], workers=(2, 3), label_selector={"provider": "aws"}, hold_at=9)
+    result = _fit([watch, fault, hub], workers=(2, 3), label_selector={"provider": "aws"}, hold_at=9,
+                  on_step=hold_until_a_member_is_lost(9))
     assert removed and any(e["kind"] == "worker_lost" for e in result.events)
     # losing a worker node never takes the run's own bookkeeping with it: the hub runs on the driver's node
     assert hub.node_id == cluster.head_node.node_id
@@ -165,7 +184,7 @@ def test_below_min_workers_waits_then_continues(cluster):
         cluster.add_node(num_cpus=1, labels=AWS)
     cluster.wait_for_nodes()
     fault = LoseANodeThenGetOneBack(cluster, step=6, wait_s=3.0)
-    result = _fit([fault], workers=(2, 2), hold_at=7)
+    result = _fit([fault], workers=(2, 2), hold_at=7, on_step=hold_until_a_member_is_lost(7))
     assert fault.added_at is not None
     later_worlds = [e for e in result.events if e["kind"] == "world" and e["time"] > fault.fired_at]
     assert later_worlds, "training never resumed"
@@ -248,7 +267,7 @@ def test_below_min_workers_for_too_long_ends_the_run(cluster):
     task = ToyTask(total_steps=40, step_sleep_s=0.02)  # more than the run gets to: it holds at step 5 for the fault
     with pytest.raises(et.TrainingFailed, match=r"fewer than min_workers=2") as failed:
         fit_toy(task, workers=(2, 2), callbacks=[At(4, lambda view: removed.append(remove_a_followers_node(cluster, view)), min_members=2)], failure=failure,
-                hold_at=5)
+                hold_at=5, on_step=hold_until_a_member_is_lost(5))
     assert removed, "the node was never removed"
     assert "1 live worker(s) for 5s" in failed.value.reason and failed.value.cause is None
     # The replacement the driver asked for never found a node; it must not linger pending either.
