@@ -8,12 +8,13 @@ number of parameters.
 
 Per run:
 - recovery_s: kill to the first step completed after it (`analyse_recovery`, as for every arm);
-- step_s: the median time between two steps of one process before the kill; a recovery can never
-  be shorter than the one step it ends with, so
-- stall_s = recovery_s - step_s: what the failure cost beyond a step, comparable across sizes;
+- step_s: the median time between two steps of one process before the kill; stall_s = recovery_s -
+  step_s (in the JSON) is no measure at large sizes: the survivor had done part of the lost step;
 - elastictrain only, from the library's events: detect_s (kill to the first `world_changed`),
-  and the `recovered` event's phases (elect, group, reenter, restore, first_step); resume_s =
-  detect + elect + group + reenter + restore (kill to training going on);
+  and the `recovered` event's phases (elect, group, reenter, restore, first_step); runtime_s =
+  elect + group + reenter + restore (what the runtime adds, the part meant to stay flat); resume_s =
+  detect + runtime_s (kill to training going on). Detection is the rest of the survivor's step: it
+  learns of the loss at its next collective;
 - growth: the replacement of the lost worker joins later (a rebuild at a step boundary). Its
   pause is the `recovered` event of that term (the world's time from the planned change to its
   first commit, phases included), and back_to_full_s is kill to that commit;
@@ -21,8 +22,8 @@ Per run:
 - rebuild_peak_ratio: a survivor's peak RSS over the rebuild and its first step over its peak
   over two steps before the kill.
 
-The figure (`--out DIR`: recovery_sizes.png) plots stall_s and, for elastictrain, resume_s and
-the growth pause against the parameter count.
+The figure (`--out DIR`: recovery_sizes.png) plots the recovery of every arm and, for
+elastictrain, the runtime part, resume_s and the growth pause against the parameter count.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def steps_for(a: argparse.Namespace, step_s: float) -> int:
     """Steps of a run at this size: the kill step, then enough to cover `--after-kill-s` (the
     replacement starting and joining) at about twice the one-process step (DDP's all-reduce)."""
     per_step = 2 * step_s + a.step_sleep + 0.005
-    return a.kill_step + min(400, max(8, math.ceil(a.after_kill_s / per_step)))
+    return a.kill_step + min(400, max(5, math.ceil(a.after_kill_s / per_step)))
 
 
 def runtime_view(events: list[dict], kill_t: float) -> dict:
@@ -103,8 +104,10 @@ def runtime_view(events: list[dict], kill_t: float) -> dict:
         first = recovered[0]
         phases = first.get("phases") or {}
         out["phases"] = phases
+        if phases:
+            out["runtime_s"] = sum(phases.get(p, 0.0) for p in PHASES[:-1])  # elect, group, reenter, restore
         if "detect_s" in out and phases:
-            out["resume_s"] = out["detect_s"] + sum(phases.get(p, 0.0) for p in PHASES[:-1])
+            out["resume_s"] = out["detect_s"] + out["runtime_s"]
     planned = [e for e in changed if "capacity" in str(e.get("reason", ""))]
     if planned:
         grown = [e for e in recovered if e.get("term", 0) > planned[0].get("term", 0)]
@@ -157,9 +160,15 @@ def run_sizes(a: argparse.Namespace, argv: Optional[list[str]], run_one) -> int:
                     if not r.get("ok"):
                         row["failure"] = {k: r.get(k) for k in ("rc", "timed_out", "error", "log_tail")}
                     runs.append(row)
+                    if a.out:  # what is done so far survives an interrupted run
+                        C.write_report(a.out, "recovery_sizes_partial", {"runs": runs}, "")
                     print("      " + " ".join(f"{k}={C.fmt(row.get(k), 3)}" for k in
                                               ("ok", "recovery_s", "step_s", "stall_s", "resume_s", "growth_s",
                                                "back_to_full_s", "rebuild_peak_ratio")), flush=True)
+                    if row.get("phases"):
+                        print("      phases " + " ".join(f"{k}={v:.3f}" for k, v in row["phases"].items())
+                              + " | growth " + " ".join(f"{k}={v:.3f}" for k, v in (row.get("growth_phases") or {}).items())
+                              + f" | sent {row.get('bytes_sent', 0) / 2**20:.0f} MiB", flush=True)
     summary = summarise(runs)
     data = {
         "benchmark": "recovery-sizes",
@@ -195,7 +204,7 @@ def summarise(runs: list[dict]) -> list[dict]:
     for (arm, fault, params), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         ok = [r for r in rows if r.get("ok")]
         row = {"arm": arm, "fault": fault, "params": params, "n": len(rows), "n_ok": len(ok)}
-        for key in ("recovery_s", "step_s", "stall_s", "detect_s", "resume_s", "growth_s", "back_to_full_s",
+        for key in ("recovery_s", "step_s", "stall_s", "detect_s", "runtime_s", "resume_s", "growth_s", "back_to_full_s",
                     "bytes_sent", "rebuild_peak_ratio"):
             row[key] = _median(ok, key)
         for name in PHASES:
@@ -211,9 +220,20 @@ def summarise(runs: list[dict]) -> list[dict]:
             smallest[key] = row
     for row in out:
         base = smallest[(row["arm"], row["fault"])]
-        for key in ("stall_s", "resume_s"):
+        for key in ("stall_s", "resume_s", "runtime_s"):
             row[f"{key}_vs_smallest"] = (row[key] / base[key]) if row.get(key) and base.get(key) else None
     return out
+
+
+def rerender(json_path: str, out_dir: str) -> None:
+    """Summarise, tabulate and plot a finished run's JSON again (`python -m benchmarks._recovery_sizes FILE DIR`)."""
+    import json
+    from pathlib import Path
+
+    data = json.loads(Path(json_path).read_text())
+    data["summary"] = summarise(data["runs"])
+    C.write_report(out_dir, "recovery_sizes", data, render(data))
+    plot(data["summary"], out_dir)
 
 
 def render(data: dict) -> str:
@@ -221,8 +241,8 @@ def render(data: dict) -> str:
     for s in data["summary"]:
         rows.append([
             s["arm"], s["fault"], f"{s['params'] / 1e6:.1f}M", f"{s['n_ok']}/{s['n']}",
-            C.fmt(s["recovery_s"], 3, " s"), C.fmt(s["step_s"], 3, " s"), C.fmt(s["stall_s"], 3, " s"),
-            C.fmt(s["stall_s_vs_smallest"], 2, "x"), C.fmt(s["resume_s"], 3, " s"),
+            C.fmt(s["recovery_s"], 3, " s"), C.fmt(s["step_s"], 3, " s"), C.fmt(s["detect_s"], 3, " s"),
+            C.fmt(s["runtime_s"], 3, " s"), C.fmt(s["runtime_s_vs_smallest"], 2, "x"), C.fmt(s["resume_s"], 3, " s"),
             " / ".join(C.fmt(s[f"phase_{p}_s"], 3) for p in PHASES) if s["resume_s"] is not None else "",
             C.fmt(s["growth_s"], 2, " s"), C.fmt(s["back_to_full_s"], 2, " s"),
             C.fmt(None if s["bytes_sent"] is None else s["bytes_sent"] / 2**20, 0, " MiB"),
@@ -233,8 +253,8 @@ def render(data: dict) -> str:
         f"2 workers (min 1), AdamW, {data['params']['step_sleep'] * 1000:.0f} ms of sleep in a step; medians over "
         f"{data['params']['repeats']} repeat(s). Machine: {data['machine']['cpus']} CPUs, torch "
         f"{data['machine']['torch']}, ray {data['machine']['ray']}, torchft {data['machine']['torchft']}.\n",
-        C.md_table(["arm", "fault", "params", "ok/runs", "recovery", "step", "stall (recovery - step)",
-                    "stall vs smallest", "resume (kill to training on)",
+        C.md_table(["arm", "fault", "params", "ok/runs", "recovery", "step before the kill", "detect",
+                    "runtime (elect+group+reenter+restore)", "runtime vs smallest", "resume (kill to training on)",
                     "phases: elect / group / reenter / restore / first step (s)", "growth pause",
                     "kill to full size", "state sent", "survivor peak, rebuild / steady"], rows),
         f"\nCommand: `{data['command']}`\n",
@@ -255,8 +275,10 @@ def plot(summary: list[dict], out_dir: str) -> Optional[str]:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     series: dict[str, list[tuple[float, float]]] = {}
     for s in summary:
-        if s.get("stall_s") is not None:
-            series.setdefault(f"{s['arm']}, {s['fault']} loss: stall", []).append((s["params"], s["stall_s"]))
+        if s.get("recovery_s") is not None:
+            series.setdefault(f"{s['arm']}, {s['fault']} loss: recovery", []).append((s["params"], s["recovery_s"]))
+        if s.get("runtime_s") is not None:
+            series.setdefault(f"{s['arm']}, {s['fault']} loss: runtime part", []).append((s["params"], s["runtime_s"]))
         if s.get("resume_s") is not None:
             series.setdefault(f"{s['arm']}, {s['fault']} loss: resume", []).append((s["params"], s["resume_s"]))
         if s.get("growth_s") is not None and s["fault"] == "follower":
@@ -276,3 +298,9 @@ def plot(summary: list[dict], out_dir: str) -> Optional[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+if __name__ == "__main__":
+    import sys
+
+    rerender(sys.argv[1], sys.argv[2])
