@@ -15,6 +15,7 @@ import torch
 
 import elastictrain.runtime.state as state_mod
 from elastictrain.runtime.state import ElasticState, fingerprint, take_rank0_state
+from tests.alloc_spy import spy_on_empty
 from tests.gloo_ranks import run_ranks
 
 CPU = torch.device("cpu")
@@ -66,19 +67,13 @@ def _forge(scenario: str, marker: str):
 
 def _spy_allocations(log: list) -> None:
     """Note every `torch.empty` a receiver calls; refuse any above 1 MiB (this test never needs one)."""
-    real = torch.empty
 
-    def empty(*shape, dtype=None, **kwargs):
-        dims = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
-        n = (dtype or torch.float32).itemsize
-        for d in dims:
-            n *= d
+    def note(dims, dtype, nbytes):
         log.append([list(dims), str(dtype)])
-        if n > ALLOCATION_SPY_BYTES:
-            raise MemoryError(f"the receiver allocated {n} bytes for {list(dims)}")
-        return real(*shape, dtype=dtype, **kwargs)
+        if nbytes > ALLOCATION_SPY_BYTES:
+            raise MemoryError(f"the receiver allocated {nbytes} bytes for {list(dims)}")
 
-    torch.empty = empty
+    spy_on_empty(note)
 
 
 def _member(rank: int) -> dict:

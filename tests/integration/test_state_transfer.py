@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import elastictrain.runtime.transfer as transfer
 from elastictrain.runtime.state import ElasticState, take_rank0_state
+from tests.alloc_spy import spy_on_empty
 from tests.gloo_ranks import run_ranks
 
 CPU = torch.device("cpu")
@@ -53,18 +54,7 @@ def _digests(state: ElasticState) -> dict:
 
 def _spy(log: list):
     """Count the bytes of every `torch.empty`: the transfer allocates through it, as the old path did."""
-    real = torch.empty
-
-    def empty(*shape, dtype=None, **kwargs):
-        dims = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
-        n = (dtype or torch.float32).itemsize
-        for d in dims:
-            n *= d
-        log.append(n)
-        return real(*shape, dtype=dtype, **kwargs)
-
-    torch.empty = empty
-    return real
+    return spy_on_empty(lambda dims, dtype, nbytes: log.append(nbytes))
 
 
 def _take(state: ElasticState, rank: int) -> dict:
