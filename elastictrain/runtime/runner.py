@@ -139,7 +139,6 @@ class Runner:
         self._grow = threading.Event()
         self._stop = threading.Event()
         self._first_commit_of_term = True
-        self._restored_at = 0.0
         self._marks: dict[str, float] = {}  # when this entry's recovery phases ended (`recovery_phases`)
         self._checkpoints = None
         self._last_saved_step: Optional[int] = None
@@ -444,7 +443,7 @@ class Runner:
         self._live = state
         self._mark_committed(state)
         self._watch_optimizers(state)
-        self._restored_at = time.time()
+        self._marks["restored"] = time.time()
 
     def _restore_from_checkpoint(self, state: ElasticState) -> None:
         manager = self._checkpoint_manager()
@@ -537,9 +536,9 @@ class Runner:
                 detected = world.plan.detected_at
                 self.emit(event("recovered", time=now, term=world.term, world_size=world.world_size,
                                 resumed_from=world.plan.source_step, recovery_s=now - detected,
-                                elected_s=world.plan.published_at - detected, restored_s=self._restored_at - detected,
-                                phases=recovery_phases(detected, world.plan.published_at,
-                                                       {**self._marks, "restored": self._restored_at}, now)))
+                                elected_s=world.plan.published_at - detected,
+                                restored_s=self._marks.get("restored", now) - detected,
+                                phases=recovery_phases(detected, world.plan.published_at, self._marks, now)))
         if world.is_leader:
             manager = self._checkpoint_manager()
             if manager is not None and (self._save_owed or manager.should_save(state.step)):
