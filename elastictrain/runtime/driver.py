@@ -263,6 +263,10 @@ class Driver:
         for kill in judge_health(active, self.election, now, self.spec.failure, self._killed):
             self.record(kill.event)
             self._killed.add(kill.member)
+            # Taken for dead now, not once the kill is confirmed: a silent machine (stopped, unreachable)
+            # confirms nothing until the cluster gives up on its node, and its peers would wait on it in a
+            # collective until then. Survivors who read the death leave their group and rebuild without it.
+            self.election.mark_dead(kill.member)
             self.workers.kill(kill.member)  # its death reaches the loop as a lost worker
         draining = self.workers.draining_nodes()
         if draining:

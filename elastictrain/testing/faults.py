@@ -11,7 +11,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 from elastictrain.trainer import RunView
 
-__all__ = ["Fault", "FaultSchedule", "hold_for_whole_world", "hold_until_faults", "recovery_report", "FAULT_KINDS", "ChaosFault", "NodeOps", "ChaosSchedule", "chaos_report"]
+__all__ = ["Fault", "FaultSchedule", "hold_for_whole_world", "hold_until_faults", "recovery_report", "FAULT_KINDS", "ChaosFault", "NodeOps", "ChaosSchedule", "chaos_report", "node_processes", "silence_node"]
 
 
 @dataclass
@@ -119,7 +119,10 @@ FAULT_KINDS = (
     "hang",                # SIGSTOP a follower: a hung process
     "kill_in_checkpoint",  # SIGKILL the leader right after a step that starts a checkpoint save
     "kill_in_rebuild",     # SIGKILL a follower, then another member ~30 ms later, during the rebuild
+    "silent_node",         # a follower's whole node stops answering (every process SIGSTOPped, no connection
+                           # closed), as a reclaimed VM does; it is removed and capacity comes back later
 )
+_NODE_KINDS = ("node_loss", "silent_node")
 _MIN_MEMBERS = {"kill_in_rebuild": 3}
 
 
@@ -140,12 +143,43 @@ class ChaosFault:
 class NodeOps(Protocol):
     """What a schedule needs to take a node away and give capacity back (a local multi-node cluster).
 
-    It may also have `protected() -> set[str]`: node ids never to remove.
+    It may also have `protected() -> set[str]`: node ids never to remove, and `silence(node_id)`: stop
+    the node's processes without closing a connection (`silent_node` faults need it; see `silence_node`).
     """
 
     def remove(self, node_id: str) -> None: ...
 
     def add(self) -> None: ...
+
+
+def node_processes(node) -> list[int]:
+    """Every process of a local cluster node (a `ray.cluster_utils.Cluster` node): its raylet and all the
+    raylet's descendants (the node's workers, its dashboard and runtime-env agents)."""
+    import psutil
+
+    raylets = [info.process.pid for info in node.all_processes.get("raylet", [])]
+    pids = []
+    for pid in raylets:
+        pids.append(pid)
+        try:
+            pids.extend(child.pid for child in psutil.Process(pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def silence_node(node) -> list[int]:
+    """Make a local cluster node stop answering the way a reclaimed VM does: SIGSTOP every one of its
+    processes (`node_processes`), so its peers see no connection close, only silence. Returns the pids
+    stopped. Removing the node afterwards (`Cluster.remove_node(node, allow_graceful=False)`) kills them."""
+    stopped = []
+    for pid in node_processes(node):
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        except ProcessLookupError:
+            pass
+    return stopped
 
 
 class ChaosSchedule:
@@ -154,7 +188,9 @@ class ChaosSchedule:
     A fault fires when the newest world is past the previous fault's term, at least
     `gap_steps` steps after it, with `full_world` members (or, after waiting
     `full_world_wait_s`, with enough members for its kind). Node losses need
-    `node_ops`; their capacity is added back `readd_after_s` later. Checkpoint-time
+    `node_ops`; their capacity is added back `readd_after_s` later. A silent node (every process
+    stopped, no connection closed) is removed for good and its capacity added back after
+    `max(readd_after_s, silent_for_s)`: until then the run must find out by itself. Checkpoint-time
     kills fire on the first step seen whose commit triggers a save (`checkpoint_every`).
     A preempted member's process is SIGKILLed once the world has moved on without it
     (the machine goes away after its notice), which frees its slot.
@@ -173,14 +209,17 @@ class ChaosSchedule:
         full_world_wait_s: float = 20.0,
         rebuild_delay_s: float = 0.03,
         preempt_grace_s: float = 30.0,
+        silent_for_s: float = 20.0,
         clock: Callable[[], float] = time.time,
         kill: Callable[[int, int], None] = os.kill,
     ) -> None:
         for f in faults:
             if f.kind not in FAULT_KINDS:
                 raise ValueError(f"unknown fault kind {f.kind!r}; known: {', '.join(FAULT_KINDS)}")
-            if f.kind == "node_loss" and node_ops is None:
-                raise ValueError("node_loss faults need node_ops (a multi-node cluster to remove nodes from)")
+            if f.kind in _NODE_KINDS and node_ops is None:
+                raise ValueError(f"{f.kind} faults need node_ops (a multi-node cluster to remove nodes from)")
+            if f.kind == "silent_node" and not callable(getattr(node_ops, "silence", None)):
+                raise ValueError("silent_node faults need node_ops with silence(node_id) (see silence_node)")
             if f.kind == "kill_in_checkpoint" and not checkpoint_every:
                 raise ValueError("kill_in_checkpoint faults need checkpoint_every (the run's every_steps)")
         self.faults = faults
@@ -192,12 +231,13 @@ class ChaosSchedule:
         self.full_world_wait_s = full_world_wait_s
         self.rebuild_delay_s = rebuild_delay_s
         self.preempt_grace_s = preempt_grace_s
+        self.silent_for_s = silent_for_s
         self.clock = clock
         self.kill = kill
         self.fired: list[ChaosFault] = []
         self._terminate: list[tuple[ChaosFault, str, int]] = []
         self.readds: list[float] = []
-        self._readd_due: list[float] = []
+        self._readd_due: list[tuple[float, Optional[str]]] = []  # (when, a silenced node to remove first)
         self._ready_since: Optional[float] = None
         self._seen_step = -1
 
@@ -218,8 +258,10 @@ class ChaosSchedule:
 
     def on_progress(self, view: RunView) -> None:
         now = self.clock()
-        while self._readd_due and now >= self._readd_due[0]:
-            self._readd_due.pop(0)
+        while self._readd_due and now >= self._readd_due[0][0]:
+            _, silenced = self._readd_due.pop(0)
+            if silenced is not None:
+                self.node_ops.remove(silenced)  # the reclaimed machine is gone for good
             self.node_ops.add()
             self.readds.append(self.clock())
         self._end_preempted(view, now)
@@ -276,7 +318,7 @@ class ChaosSchedule:
         else:
             target = followers[len(self.fired) % len(followers)]
         fault.members = [target]
-        if kind == "node_loss":
+        if kind in _NODE_KINDS:
             protected = getattr(self.node_ops, "protected", lambda: set())()
             removable = [m for m in [*followers, leader] if members[m]["node_id"] not in protected]
             if not removable:
@@ -288,9 +330,15 @@ class ChaosSchedule:
             fault.members = [target]
             node_id = members[target]["node_id"]
             fault.fired_at = self.clock()
-            self.node_ops.remove(node_id)
+            if kind == "silent_node":
+                fault.detail["stopped"] = len(self.node_ops.silence(node_id) or [])
+                view.note_fault(target, node_silenced=node_id)
+            else:
+                self.node_ops.remove(node_id)
             fault.detail["node_id"] = node_id
-            self._readd_due.append(fault.fired_at + self.readd_after_s)
+            # A silent node stays stopped (its peers must find out by themselves) until its capacity comes back.
+            delay = self.readd_after_s if kind == "node_loss" else max(self.readd_after_s, self.silent_for_s)
+            self._readd_due.append((fault.fired_at + delay, node_id if kind == "silent_node" else None))
         elif kind == "preempt":
             fault.fired_at = view.signal(target, signal.SIGTERM)
             self._terminate.append((fault, target, members[target]["pid"]))

@@ -16,6 +16,7 @@ class FakeView:
     def __init__(self, size: int = 3) -> None:
         self.step, self.term = 0, 1
         self.sent: list[tuple[str, int]] = []
+        self.noted: list[tuple[str, dict]] = []
         self.world(size)
 
     def world(self, size: int, term=None) -> None:
@@ -33,10 +34,13 @@ class FakeView:
         self.sent.append((member, int(sig)))
         return 1000.0 + len(self.sent)
 
+    def note_fault(self, member, **facts):
+        self.noted.append((member, facts))
+
 
 class FakeNodes:
     def __init__(self) -> None:
-        self.removed, self.added = [], 0
+        self.removed, self.added, self.silenced = [], 0, []
 
     def remove(self, node_id):
         self.removed.append(node_id)
@@ -44,13 +48,18 @@ class FakeNodes:
     def add(self):
         self.added += 1
 
+    def silence(self, node_id):
+        self.silenced.append(node_id)
+        return [4242]
+
 
 def test_mixed_schedule_cycles_every_kind_in_a_seeded_order():
-    a = ChaosSchedule.mixed(count=14, seed=3, full_world=3, checkpoint_every=5, node_ops=FakeNodes())
-    b = ChaosSchedule.mixed(count=14, seed=3, full_world=3, checkpoint_every=5, node_ops=FakeNodes())
+    n = len(FAULT_KINDS)
+    a = ChaosSchedule.mixed(count=2 * n, seed=3, full_world=3, checkpoint_every=5, node_ops=FakeNodes())
+    b = ChaosSchedule.mixed(count=2 * n, seed=3, full_world=3, checkpoint_every=5, node_ops=FakeNodes())
     kinds = [f.kind for f in a.faults]
     assert kinds == [f.kind for f in b.faults]
-    assert sorted(kinds[:7]) == sorted(FAULT_KINDS) and sorted(kinds[7:]) == sorted(FAULT_KINDS)
+    assert sorted(kinds[:n]) == sorted(FAULT_KINDS) and sorted(kinds[n:]) == sorted(FAULT_KINDS)
     with pytest.raises(ValueError, match="node_ops"):
         ChaosSchedule([ChaosFault("node_loss", 0)], full_world=3)
     with pytest.raises(ValueError, match="checkpoint_every"):
@@ -111,6 +120,25 @@ def test_checkpoint_kill_fires_on_a_save_step_and_node_capacity_returns():
     s.on_progress(view)
     assert [sig for _, sig in view.sent[-2:]] == [signal.SIGKILL, signal.SIGKILL]
     assert len({m for m, _ in view.sent[-2:]}) == 2  # two different members
+
+
+def test_a_silent_node_is_stopped_not_removed_until_its_capacity_comes_back():
+    clock = [0.0]
+    view, nodes = FakeView(), FakeNodes()
+    with pytest.raises(ValueError, match="silence"):
+        ChaosSchedule([ChaosFault("silent_node", 0)], full_world=3, node_ops=SimpleNamespace(remove=None, add=None))
+    s = ChaosSchedule([ChaosFault("silent_node", 0)], full_world=3, gap_steps=1, node_ops=nodes,
+                      readd_after_s=1.0, silent_for_s=5.0, clock=lambda: clock[0])
+    view.step = 1
+    s.on_progress(view)
+    assert nodes.silenced == ["n1"] and not nodes.removed and not view.sent  # no signal to any worker
+    assert view.noted == [("w1", {"node_silenced": "n1"})] and s.fired[0].detail["stopped"] == 1
+    clock[0] = 2.0  # past readd_after_s: a silent node stays silent until silent_for_s
+    s.on_progress(view)
+    assert not nodes.removed and nodes.added == 0
+    clock[0] = 5.5
+    s.on_progress(view)
+    assert nodes.removed == ["n1"] and nodes.added == 1
 
 
 def test_a_preempted_member_is_terminated_once_the_world_moved_on():

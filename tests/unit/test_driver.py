@@ -180,6 +180,8 @@ def test_a_lapsed_heartbeat_gets_its_worker_killed_once():
     clock.now += 2.0
     assert _tick(driver, clock, 2.0)  # 4 s since a's beat changed, b beat again
     assert workers.killed == [a] and _kinds(driver)[-1] == "heartbeat_lapsed"
+    # Dead for its peers at once, before any exit confirms the kill: a silent machine confirms nothing.
+    assert driver.election.deaths() == {a} and not workers.pending_exits
     assert _tick(driver, clock, 1.0) and workers.killed == [a]  # not killed twice
 
 
