@@ -123,6 +123,7 @@ def ray_head():
         # `ray start` returns before the dashboard (the job API) listens: wait for its port, bounded
         if not _wait_for(lambda: _accepts(dash), timeout=60, interval=0.2):
             pytest.fail(f"the dashboard never listened on port {dash}")
+        env["ELASTICTRAIN_TEST_GCS"] = f"127.0.0.1:{gcs}"  # where a plain driver (not a job) connects
         yield f"http://127.0.0.1:{dash}", env
     finally:
         _stop(head, tag)
@@ -189,3 +190,42 @@ def test_job_submission_succeeds_and_a_broken_loop_fails_the_job(ray_head, tmp_p
     with CheckpointManager(CheckpointConfig(uri=uri)) as mgr:
         steps = [info.step for info in mgr.list()]
     assert 15 in steps, steps
+
+
+def _newest_step(uri: str) -> int:
+    from elastictrain.checkpoint import CheckpointManager
+    from elastictrain.config import CheckpointConfig
+
+    with CheckpointManager(CheckpointConfig(uri=uri)) as mgr:
+        return max((info.step for info in mgr.list()), default=-1)
+
+
+def test_a_lost_driver_run_again_resumes_from_the_newest_checkpoint(ray_head, tmp_path):
+    """The driver process is killed mid-run (its machine lost): its workers go with it (Ray ends a driver's
+    actors with it). Run again, the same command resumes from the newest checkpoint and finishes."""
+    _, env = ray_head
+    uri = f"file://{tmp_path}/ckpt"
+    driver_env = {**env, "RAY_ADDRESS": env["ELASTICTRAIN_TEST_GCS"], "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "tests.integration.lost_driver", uri]
+    first = subprocess.Popen(cmd, env=driver_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert _wait_for(lambda: _newest_step(uri) >= 10 or first.poll() is not None, timeout=180, interval=0.2)
+        assert first.poll() is None, f"the run ended before its driver was lost:\n{first.communicate()[0][-3000:]}"
+        first.send_signal(signal.SIGKILL)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait(timeout=30)
+    # The killed driver's workers stop with it: no checkpoint is committed by them from here on.
+    from elastictrain.testing.toy import ToyTask  # noqa: F401 - same task as the driver script
+
+    newest = _newest_step(uri)
+    assert 10 <= newest < 40, newest
+    second = subprocess.run(cmd, env=driver_env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    import json
+
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 40 and summary["matches"], summary
+    # It resumed from a checkpoint at least as new as the newest one written before the rerun started.
+    assert summary["restored"] and summary["restored"][0] >= newest, summary
