@@ -19,6 +19,7 @@ _EXPORTS = {
     "EncryptionConfig": "elastictrain.config",
     "RunConfig": "elastictrain.config",
     "NetworkConfig": "elastictrain.config",
+    "NoticeConfig": "elastictrain.config",
     "ElasticTrainer": "elastictrain.trainer",
     "Result": "elastictrain.trainer",
     "Context": "elastictrain.runtime.context",
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
         EncryptionConfig,
         FailureConfig,
         NetworkConfig,
+        NoticeConfig,
         RunConfig,
         ScalingConfig,
     )

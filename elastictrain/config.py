@@ -74,6 +74,59 @@ class ScalingConfig(_Config):
         return TopologyPolicy(group_by=tuple(self.group_by))
 
 
+class NoticeConfig(_Config):
+    """Preemption notices from the cloud's metadata service (AWS spot instance actions and rebalance
+    recommendations, GCP preemption and maintenance, Azure Scheduled Events).
+
+    The cloud comes from local facts only (this setting, the node's labels, its DMI strings), never from
+    a probe of the metadata address; on a node of no known cloud nothing is polled. A notice makes the
+    member save (through the leader) and leave at the next step boundary, as SIGTERM does.
+    """
+
+    cloud: str = Field(
+        "auto", description="'auto' (from the node's 'provider' label, else its DMI strings), 'off', 'aws', "
+        "'gcp' or 'azure'.",
+    )
+    poll_interval_s: float = Field(
+        1.0, gt=0, description="How often a worker asks the metadata service for a notice (seconds).",
+    )
+    timeout_s: float = Field(
+        1.0, gt=0, description="Timeout of one request to the metadata service (seconds); a slower answer counts "
+        "as none.",
+    )
+    endpoint: Optional[str] = Field(
+        None, description="Base URL of the metadata service, e.g. 'http://127.0.0.1:8080' (tests, a proxy); "
+        "unset: the provider's own. ELASTICTRAIN_METADATA_ENDPOINT in a worker's environment replaces it there.",
+    )
+    leave_on_rebalance: bool = Field(
+        False, description="An AWS rebalance recommendation (a softer notice than a spot interruption) makes "
+        "the member leave too; unset, it is only reported as a cloud_notice event.",
+    )
+    dmi_root: Optional[str] = Field(
+        None, description="Folder of the DMI strings read to recognise the cloud; unset: /sys/class/dmi/id.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "NoticeConfig":
+        if self.cloud not in ("auto", "off", "aws", "gcp", "azure"):
+            raise ValueError(f"cloud={self.cloud!r}: use 'auto', 'off', 'aws', 'gcp' or 'azure'")
+        if self.endpoint is not None:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(self.endpoint)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+                raise ValueError(
+                    f"endpoint={self.endpoint!r}: give a base URL such as 'http://127.0.0.1:8080' "
+                    "(scheme, host and port; the provider's paths are added)"
+                )
+        if self.timeout_s > 10:
+            raise ValueError(
+                f"timeout_s={self.timeout_s}: a notice gives seconds of warning (GCP about 30), so a request "
+                "may not take longer than 10 s; 1 s is plenty for the machine's own metadata service"
+            )
+        return self
+
+
 class FailureConfig(_Config):
     """How failures are detected and how many are tolerated."""
 
@@ -106,6 +159,11 @@ class FailureConfig(_Config):
         "many times the bytes of its own, or a tensor it does not hold itself (say optimizer state before its "
         "first step) over this many times its own largest one; states up to 256 MiB always pass. Raise it for an "
         "optimizer whose state is much larger than the model.",
+    )
+    notices: NoticeConfig = Field(
+        default_factory=NoticeConfig,
+        description="Preemption notices from the cloud's metadata service (`NoticeConfig`): a notice saves and "
+        "leaves like SIGTERM.",
     )
 
     @model_validator(mode="after")

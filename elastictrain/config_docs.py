@@ -27,6 +27,7 @@ from elastictrain.config import (
     EncryptionConfig,
     FailureConfig,
     NetworkConfig,
+    NoticeConfig,
     RunConfig,
     ScalingConfig,
 )
@@ -34,6 +35,7 @@ from elastictrain.config import (
 CONFIGS: tuple[tuple[type[BaseModel], str], ...] = (
     (ScalingConfig, "ElasticTrainer(scaling=...)"),
     (FailureConfig, "ElasticTrainer(failure=...)"),
+    (NoticeConfig, "FailureConfig(notices=...)"),
     (BatchConfig, "ElasticTrainer(batch=...)"),
     (CheckpointConfig, "ElasticTrainer(checkpoint=...)"),
     (EncryptionConfig, "CheckpointConfig(encryption=...)"),

@@ -43,7 +43,14 @@ KINDS: Mapping[str, EventKind] = _kinds(
     ("spare_joined", "worker", ("term", "rank", "waited_s"),
      "A warm spare (`ScalingConfig.spares`), started earlier and waiting outside a full world, entered the world "
      "of a term: no process was started for it. `waited_s`: how long it waited."),
-    ("left", "worker", ("term", "step"), "A member left the run at a step boundary (a preemption notice)."),
+    ("left", "worker", ("term", "step"),
+     "A member left the run at a step boundary (a preemption notice). With the notice known: `source` ('sigterm', "
+     "'drain', or the cloud: 'aws', 'gcp', 'azure'), `notice_s` (the warning's length, None when not given) and "
+     "`used_s` (seconds from the notice to this clean leave)."),
+    ("cloud_notice", "worker", ("provider", "notice", "warning_s"),
+     "The cloud's metadata service said this machine goes (or may soon), the moment a worker saw it: `notice` "
+     "(e.g. 'spot_terminate', 'rebalance', 'preempted', 'preempt'), `warning_s` (deadline less the time seen, "
+     "None without a deadline), `leave` (whether the member leaves for it), `deadline`, `summary`."),
     ("world_changed", "worker", ("term", "step", "reason"),
      "A member's world ended (a peer lost, a planned rebuild); `in_flight` names a step lost in flight."),
     ("recovered", "worker", ("term", "world_size", "resumed_from", "recovery_s"),
@@ -51,7 +58,8 @@ KINDS: Mapping[str, EventKind] = _kinds(
      "`phases`: seconds spent to elect, form the group, re-enter train_fn, restore, commit the first step."),
     ("in_flight_step_kept", "worker", ("term", "step"),
      "The world changed after the optimizer stepped: the step counts as committed, not redone."),
-    ("preemption_notice", "worker", ("term", "step"), "A rank asked to leave; the world stops at this boundary."),
+    ("preemption_notice", "worker", ("term", "step"),
+     "A rank asked to leave; the world stops at this boundary (`source`, `notice_s` as for `left`)."),
     ("error", "worker", ("reason",), "The user's `train_fn` raised; the run fails with this reason."),
     ("state_sent", "worker", ("term", "step", "bytes", "seconds", "receivers"),
      "Rank 0 sent its state to members behind or new (`receivers`, their ranks); survivors at its step receive nothing."),

@@ -41,6 +41,9 @@ FACT_TYPES: dict[str, tuple[type, ...]] = {
     "resumed_from": _OPTIONAL_INT,
     "recovery_s": _NUMBER,
     "replay": (bool,),
+    "warning_s": (int, float, type(None)),
+    "notice_s": (int, float, type(None)),
+    "used_s": (int, float, type(None)),
 }
 """Types of the facts the driver reads; a fact not named here may be any plain value."""
 _LOOSE = {"metrics": {"step"}}  # a report's step may be any plain value (the run log keeps odd ones aside)

@@ -136,6 +136,7 @@ class Runner:
         self.in_loop = False  # inside ctx.steps and not in a runtime wait: the heartbeat says progress is due
         self._beats = 0
         self._leave = threading.Event()
+        self._notice: Optional[dict] = None  # the first preemption notice (request_leave)
         self._grow = threading.Event()
         self._stop = threading.Event()
         self._first_commit_of_term = True
@@ -159,9 +160,22 @@ class Runner:
         """Set when this worker's run is over (waits in the training thread end early)."""
         return self._stop
 
-    def request_leave(self) -> None:
-        """A preemption notice: leave at the next step boundary (after saving)."""
+    def request_leave(self, source: str = "sigterm", notice_s: Optional[float] = None,
+                      received: Optional[float] = None) -> None:
+        """A preemption notice: leave at the next step boundary (after saving). The first notice's `source`
+        ('sigterm', 'drain', 'aws', ...), warning length `notice_s` and wall time `received` go into the
+        `preemption_notice` and `left` events."""
+        if self._notice is None:
+            self._notice = {"source": source, "notice_s": notice_s,
+                            "received": time.time() if received is None else received}
         self._leave.set()
+
+    def _notice_facts(self) -> dict:
+        """The facts of the notice this member leaves for: source, notice_s, used_s (notice to now)."""
+        n = self._notice
+        if n is None:
+            return {}
+        return {"source": n["source"], "notice_s": n["notice_s"], "used_s": time.time() - n["received"]}
 
     def emit(self, record: Event) -> None:
         """Queue a record for the driver; an event (anything but metrics and commits) is sent at once."""
@@ -255,7 +269,7 @@ class Runner:
                 exit_kind = classify_exit(exc)
                 if exit_kind == LEFT:
                     self.election.mark_left(self.member_id)
-                    self.emit(event("left", term=plan.term, step=self.committed))
+                    self.emit(event("left", term=plan.term, step=self.committed, **self._notice_facts()))
                     return {"status": "left", "step": self.committed}
                 if exit_kind == USER_ERROR:
                     self._fail_on_user_error(plan.term, exc)
@@ -497,7 +511,9 @@ class Runner:
         self._grow.clear()
         if leaving:
             if world.rank == leaving[0]:
-                self.emit(event("preemption_notice", term=world.term, step=state.step))
+                facts = self._notice_facts()
+                facts.pop("used_s", None)
+                self.emit(event("preemption_notice", term=world.term, step=state.step, **facts))
             in_loop, self.in_loop = self.in_loop, False  # waiting on storage is not a hang
             try:
                 if world.is_leader:
@@ -668,7 +684,7 @@ class Runner:
                 self._beats += 1
                 self.election.heartbeat(self.member_id, Beat(seq=self._beats, progress=self.progress, in_loop=self.in_loop))
                 if self.election.asked_to_leave(self.member_id):
-                    self._leave.set()
+                    self.request_leave(source="drain")
                 world = self.world
                 if world is not None and self.election.deaths() & set(world.plan.members):
                     self._sever_group()

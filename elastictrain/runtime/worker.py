@@ -1,13 +1,16 @@
 """The worker actor: a thin Ray shell around `Runner`.
 
 It installs the SIGTERM handler (a spot notice) in the actor's main thread, finds
-its node's identity and labels, and runs the runner in a method thread.
+its node's identity and labels, watches the cloud's metadata service for notices
+while it runs (`fleet.notice_watch`; nothing polls off a known cloud), and runs the
+runner in a method thread.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any, Callable
 
 import ray
@@ -16,6 +19,7 @@ import torch
 from elastictrain.election.election import Election
 from elastictrain.election.ray_store import RayKVStore
 from elastictrain.errors import TrainingFailed
+from elastictrain.fleet.notice_watch import start_notice_watch
 from elastictrain.runtime.network import apply_network
 from elastictrain.runtime.runner import Runner
 from elastictrain.runtime.spec import RunSpec
@@ -85,7 +89,7 @@ class WorkerActor:
         self.hub = hub
         self.node = node_identity()
         self.runner: Runner | None = None
-        self._notice = False
+        self._notice: float | None = None  # when SIGTERM came before the runner existed
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.node["normal_priority"] = restore_priority()
         self._network_error: str | None = None
@@ -97,9 +101,9 @@ class WorkerActor:
 
     def _on_sigterm(self, signum, frame) -> None:
         # Runs in the main thread; the runner leaves at its next step boundary.
-        self._notice = True
+        self._notice = time.time()
         if self.runner is not None:
-            self.runner.request_leave()
+            self.runner.request_leave(source="sigterm", received=self._notice)
 
     def identity(self) -> dict:
         return self.node
@@ -123,11 +127,20 @@ class WorkerActor:
             device=device,
         )
         election.on_reject = self.runner.emit
-        if self._notice:
-            self.runner.request_leave()
+        if self._notice is not None:
+            self.runner.request_leave(source="sigterm", received=self._notice)
         if self._network_error is not None:
             self.runner.election.set_outcome(f"failed:{self._network_error}")
             raise TrainingFailed(self._network_error)
-        result = self.runner.run()
+        runner = self.runner
+        notices = start_notice_watch(
+            self.spec.failure.notices, self.node["labels"], emit=runner.emit,
+            on_leave=lambda n: runner.request_leave(source=n.provider, notice_s=n.warning_s, received=n.received),
+        )
+        try:
+            result = runner.run()
+        finally:
+            if notices is not None:
+                notices.stop()
         result.update(member=self.member_id, node=self.node)
         return result

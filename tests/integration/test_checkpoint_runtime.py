@@ -96,6 +96,9 @@ def test_preemption_notice_saves_before_leaving(ray_session, tmp_path):
     saved = sorted(c.step for c in CheckpointManager(ckpt).list())
     notice_event = next(e for e in result.events if e["kind"] == "preemption_notice")
     left_at = notice_event["step"]
+    left = next(e for e in result.events if e["kind"] == "left")
+    assert notice_event["source"] == left["source"] == "sigterm" and left["notice_s"] is None
+    assert left["used_s"] > 0
     assert left_at in saved and saved[-1] == task.total_steps
     # the run has one writer: every save comes from the leader of its term, never from the member leaving
     leaders = {(e["term"], e["leader"]) for e in result.events if e["kind"] == "world"}
