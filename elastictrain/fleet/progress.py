@@ -3,7 +3,8 @@
 Both show the same facts: steps committed (of the total when `RunConfig.progress_total` is set), the
 world's size, samples per second, the last loss rank 0 reported, workers lost and recoveries. A plain
 line is printed at most every `every_s` seconds and only when something changed, so a log file gets a
-readable record rather than a carriage-return stream; the run's end prints one more.
+readable record rather than a carriage-return stream (a changed rate alone prints nothing); the run's
+end prints one more.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class ProgressDisplay:
         }
         if self.terminal:
             self._update_bar(self._facts, now)
-        elif self._facts != self._shown and now - self._last_line >= self.every_s:
+        elif self._changed(self._facts) and now - self._last_line >= self.every_s:
             self._print_line(self._facts)
             self._last_line = now
 
@@ -136,6 +137,12 @@ class ProgressDisplay:
                 bar.refresh()
                 self._last_line = now
         self._shown = facts
+
+    def _changed(self, facts: dict) -> bool:
+        """Whether a plain line would say something new; the rate alone drifts every call and does not count."""
+        if self._shown is None:
+            return True
+        return any(facts[k] != self._shown[k] for k in facts if k != "rate")
 
     def _print_line(self, facts: dict, end: bool = False) -> None:
         steps = f"{facts['steps']}/{self.total}" if self.total else str(facts["steps"])

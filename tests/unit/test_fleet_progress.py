@@ -34,7 +34,7 @@ class View:
 
 
 def _run(display, clock):
-    """Ten steps in 2 s, a loss and a recovery, five more steps, the end."""
+    """Ten steps in 2 s, a loss and a recovery, five more steps, a stall, the end."""
     view = View()
     display.on_progress(view)
     clock.now += 2.0
@@ -45,6 +45,10 @@ def _run(display, clock):
     clock.now += 0.1
     view.step, view.world, view.loss = 14, ["b", "c"], 0.25
     display.on_progress(view)  # within a second of the last line
+    clock.now += 1.5
+    display.on_progress(view)  # a stall: the rate falls
+    clock.now += 1.4
+    display.on_progress(view)
     display.close()
     display.close()  # a second close does nothing
 
@@ -74,9 +78,10 @@ def test_a_plain_stream_gets_lines_at_most_every_second_and_one_at_the_end():
     assert lines == [
         "[elastictrain] step 0/15 | world 3 | loss 0.75 | lost 0 | recoveries 0",
         "[elastictrain] step 10/15 | world 3 | 40 samples/s | loss 0.75 | lost 0 | recoveries 0",
-        # the third update came 0.1 s after the second line: not printed, but its facts end the run;
-        # 15 steps of 8 samples in 2.1 s
-        "[elastictrain] run ended at step 15/15 | world 2 | 57.14 samples/s | loss 0.25 | lost 1 | recoveries 1",
+        # the third update came 0.1 s after the second line: shown with the next, 1.5 s later, at its rate
+        "[elastictrain] step 15/15 | world 2 | 33.33 samples/s | loss 0.25 | lost 1 | recoveries 1",
+        # the last update changed the rate only: no line; the run's end shows it (15 steps x 8 in 5 s)
+        "[elastictrain] run ended at step 15/15 | world 2 | 24 samples/s | loss 0.25 | lost 1 | recoveries 1",
     ]
 
 
