@@ -370,4 +370,17 @@ class RunConfig(_Config):
         None, description="Run name, in the run's Ray key-value namespace and its errors; unset: a random one."
     )
     seed: int = Field(0, description="Seed for torch's, numpy's and Python's RNGs on every worker at first entry.")
-    progress: bool = Field(False, description="Print a progress line on the driver while training.")
+    progress: bool = Field(
+        False,
+        description="Show the run's progress on the driver's stderr: a progress bar on a terminal, a plain line at "
+        "most every second otherwise (steps, world size, samples/s, last loss, recoveries).",
+    )
+    progress_total: Optional[int] = Field(
+        None, ge=1,
+        description="Steps the progress bar counts to (the loop's `total_steps`); unset: it counts steps without a total.",
+    )
+    metrics: bool = Field(
+        True,
+        description="Keep live Prometheus metrics of the run on the driver through `ray.util.metrics` (Ray's metrics "
+        "endpoint exports them, names prefixed `ray_elastictrain_`); False: none.",
+    )

@@ -15,6 +15,7 @@ import time
 import torch
 
 from elastictrain.config import BatchConfig, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from elastictrain.demo_output import InjectedKills, explaining_injected_kills
 from elastictrain.runtime.cluster import ensure_ray
 from elastictrain.testing.faults import FaultSchedule, hold_for_whole_world, recovery_report
 from elastictrain.testing.toy import ToyTask, make_train_fn, reference_params
@@ -31,24 +32,26 @@ def run_demo(args) -> int:
     task = ToyTask(total_steps=args.steps, step_sleep_s=0.08, seed=args.seed)
     batch = BatchConfig(global_batch_size=48, micro_batch_size=4, seed=args.seed)
     schedule = FaultSchedule.random(total_steps=args.steps, count=args.faults, seed=args.seed, full_world=args.workers)
-    started_ray = ensure_ray(args.workers + 2)
-    print(f"elastictrain demo: {args.workers} workers, {args.steps} steps, "
-          f"faults at steps {[f.step for f in schedule.faults]} ({', '.join(f.target for f in schedule.faults)})",
-          flush=True)
-    began = time.time()
-    try:
-        result = ElasticTrainer(
-            make_train_fn(task, on_step=hold_for_whole_world([f.step for f in schedule.faults], args.workers)),
-            scaling=ScalingConfig(min_workers=max(1, args.workers - 1), max_workers=args.workers),
-            batch=batch,
-            checkpoint=CheckpointConfig(uri=args.checkpoint_uri, every_steps=10) if args.checkpoint_uri else None,
-            failure=FailureConfig(collective_timeout_s=5, heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0),
-            run=RunConfig(progress=True, seed=args.seed),
-            callbacks=[schedule],
-        ).fit()
-    finally:
-        if started_ray:
-            ray.shutdown()
+    kills = InjectedKills()
+    with explaining_injected_kills(kills.pids):
+        started_ray = ensure_ray(args.workers + 2)
+        print(f"elastictrain demo: {args.workers} workers, {args.steps} steps, "
+              f"faults at steps {[f.step for f in schedule.faults]} ({', '.join(f.target for f in schedule.faults)})",
+              flush=True)
+        began = time.time()
+        try:
+            result = ElasticTrainer(
+                make_train_fn(task, on_step=hold_for_whole_world([f.step for f in schedule.faults], args.workers)),
+                scaling=ScalingConfig(min_workers=max(1, args.workers - 1), max_workers=args.workers),
+                batch=batch,
+                checkpoint=CheckpointConfig(uri=args.checkpoint_uri, every_steps=10) if args.checkpoint_uri else None,
+                failure=FailureConfig(collective_timeout_s=5, heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0),
+                run=RunConfig(progress=True, progress_total=args.steps, seed=args.seed),
+                callbacks=[schedule, kills],
+            ).fit()
+        finally:
+            if started_ray:
+                ray.shutdown()  # stops Ray's thread that prints its error reports
     wall = time.time() - began
     rows = recovery_report(schedule, result)
     reference = reference_params(task, batch)

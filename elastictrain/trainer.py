@@ -105,6 +105,7 @@ class ElasticTrainer:
         Ray actors for the workers."""
         from elastictrain.election.election import Election
         from elastictrain.election.ray_store import RayKVStore
+        from elastictrain.fleet.metrics import maybe_run_metrics
         from elastictrain.runtime.ray_workers import RayWorkers
 
         run_id = self.run.name or uuid.uuid4().hex[:12]
@@ -121,4 +122,4 @@ class ElasticTrainer:
         )
         workers = RayWorkers(spec, self.train_fn)
         election = Election(RayKVStore(spec.namespace), spec.secret, scope=spec.namespace)
-        return Driver(spec, workers, election, callbacks=self.callbacks)
+        return Driver(spec, workers, election, callbacks=[*self.callbacks, *maybe_run_metrics(spec)])

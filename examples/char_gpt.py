@@ -205,7 +205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             scaling=et.ScalingConfig(min_workers=args.min_workers, max_workers=args.workers),
             batch=et.BatchConfig(global_batch_size=args.batch, micro_batch_size=args.micro_batch),
             checkpoint=checkpoint_config(args),
-            run=et.RunConfig(progress=True),
+            run=et.RunConfig(progress=True, progress_total=args.steps),
         ).fit()
     except et.TrainingFailed as exc:
         print(f"char_gpt: training failed: {exc}", file=sys.stderr, flush=True)

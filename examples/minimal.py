@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> et.Result:
         scaling=et.ScalingConfig(min_workers=1, max_workers=args.workers),
         batch=et.BatchConfig(global_batch_size=64, micro_batch_size=16),
         checkpoint=et.CheckpointConfig(uri=args.checkpoint_uri, every_steps=10) if args.checkpoint_uri else None,
-        run=et.RunConfig(progress=True),
+        run=et.RunConfig(progress=True, progress_total=args.steps),
     ).fit()
 
 

@@ -12,7 +12,6 @@ driver's unit tests, which step it by hand.
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from elastictrain.election.heartbeat import is_hung
 from elastictrain.election.term import NO_STATE, Member
 from elastictrain.errors import TrainingFailed
 from elastictrain.events import Event, event
+from elastictrain.fleet.progress import ProgressDisplay
 from elastictrain.runtime.policy import Decision, FailurePolicy, PlacementPolicy
 from elastictrain.runtime.records import accept_records
 from elastictrain.runtime.results import Result, RunView
@@ -132,6 +132,10 @@ class Driver:
         self.workers = workers
         self.election = election
         self.callbacks = list(callbacks)
+        self.progress = (ProgressDisplay(spec.batch.global_batch_size, total=spec.run.progress_total, clock=clock)
+                         if spec.run.progress else None)
+        if self.progress is not None:
+            self.callbacks.append(self.progress)
         self.clock = clock
         self.placement = PlacementPolicy(spec.scaling)
         self.failures = FailurePolicy(spec.failure.max_failures)
@@ -139,7 +143,6 @@ class Driver:
         self.view = RunView(self)
         self.failure: Optional[str] = None
         self._spawned = 0
-        self._last_progress = 0.0
         self._returns: dict[str, WorkerExit] = {}
         self._killed: set[str] = set()  # members killed for a lapsed heartbeat or a hang
         self._next_pull = self._next_health = 0.0
@@ -209,6 +212,8 @@ class Driver:
         """Kill every worker (finished ones hold their resources until killed); clear the run's keys."""
         self.workers.close()
         self._clear_election()
+        if self.progress is not None:
+            self.progress.close()
 
     def result(self) -> Result:
         steps = max((e.step for e in self._returns.values() if e.status == "finished" and e.step is not None),
@@ -294,7 +299,6 @@ class Driver:
                         on_event(self.view, added)
         if self.log.newest_step > before:
             self._notify_callbacks()
-            self._print_progress()
 
     def _back_bids(self, records: list[Event]) -> None:
         """Publish the newest committed step workers reported over their actor channel: a survivor reports its
@@ -314,17 +318,6 @@ class Driver:
     def _notify_callbacks(self) -> None:
         for callback in self.callbacks:
             callback.on_progress(self.view)
-
-    def _print_progress(self) -> None:
-        if not self.spec.run.progress or self.clock() - self._last_progress < 1.0:
-            return
-        self._last_progress = self.clock()
-        metrics = self.log.final_metrics()
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                         if isinstance(v, float) and k not in ("time", "t", "step", "term"))
-        lost = sum(1 for r in self.log.events if r.get("kind") == "worker_lost")
-        print(f"[elastictrain] step {self.log.newest_step + 1} term {self.log.newest_term} "
-              f"workers {len(self.log.world_members)} lost {lost} {shown}", file=sys.stderr, flush=True)
 
     # --- the end -------------------------------------------------------------------------
 

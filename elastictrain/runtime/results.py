@@ -78,6 +78,20 @@ class RunView:
     def term(self) -> int:
         return self._driver.log.newest_term
 
+    @property
+    def steps_redone(self) -> int:
+        """Committed steps computed again so far (`Result.steps_redone`)."""
+        return count_redone(self._driver.log.commit_spans())
+
+    @property
+    def steps_lost_in_flight(self) -> int:
+        """Steps begun, not committed, and computed again so far (`Result.steps_lost_in_flight`)."""
+        return self._driver.log.steps_lost_in_flight()
+
+    def latest_report(self) -> dict:
+        """Rank 0's report of the highest step reported so far (what `Result.metrics` will be if the run ends now)."""
+        return self._driver.log.final_metrics()
+
     def members(self) -> dict[str, dict]:
         """Members of the newest world: id -> {rank, term, leader, pid, node_id}."""
         return {m: dict(info) for m, info in self._driver.log.world_members.items()}

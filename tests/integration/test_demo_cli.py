@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+
+from elastictrain.demo_output import EXPLANATION, RAY_WORKER_DIED
 
 
 @pytest.mark.slow
@@ -19,6 +22,16 @@ def test_demo_recovers_from_every_fault_and_matches_one_process(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Recovery report" in proc.stdout
+    # Ray's report of the workers the demo killed itself ("... OOM killer ...") is replaced by one explanation.
+    shown = proc.stdout + proc.stderr
+    assert RAY_WORKER_DIED not in shown
+    assert shown.count(EXPLANATION) <= 1 and shown.count("OOM killer") == shown.count(EXPLANATION)
+    # stderr is no terminal here: plain progress lines, the last one at the end of the run
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("[elastictrain]")]
+    assert progress and "\r" not in proc.stderr
+    assert progress[-1].startswith("[elastictrain] run ended at step 20/20 | world ")
+    assert "samples/s" in progress[-1] and "| lost 2 |" in progress[-1]
+    assert int(re.search(r"recoveries (\d+)", progress[-1]).group(1)) >= 2  # one per fault at least
     report = json.loads(report_path.read_text())
     assert report["steps"] == 20
     # Every fault lands, however slowly a replacement starts: the loop waits for a whole world at a fault step.
