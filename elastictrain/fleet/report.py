@@ -137,7 +137,7 @@ def compute(events: list[dict], manifests: Optional[list[dict]] = None, prices: 
                 w = workers.setdefault((run, member), _Worker(run))
                 w.ended = when if w.ended is None else min(w.ended, when)
                 if kind == "worker_lost" and member not in faulted:
-                    faults.append({"run": run, "time": when, "kind": "lost", "index": None, "members": [member]})
+                    faults.append({"run": run, "time": when, "fault": "lost", "index": None, "members": [member]})
                     faulted.add(member)
             elif kind == "fault_injected" and member is not None:
                 faulted.add(member)
@@ -145,7 +145,7 @@ def compute(events: list[dict], manifests: Optional[list[dict]] = None, prices: 
                 if isinstance(index, int) and index in by_index:
                     by_index[index]["members"].append(member)
                     continue
-                fault = {"run": run, "time": when, "kind": str(e.get("fault") or "injected"),
+                fault = {"run": run, "time": when, "fault": str(e.get("fault") or "injected"),
                          "index": index if isinstance(index, int) else None, "members": [member]}
                 faults.append(fault)
                 if isinstance(index, int):
@@ -276,7 +276,7 @@ def compute(events: list[dict], manifests: Optional[list[dict]] = None, prices: 
         "checkpoint_bytes": sum(e.get("bytes_written") or 0 for _, e in checkpoints
                                 if isinstance(e.get("bytes_written"), int)),
         "manifests": list(manifests or []),
-        "fault_list": [{k: f[k] for k in ("run", "kind", "index", "members", "term", "at_s", "resumed", "recovery_s")}
+        "fault_list": [{k: f[k] for k in ("run", "fault", "index", "members", "term", "at_s", "resumed", "recovery_s")}
                        for f in faults],
         "world_sizes": [[w.formed - t0, len(w.members), w.run, w.term] for w in sorted(worlds.values(),
                         key=lambda w: w.formed) if math.isfinite(w.formed)],
@@ -378,7 +378,7 @@ def markdown(report: dict) -> str:
     lines += ["", "## Faults", "", "| # | kind | members | term | at (s) | resumed | recovery (s) |",
               "|---|---|---|---|---|---|---|"]
     for i, f in enumerate(report["fault_list"]):
-        lines.append(f"| {i} | {f['kind']} | {', '.join(f['members'])} | {f['term']} | {_fmt(f['at_s'])} | "
+        lines.append(f"| {i} | {f['fault']} | {', '.join(f['members'])} | {f['term']} | {_fmt(f['at_s'])} | "
                      f"{'yes' if f['resumed'] else 'no'} | {_fmt(f['recovery_s'])} |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in PLOTS]
     if report.get("notes"):
@@ -421,7 +421,7 @@ def _plots(report: dict, out_dir: str) -> list[str]:
     faults = report["fault_list"]
     ax.bar(range(len(faults)), [f["recovery_s"] or 0 for f in faults],
            color=["tab:blue" if f["resumed"] else "tab:red" for f in faults])
-    ax.set_xticks(range(len(faults)), [f["kind"] for f in faults], rotation=30, fontsize="small")
+    ax.set_xticks(range(len(faults)), [f["fault"] for f in faults], rotation=30, fontsize="small")
     ax.set(ylabel="seconds", title="Recovery per fault (red: never resumed)")
     save(fig, PLOTS[2])
     return paths
