@@ -123,3 +123,25 @@ def test_the_reader_skips_and_counts_bad_lines_and_oversized_files(folder, monke
 def test_a_missing_log_is_file_not_found(folder):
     with pytest.raises(FileNotFoundError):
         read_events("memory:///no-such-log")
+
+
+def test_the_cli_reports_from_a_log_and_fails_in_one_line_on_bad_input(tmp_path, capsys):
+    from elastictrain.cli import main
+
+    logs = tmp_path / "events"
+    logs.mkdir()
+    log = EventLogWriter(lambda name, data: (logs / name).write_bytes(data), "r", 1000.0)
+    log.add(event("joined", member="a", term=1, rank=0, world_size=1, leader=True, time=1001.0))
+    log.add(event("commit", term=1, step=0, rank=0, time=1002.0))
+    log.close()
+    (tmp_path / "bad.toml").write_text("[providers.aws]\nhourly = 3\n")
+    out = tmp_path / "out"
+    assert main(["report", str(tmp_path / "nothing"), "--events", str(logs), "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["steps_committed"] == 1
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "nothing"), "--events", str(logs), "--prices",
+                 str(tmp_path / "bad.toml")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("elastictrain report: BadPrices:") and "providers.aws.hourly" in err and "\n" not in err
+    assert main(["report", str(tmp_path / "nothing")]) == 1
+    assert "no event log" in capsys.readouterr().err
