@@ -7,7 +7,8 @@ import argparse
 import logging
 from typing import Optional, Union
 
-from elastictrain.fleet.report import compute, write
+from elastictrain.fleet.report import compute
+from elastictrain.fleet.report_files import write
 from elastictrain.fleet.report_log import read_events
 from elastictrain.fleet.report_prices import Prices, load_prices
 

@@ -22,7 +22,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from elastictrain.events import UnknownEvent, check, event
 from elastictrain.runtime.records import FACT_TYPES, NotPlain, measure

@@ -54,7 +54,7 @@ class Result:
         Raises:
             ValueError: the run wrote no event log (no checkpoint URI and no `RunConfig.events_path`).
         """
-        from elastictrain.fleet.report import write
+        from elastictrain.fleet.report_files import write
         from elastictrain.fleet.report_cli import build_report
 
         if self.events_uri is None:

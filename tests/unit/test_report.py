@@ -7,7 +7,8 @@ import json
 import pytest
 
 from elastictrain.events import event
-from elastictrain.fleet.report import PLOTS, compute, write
+from elastictrain.fleet.report import compute
+from elastictrain.fleet.report_files import PLOTS, write
 from elastictrain.fleet.report_prices import parse_prices
 
 PRICES = """
