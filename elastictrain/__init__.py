@@ -39,6 +39,7 @@ _EXPORTS = {
     "StepOrderError": "elastictrain.errors",
     "UnsupportedSource": "elastictrain.errors",
     "errors": "elastictrain.errors",
+    "ChaosSchedule": "elastictrain.testing.faults",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -72,4 +73,5 @@ if TYPE_CHECKING:  # pragma: no cover
         ScalingConfig,
     )
     from elastictrain.runtime.context import Context, get_context
+    from elastictrain.testing.faults import ChaosSchedule
     from elastictrain.trainer import ElasticTrainer, Result

@@ -1,4 +1,4 @@
-"""The `elastictrain` command: demo, ckpt (ls/verify/export/keygen), bench (deprecated).
+"""The `elastictrain` command: demo, ckpt (ls/verify/export/keygen), report, bench (deprecated).
 
 Every failure exits non-zero with a one-line reason on stderr.
 """
@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     from elastictrain.checkpoint.cli import add_ckpt_parser
 
     add_ckpt_parser(sub)
+
+    from elastictrain.fleet.report_cli import add_report_parser
+
+    add_report_parser(sub)
 
     bench = sub.add_parser("bench", help=f"deprecated: {BENCH_MOVED}")
     bench.add_argument("--out", default="bench-out", help="folder for JSON and Markdown reports")
@@ -80,13 +84,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_ckpt(args)
         if args.command == "bench":
             return run_bench(args)
+        if args.command == "report":
+            from elastictrain.fleet.report_cli import run_report
+
+            return run_report(args)
     except (ElasticTrainError, OSError, ValueError) as exc:
         print(f"elastictrain {args.command}: {one_line(exc)}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - `ckpt` reaches storage backends, whose errors share no base
-        if args.command != "ckpt":
+        if args.command not in ("ckpt", "report"):
             raise
-        print(f"elastictrain ckpt: {one_line(exc)}", file=sys.stderr)
+        print(f"elastictrain {args.command}: {one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"elastictrain {args.command}: interrupted", file=sys.stderr)

@@ -67,6 +67,10 @@ class ScalingConfig(_Config):
             )
         return self
 
+    def worker_gpus(self) -> float:
+        """GPUs one worker holds: `resources_per_worker['GPU']` (1 when unset) with `use_gpu`, else 0."""
+        return float(self.resources_per_worker.get("GPU", 1.0)) if self.use_gpu else 0.0
+
     def topology_policy(self) -> "TopologyPolicy":
         """The named groups every world of this run has (`group_by`)."""
         from elastictrain.election.topology import TopologyPolicy
@@ -383,4 +387,8 @@ class RunConfig(_Config):
         True,
         description="Keep live Prometheus metrics of the run on the driver through `ray.util.metrics` (Ray's metrics "
         "endpoint exports them, names prefixed `ray_elastictrain_`); False: none.",
+    )
+    events_path: Optional[str] = Field(
+        None, description="Folder (local path or fsspec URI) for the run's event log, read by `elastictrain report`; "
+        "unset: `<checkpoint uri>/events` with the checkpoints' storage_options, or no log without a checkpoint URI.",
     )

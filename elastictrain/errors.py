@@ -183,3 +183,11 @@ class UnknownStateEntry(CheckpointError):
 
 class NotExportable(CheckpointError):
     """An export was asked of something that is not what it needs (a model's weights, a transformers config)."""
+
+
+# --- reports ---------------------------------------------------------------
+
+
+class BadPrices(ElasticTrainError, ValueError):
+    """A prices file (`elastictrain report --prices`) that does not parse or has a wrong key or value;
+    the message names the file and the line or key."""

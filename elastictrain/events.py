@@ -39,7 +39,9 @@ KINDS: Mapping[str, EventKind] = _kinds(
     ("metrics", "worker", ("step", "term"), "A `ctx.report` of rank 0 (or one resent by a new rank 0, `replay`)."),
     ("commit", "worker", ("term", "step", "rank"), "A step committed on a rank."),
     # --- a worker's life in the world ---------------------------------------------------------
-    ("joined", "worker", ("term", "rank", "world_size", "leader"), "A member entered the world of a term."),
+    ("joined", "worker", ("term", "rank", "world_size", "leader"),
+     "A member entered the world of a term; also `node_id`, `gpus` (GPUs the worker holds) and the node's "
+     "`provider`, `region`, `zone`, `instance_type`, `accelerator` labels where the node has them."),
     ("spare_joined", "worker", ("term", "rank", "waited_s"),
      "A warm spare (`ScalingConfig.spares`), started earlier and waiting outside a full world, entered the world "
      "of a term: no process was started for it. `waited_s`: how long it waited."),
@@ -76,7 +78,8 @@ KINDS: Mapping[str, EventKind] = _kinds(
     ("checkpoint_failed", "checkpoint", ("step", "reason"), "A save failed; training goes on and saves again."),
     # --- the checkpoint manager ---------------------------------------------------------------
     ("checkpoint", "checkpoint", ("term", "step"),
-     "A checkpoint's manifest was written: it is committed (the manager's event also has `bytes_written`, `seconds`)."),
+     "A checkpoint's manifest was written: it is committed (with `bytes_written`, the bytes uploaded, and the "
+     "manager's `seconds`)."),
     ("retention", "checkpoint", (), "Old checkpoints, chunks or temporaries were deleted."),
     ("retention_failed", "checkpoint", ("reason",), "Deleting old checkpoints failed; they stay."),
     ("retention_skipped", "checkpoint", ("term", "reason"), "A newer term leads; its writer deletes what is old."),
@@ -92,12 +95,21 @@ KINDS: Mapping[str, EventKind] = _kinds(
     ("hang_detected", "driver", ("member", "no_progress_s"),
      "A worker's training thread made no progress for `hang_timeout_s` while its heartbeat lived: killed."),
     ("node_draining", "driver", ("member", "node"), "A worker's node drains: the worker was asked to leave."),
-    ("fault_injected", "driver", ("member",), "A callback injected a fault on a member (`RunView.signal`, `note_fault`)."),
+    ("fault_injected", "driver", ("member",),
+     "A callback injected a fault on a member (`RunView.signal`, `note_fault`); a `ChaosSchedule`'s carry the "
+     "fault's kind (`fault`) and `index` (a fault that hits two members has two events with one index)."),
     ("stragglers_killed", "driver", ("members",), "Workers still running long after the run ended were killed."),
     ("cleanup_failed", "driver", ("reason",), "Deleting the run's keys from the cluster's store failed."),
     ("records_dropped", "driver", ("count", "reason"),
      "Records from workers that were not plain data of a kind a worker sends, with its facts' types, within "
      "size caps (`runtime.records`) were dropped; `reason` says what was wrong with the first."),
+    # --- the run's event log (`fleet.report_log`), read back by `elastictrain report` ------------------
+    ("log_opened", "driver", ("run",),
+     "The run's event log began (`fit()` started): `run` is its id; a resubmitted job opens another log."),
+    ("steps", "driver", ("term", "first", "last"),
+     "Steps `first`..`last` committed by the world of `term` (compact commit records in the event log); "
+     "`time` is when `last` committed, `first_time` when `first` did."),
+    ("event_log_failed", "driver", ("reason",), "Writing the run's event log failed; training goes on, unlogged."),
 )
 
 QUIET_KINDS = frozenset({"metrics", "commit"})

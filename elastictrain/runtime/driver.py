@@ -154,6 +154,10 @@ class Driver:
         self._entered: set[str] = set()  # workers that joined any world of the run
         if election.on_reject is None:
             election.on_reject = self.record
+        from elastictrain.fleet.report_log import open_event_log
+
+        self.event_log, self.events_uri = open_event_log(
+            spec, lambda reason: self.record(event("event_log_failed", reason=reason)))
 
     # --- the loop ------------------------------------------------------------------
 
@@ -171,6 +175,8 @@ class Driver:
         finally:
             where = self._failure_traceback() if self.failure is not None else None
             self.close()
+            if self.event_log is not None:
+                self.event_log.close()
         if self.failure is not None:
             raise TrainingFailed(f"run {self.spec.run_id} failed: {self.failure}", cause=where)
         return self.result()
@@ -190,6 +196,8 @@ class Driver:
             self._next_health = now + self.HEALTH_EVERY_S
             self._check_health(now)
             self._notify_callbacks()
+        if self.event_log is not None:
+            self.event_log.maybe_flush()
         outcome = self.election.outcome()
         if self.failure is None and outcome is not None and outcome.startswith("failed:"):
             self.failure = outcome.removeprefix("failed:")
@@ -226,6 +234,7 @@ class Driver:
             history=self.log.history(),
             commit_spans=self.log.commit_spans(),
             steps_lost_in_flight=self.log.steps_lost_in_flight(),
+            events_uri=self.events_uri if self.event_log is not None else None,
         )
 
     def record(self, record: Event) -> None:
@@ -291,6 +300,8 @@ class Driver:
         self._back_bids(records)
         self._entered.update(r["member"] for r in records if r.get("kind") == "joined" and isinstance(r.get("member"), str))
         for rec in records:
+            if self.event_log is not None:
+                self.event_log.add(rec)
             added = self.log.add(rec)
             if added is not None:
                 for callback in self.callbacks:

@@ -39,6 +39,31 @@ class Result:
     commit_spans: list[tuple[int, int, int]] = field(default_factory=list)
     steps_lost_in_flight: int = 0
     """Steps begun but not committed when their world changed, so computed again (work lost, no step applied twice)."""
+    events_uri: Optional[str] = None
+    """The folder the run's event log went to (`RunConfig.events_path` or `<checkpoint uri>/events`), or None."""
+
+    def report(self, prices: Optional[str] = None, out: Optional[str] = None,
+               storage_options: Optional[dict] = None) -> dict:
+        """The run's report (`elastictrain.fleet.report.compute`) from its event log and checkpoints.
+
+        Args:
+            prices: a prices TOML file (`docs/reports.md`); without one, no dollars.
+            out: a folder to write `report.md`, `report.json` and the PNG plots to.
+            storage_options: fsspec options of the log's and checkpoints' storage.
+
+        Raises:
+            ValueError: the run wrote no event log (no checkpoint URI and no `RunConfig.events_path`).
+        """
+        from elastictrain.fleet.report_files import write
+        from elastictrain.fleet.report_cli import build_report
+
+        if self.events_uri is None:
+            raise ValueError("this run wrote no event log: set CheckpointConfig.uri or RunConfig.events_path")
+        report = build_report(self.checkpoint_uri, events=self.events_uri, prices=prices,
+                              storage_options=storage_options)
+        if out is not None:
+            write(report, out)
+        return report
 
     @property
     def commits(self) -> list[tuple[int, int]]:
@@ -113,12 +138,13 @@ class RunView:
                 return member
         return None
 
-    def signal(self, member_id: str, sig: int = signal.SIGKILL) -> float:
-        """Send `sig` to a member's process; returns the wall time it was sent (see `note_fault`)."""
+    def signal(self, member_id: str, sig: int = signal.SIGKILL, **facts: Any) -> float:
+        """Send `sig` to a member's process; returns the wall time it was sent (see `note_fault`, which
+        records `facts` too)."""
         pid = self._driver.log.world_members[member_id]["pid"]
         now = time.time()
         os.kill(pid, sig)
-        self.note_fault(member_id, signal=int(sig), time=now)
+        self.note_fault(member_id, signal=int(sig), time=now, **facts)
         return now
 
     def note_fault(self, member_id: str, **facts: Any) -> None:

@@ -56,6 +56,16 @@ def provenance(node: dict) -> dict[str, str]:
     return {**labels, "node": str(node.get("node_id", "")), "host": str(node.get("host", ""))}
 
 
+NODE_FACTS = ("provider", "region", "zone", "instance_type", "accelerator")
+"""Node labels a `joined` event carries, for reports that attribute steps and hours to providers."""
+
+
+def node_facts(node: dict) -> dict[str, str]:
+    """The `NODE_FACTS` labels this node has, as strings."""
+    labels = node.get("labels") or {}
+    return {name: str(labels[name]) for name in NODE_FACTS if labels.get(name) not in (None, "")}
+
+
 RECOVERY_PHASES = ("elect", "group", "reenter", "restore", "first_step")
 """The phases of a recovery after detection, in order, as the `recovered` event reports them."""
 
@@ -296,7 +306,8 @@ class Runner:
         self.world, self._first_commit_of_term = world, True
         self._grow.clear()
         self.emit(event("joined", term=plan.term, rank=world.rank, world_size=world.world_size,
-                        leader=world.is_leader, pid=self.node.get("pid"), node_id=self.node.get("node_id")))
+                        leader=world.is_leader, pid=self.node.get("pid"), node_id=self.node.get("node_id"),
+                        gpus=self.spec.scaling.worker_gpus(), **node_facts(self.node)))
         self._replay_reports(world)
         spare_since, self.rendezvous.spare_since = self.rendezvous.spare_since, None
         if spare_since is not None:
@@ -617,7 +628,8 @@ class Runner:
     def _on_checkpoint_event(self, record: Event) -> None:
         """A manifest was written: tell the driver now (from the saving thread), before this process can die."""
         if record.get("kind") == "checkpoint":
-            self.emit(event("checkpoint", time=record["time"], term=record.get("term"), step=record.get("step")))
+            self.emit(event("checkpoint", time=record["time"], term=record.get("term"), step=record.get("step"),
+                            bytes_written=record.get("bytes_written")))
         elif record.get("kind") == "checkpoint_rollback":  # a restore found only older checkpoints
             self.emit(event("checkpoint_rollback", time=record["time"], recorded_step=record.get("recorded_step"),
                             found_step=record.get("found_step")))

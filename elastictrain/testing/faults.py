@@ -195,6 +195,25 @@ class ChaosSchedule:
     A preempted member's process is SIGKILLed once the world has moved on without it
     (the machine goes away after its notice), which frees its slot.
     Runs on the driver's thread (Ray's add_node must).
+
+    Public as `elastictrain.ChaosSchedule`: a benchmark suite measures its own loop by passing one as a
+    callback. Every fault it fires is a `fault_injected` event with the fault's kind (`fault`) and
+    `index`, so `elastictrain report` gives the run's resume rate, recovery times and steps redone from
+    the run's event log alone.
+
+    >>> chaos = ChaosSchedule.mixed(count=20, seed=0, full_world=4, kinds=("kill_follower", "kill_leader"))
+    >>> ElasticTrainer(train_fn, ..., callbacks=[chaos]).fit()  # doctest: +SKIP
+
+    Args:
+        faults: the faults, fired in order (`mixed` makes a seeded list).
+        full_world: members the world must have before a fault fires.
+        gap_steps: steps after the previous fault (and at the start) before the next fires.
+        checkpoint_every: the run's `CheckpointConfig.every_steps` (needed by `kill_in_checkpoint`).
+        node_ops: removes and adds nodes (needed by `node_loss`); a multi-node local cluster.
+        readd_after_s: when capacity comes back after a node loss.
+        full_world_wait_s: after this long with a smaller world, fire with enough members for the kind.
+        rebuild_delay_s: the gap between the two kills of `kill_in_rebuild`.
+        preempt_grace_s: a preempted member still running after this long is killed.
     """
 
     def __init__(
@@ -243,7 +262,15 @@ class ChaosSchedule:
 
     @classmethod
     def mixed(cls, *, count: int, seed: int, kinds: Sequence[str] = FAULT_KINDS, **kwargs) -> "ChaosSchedule":
-        """`count` faults: every kind in turn, in a seeded order within each round."""
+        """`count` faults: every kind in turn, in a seeded order within each round.
+
+        Args:
+            count: how many faults.
+            seed: the order's seed (the same seed gives the same schedule).
+            kinds: which of `FAULT_KINDS` to use; the default needs `node_ops` and `checkpoint_every`
+                (pass `kinds=("kill_follower", "kill_leader", "preempt", "hang")` on a one-node cluster).
+            **kwargs: the constructor's other arguments (`full_world` is required).
+        """
         rng = random.Random(seed)
         order: list[str] = []
         while len(order) < count:
@@ -318,12 +345,13 @@ class ChaosSchedule:
         else:
             target = followers[len(self.fired) % len(followers)]
         fault.members = [target]
+        tag = {"fault": kind, "index": fault.index}  # in the `fault_injected` event: reports read faults from the log
         if kind in _NODE_KINDS:
             protected = getattr(self.node_ops, "protected", lambda: set())()
             removable = [m for m in [*followers, leader] if members[m]["node_id"] not in protected]
             if not removable:
                 fault.detail["note"] = "every member's node is protected; killed the process instead"
-                fault.fired_at = view.signal(target, signal.SIGKILL)
+                fault.fired_at = view.signal(target, signal.SIGKILL, **tag)
                 self.fired.append(fault)
                 return
             target = removable[0] if target not in removable else target
@@ -332,27 +360,28 @@ class ChaosSchedule:
             fault.fired_at = self.clock()
             if kind == "silent_node":
                 fault.detail["stopped"] = len(self.node_ops.silence(node_id) or [])
-                view.note_fault(target, node_silenced=node_id)
+                view.note_fault(target, time=fault.fired_at, node=node_id, silenced=True, **tag)
             else:
                 self.node_ops.remove(node_id)
+                view.note_fault(target, time=fault.fired_at, node=node_id, **tag)
             fault.detail["node_id"] = node_id
             # A silent node stays stopped (its peers must find out by themselves) until its capacity comes back.
             delay = self.readd_after_s if kind == "node_loss" else max(self.readd_after_s, self.silent_for_s)
             self._readd_due.append((fault.fired_at + delay, node_id if kind == "silent_node" else None))
         elif kind == "preempt":
-            fault.fired_at = view.signal(target, signal.SIGTERM)
+            fault.fired_at = view.signal(target, signal.SIGTERM, **tag)
             self._terminate.append((fault, target, members[target]["pid"]))
         elif kind == "hang":
-            fault.fired_at = view.signal(target, signal.SIGSTOP)
+            fault.fired_at = view.signal(target, signal.SIGSTOP, **tag)
         elif kind == "kill_in_rebuild":
-            fault.fired_at = view.signal(target, signal.SIGKILL)
+            fault.fired_at = view.signal(target, signal.SIGKILL, **tag)
             time.sleep(self.rebuild_delay_s)
             second = leader if target != leader else next(m for m in followers if m != target)
-            view.signal(second, signal.SIGKILL)
+            view.signal(second, signal.SIGKILL, **tag)
             fault.members.append(second)
             fault.detail["second_after_s"] = self.clock() - fault.fired_at
         else:
-            fault.fired_at = view.signal(target, signal.SIGKILL)
+            fault.fired_at = view.signal(target, signal.SIGKILL, **tag)
         self.fired.append(fault)
 
 

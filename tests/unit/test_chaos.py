@@ -16,7 +16,7 @@ class FakeView:
     def __init__(self, size: int = 3) -> None:
         self.step, self.term = 0, 1
         self.sent: list[tuple[str, int]] = []
-        self.noted: list[tuple[str, dict]] = []
+        self.noted: list[tuple[str, dict]] = []  # what reached the event stream (`fault_injected` facts)
         self.world(size)
 
     def world(self, size: int, term=None) -> None:
@@ -30,8 +30,9 @@ class FakeView:
     def leader(self):
         return next((m for m, v in self._members.items() if v["leader"]), None)
 
-    def signal(self, member, sig):
+    def signal(self, member, sig, **facts):
         self.sent.append((member, int(sig)))
+        self.noted.append((member, facts))
         return 1000.0 + len(self.sent)
 
     def note_fault(self, member, **facts):
@@ -168,3 +169,21 @@ def test_chaos_report_counts_resumes_recovery_and_steps_redone():
     assert rows[0]["resumed"] and rows[0]["recovery_s"] == pytest.approx(6.0) and rows[0]["steps_redone"] == 1
     assert not rows[1]["resumed"] and rows[1]["recovery_s"] is None and rows[1]["steps_redone"] == 0
 
+
+
+def test_every_fault_fired_reaches_the_event_stream_with_its_kind_and_index():
+    """`elastictrain report` reads faults from the run's events alone: each fault, node losses included, is a
+    `fault_injected` with the schedule's kind and index (a fault on two members: two events, one index)."""
+    schedule = ChaosSchedule.mixed(count=7, seed=1, full_world=3, gap_steps=1, checkpoint_every=1,
+                                   node_ops=FakeNodes())
+    view = FakeView(3)
+    for term in range(2, 40):
+        if not schedule.pending:
+            break
+        view.step += 1
+        schedule.on_progress(view)
+        view.world(3, term=term)
+    assert not schedule.pending
+    noted = [(facts["fault"], facts["index"]) for _, facts in view.noted]
+    expected = [(f.kind, f.index) for f in schedule.fired for _ in f.members]
+    assert noted == expected and len({i for _, i in noted}) == 7
