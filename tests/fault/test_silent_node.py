@@ -49,7 +49,7 @@ def test_a_silent_node_is_taken_for_lost_by_its_heartbeat_and_the_run_goes_on(si
         node_id = view.members()[member]["node_id"]
         node = next(n for n in silent_cluster.list_all_nodes() if n.node_id == node_id)
         silenced.update(member=member, pids=silence_node(node))
-        view.note_fault(member, node_silenced=node_id)
+        view.note_fault(member, node=node_id, silenced=True)
 
     fault = At(8, silence_a_followers_node, min_members=3)
     result = fit_toy(TASK, workers=(2, 3), callbacks=[fault], failure=FAILURE)

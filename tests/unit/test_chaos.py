@@ -133,7 +133,8 @@ def test_a_silent_node_is_stopped_not_removed_until_its_capacity_comes_back():
     view.step = 1
     s.on_progress(view)
     assert nodes.silenced == ["n1"] and not nodes.removed and not view.sent  # no signal to any worker
-    assert view.noted == [("w1", {"node_silenced": "n1"})] and s.fired[0].detail["stopped"] == 1
+    assert view.noted == [("w1", {"time": 0.0, "node": "n1", "silenced": True, "fault": "silent_node", "index": 0})]
+    assert s.fired[0].detail["stopped"] == 1
     clock[0] = 2.0  # past readd_after_s: a silent node stays silent until silent_for_s
     s.on_progress(view)
     assert not nodes.removed and nodes.added == 0
