@@ -55,8 +55,8 @@ def test_a_provider_gone_relaxes_to_where_capacity_is_and_says_unmet():
         tracker.landed(member, value)
     assert tracker.assess() is None  # met from the start: nothing to say
     tracker.gone("z")  # azure vanished
-    (replacement,) = tracker.targets(1, {"aws": 1, "gcp": 1})
-    assert replacement.relaxed and replacement.values == ("aws", "gcp")  # where capacity is, not azure
+    (replacement,) = tracker.targets(1, {"aws": 1, "gcp": 1, "oracle": 0})
+    assert replacement.relaxed and replacement.values == ("aws", "gcp")  # where capacity is: not azure, not full oracle
     tracker.started("r", replacement, 1.0)
     tracker.landed("r", "aws")
     kind, found = tracker.assess()
@@ -126,3 +126,16 @@ def test_impossible_spreads_are_refused_at_config_time(kwargs, fix):
 def test_spares_count_toward_the_cap():
     assert et.ScalingConfig(max_workers=2, spares=1, spread_by="provider", max_share=0.34).max_share == 0.34
     assert SpreadPolicy("provider", 0.5, pool=2 + 2).cap == 2
+
+
+def test_restored_only_once_no_start_is_pending():
+    tracker = SpreadTracker(SpreadPolicy("provider", max_share=0.4, pool=3), pending_timeout_s=10)
+    for member, value in (("a", "aws"), ("b", "aws"), ("g", "gcp")):
+        tracker.started(member, Target((value,)), 0.0)
+        tracker.landed(member, value)
+    assert tracker.assess()[0] == "spread_unmet"
+    tracker.gone("b")
+    tracker.started("c", Target(("aws", "azure")), 1.0)  # could still land on aws
+    assert tracker.assess() is None
+    tracker.landed("c", "azure")
+    assert tracker.assess()[0] == "spread_restored"
