@@ -10,8 +10,10 @@ from collections import Counter
 import pytest
 
 import elastictrain as et
+from elastictrain.fleet.spread import room_by_value
 from elastictrain.testing.toy import ToyTask, make_train_fn
 from tests.fault.test_cluster import FAILURE, _head, _node_of, cluster, hold_until_a_member_is_lost  # noqa: F401
+from tests.conftest import _wait_for
 from tests.toy_runs import BATCH, assert_matches_one_process
 
 pytestmark = pytest.mark.slow
@@ -23,6 +25,16 @@ LABELS = {
     "azure": {"provider": "azure", "region": "europe-west4"},
 }
 HOLD_S = 120.0
+
+
+def room_now() -> dict[str, int]:
+    """Free worker slots per provider, as the driver reads them."""
+    import ray
+    from ray._private.state import available_resources_per_node
+
+    free = available_resources_per_node()
+    nodes = [(n.get("Labels") or {}, free.get(n["NodeID"], {})) for n in ray.nodes() if n.get("Alive")]
+    return room_by_value(nodes, "provider", {"CPU": 1.0})
 
 
 class LoseAProviderThenGetItBack:
@@ -65,6 +77,7 @@ def hold_through_the_spread(lost_at: int):
     asked to leave, so the leave that restores the spread happens at a step boundary and the run cannot
     finish before it."""
     lost = hold_until_a_member_is_lost(lost_at, HOLD_S)
+    until: list[float] = []  # one deadline per worker process, for all its held steps together
 
     def on_step(ctx, step: int) -> None:
         if ctx.term == 1:
@@ -72,7 +85,8 @@ def hold_through_the_spread(lost_at: int):
             return
         session = ctx._session
         runner, members = session.runner, list(session.world.plan.members)
-        store, deadline = runner.election.store, time.monotonic() + HOLD_S
+        until.append(until[0] if until else time.monotonic() + HOLD_S)
+        store, deadline = runner.election.store, until[0]
         while len(store.keys("faults/")) < 2 and time.monotonic() < deadline:
             if any(runner.election.asked_to_leave(m) for m in members) or runner.stopping.wait(0.02):
                 return
@@ -84,6 +98,8 @@ def hold_through_the_spread(lost_at: int):
 def test_spread_across_providers_survives_losing_one_and_returns(cluster):
     nodes = {name: cluster.add_node(num_cpus=2, labels=labels) for name, labels in LABELS.items()}
     cluster.wait_for_nodes()
+    # the first starts are planned from the free resources each node reports: wait until all three do
+    assert _wait_for(lambda: len(room_now()) == 3 and set(room_now().values()) == {2}, timeout=60), room_now()
     script = LoseAProviderThenGetItBack(cluster, {node.node_id: name for name, node in nodes.items()})
     result = et.ElasticTrainer(
         make_train_fn(TASK, on_step=hold_through_the_spread(3)),
