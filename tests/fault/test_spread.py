@@ -12,7 +12,7 @@ import pytest
 import elastictrain as et
 from elastictrain.fleet.spread import room_by_value
 from elastictrain.testing.toy import ToyTask, make_train_fn
-from tests.fault.test_cluster import FAILURE, _head, _node_of, cluster, hold_until_a_member_is_lost  # noqa: F401
+from tests.fault.test_cluster import FAILURE, _head, cluster, hold_until_a_member_is_lost  # noqa: F401 (fixtures)
 from tests.conftest import _wait_for
 from tests.toy_runs import BATCH, assert_matches_one_process
 
