@@ -6,6 +6,7 @@ environment variables: a key spec names one, and `elastictrain.checkpoint.keys` 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -48,6 +49,24 @@ class ScalingConfig(_Config):
         "`ctx.group(name)` returns it."
     )
 
+    spread_by: Optional[str] = Field(
+        None, description="Node label to spread workers over (e.g. 'provider' or 'region'): no value of it holds "
+        "more than max_share of the workers. Each start gets a Ray label selector `in(...)` naming the values with "
+        "room under the cap; when none has, the start goes where capacity is, the run continues and a "
+        "`spread_unmet` event says so; when capacity returns, workers move back at step boundaries "
+        "(`spread_restored`). None: off."
+    )
+    max_share: float = Field(
+        1.0, gt=0, le=1, description="With spread_by: the largest fraction of the workers on one label value. The "
+        "cap in workers is max_share * (max_workers + spares), rounded down: warm spares count, since a spare "
+        "enters the world at the next loss."
+    )
+    spread_pending_timeout_s: float = Field(
+        60.0, gt=0, description="With spread_by: a worker whose spread selector keeps it pending (unschedulable) "
+        "this long is stopped and started again without the spread constraint (seconds), so a wrong guess "
+        "about capacity never stalls the run."
+    )
+
     @model_validator(mode="after")
     def _check(self) -> "ScalingConfig":
         if self.min_workers > self.max_workers:
@@ -59,6 +78,7 @@ class ScalingConfig(_Config):
             if amount < 0:
                 raise ValueError(f"resources_per_worker[{name!r}]={amount} is negative: use 0 or more")
         self.topology_policy()  # a bad label name fails here, not on the workers
+        self._check_spread()
         gpus = self.resources_per_worker.get("GPU")
         if gpus is not None and (gpus > 0) != self.use_gpu:
             raise ValueError(
@@ -70,6 +90,23 @@ class ScalingConfig(_Config):
     def worker_gpus(self) -> float:
         """GPUs one worker holds: `resources_per_worker['GPU']` (1 when unset) with `use_gpu`, else 0."""
         return float(self.resources_per_worker.get("GPU", 1.0)) if self.use_gpu else 0.0
+
+    def _check_spread(self) -> None:
+        if self.spread_by is None:
+            if self.max_share != 1.0:
+                raise ValueError(f"max_share={self.max_share} without spread_by: name the node label to spread "
+                                 "over, e.g. spread_by='provider'")
+            return
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9_./-]{0,251}[A-Za-z0-9])?", self.spread_by):
+            raise ValueError(f"spread_by={self.spread_by!r} is not a node label name: use one like 'provider' "
+                             "or 'region' that your nodes carry")
+        if self.label_selector and self.spread_by in self.label_selector:
+            raise ValueError(f"label_selector already fixes {self.spread_by!r}, the label spread_by spreads over: "
+                             f"drop it from label_selector, or spread over another label")
+        pool = self.max_workers + self.spares
+        if math.floor(self.max_share * pool + 1e-9) < 1:
+            raise ValueError(f"max_share={self.max_share} allows no worker of {pool} (max_workers + spares) on any "
+                             f"{self.spread_by!r} value: raise max_share to at least {1 / pool:.4g} or run more workers")
 
     def topology_policy(self) -> "TopologyPolicy":
         """The named groups every world of this run has (`group_by`)."""

@@ -100,6 +100,18 @@ KINDS: Mapping[str, EventKind] = _kinds(
      "fault's kind (`fault`) and `index` (a fault that hits two members has two events with one index)."),
     ("stragglers_killed", "driver", ("members",), "Workers still running long after the run ended were killed."),
     ("cleanup_failed", "driver", ("reason",), "Deleting the run's keys from the cluster's store failed."),
+    ("spread_unmet", "driver", ("label", "shares", "max_share", "cap"),
+     "A value of the spread label (`ScalingConfig.spread_by`) holds more than `cap` workers (`max_share` of the pool): "
+     "a provider vanished or lacks capacity, so replacements went where capacity is and the run went on. "
+     "`shares`: each value's fraction of the placed workers; `counts`: their numbers."),
+    ("spread_restored", "driver", ("label", "shares", "max_share", "cap"),
+     "The spread obeys `max_share` again (capacity came back and workers moved at step boundaries)."),
+    ("spread_pending", "driver", ("member", "label", "pending_s"),
+     "A worker the spread steered stayed pending (unschedulable) for `pending_s`: it was stopped, and its "
+     "replacement starts without the spread constraint."),
+    ("spread_move", "driver", ("member", "label", "away_from", "to", "replacement"),
+     "Restoring the spread: `replacement` started on `to` waits to join, and `member` on the over-share "
+     "`away_from` was asked to leave at its next step boundary."),
     ("records_dropped", "driver", ("count", "reason"),
      "Records from workers that were not plain data of a kind a worker sends, with its facts' types, within "
      "size caps (`runtime.records`) were dropped; `reason` says what was wrong with the first."),

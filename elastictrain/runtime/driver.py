@@ -29,6 +29,7 @@ from elastictrain.runtime.records import accept_records
 from elastictrain.runtime.results import Result, RunView
 from elastictrain.runtime.runlog import RunLog
 from elastictrain.runtime.spec import RunSpec
+from elastictrain.runtime.spread_control import SpreadControl
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ class Driver:
             self.callbacks.append(self.progress)
         self.clock = clock
         self.placement = PlacementPolicy(spec.scaling)
+        self.spread = SpreadControl(self) if spec.scaling.spread_by else None
         self.failures = FailurePolicy(spec.failure.max_failures)
         self.log = RunLog()
         self.view = RunView(self)
@@ -195,6 +197,8 @@ class Driver:
         if now >= self._next_health:
             self._next_health = now + self.HEALTH_EVERY_S
             self._check_health(now)
+            if self.spread:
+                self.spread.tick(now)
             self._notify_callbacks()
         if self.event_log is not None:
             self.event_log.maybe_flush()
@@ -245,12 +249,21 @@ class Driver:
     def _act(self, decision: Decision) -> None:
         if decision.fail is not None:
             self.failure = self.failure or decision.fail
-        for _ in range(decision.spawn):
-            self._spawned += 1
-            member_id = f"w{self._spawned:03d}-{uuid.uuid4().hex[:6]}"
-            self.workers.start(member_id, self.placement.actor_options())
-            self.placement.spawned(member_id)
-            self.record(event("worker_started", member=member_id))
+        targets = self.spread.targets(decision.spawn) if self.spread else [None] * decision.spawn
+        for target in targets:
+            self.start_worker(target)
+
+    def start_worker(self, target=None) -> str:
+        """Start one worker, placed by the policy (and by its spread `target`, if any); returns its id."""
+        self._spawned += 1
+        member_id = f"w{self._spawned:03d}-{uuid.uuid4().hex[:6]}"
+        spread = target.selector(self.spec.scaling.spread_by) if target is not None else None
+        self.workers.start(member_id, self.placement.actor_options(spread))
+        self.placement.spawned(member_id)
+        if self.spread:
+            self.spread.started(member_id, target)
+        self.record(event("worker_started", member=member_id))
+        return member_id
 
     def _on_exit(self, ended: WorkerExit) -> Decision:
         member = ended.member
@@ -258,6 +271,9 @@ class Driver:
             self.record(event("error", member=member, reason=ended.error))
             self.placement.failed(member)
             return self.failures.on_error(member, ended.error)
+        if self.spread and self.spread.gone(member):  # stopped while pending, to start again relaxed
+            self.election.mark_dead(member)
+            return self.placement.gone(member)
         if ended.lost is not None:
             self.election.mark_dead(member)
             self.record(event("worker_lost", member=member, reason=ended.lost))

@@ -81,17 +81,24 @@ class PlacementPolicy:
         """A worker ended the run with an error; the pool does not refill."""
         self.active.discard(member_id)
 
-    def actor_options(self) -> dict[str, Any]:
-        """Ray actor options of one worker: its CPUs, GPUs (one with `use_gpu`, unless
-        `resources_per_worker` names another amount), custom resources and node labels."""
+    def actor_options(self, spread: Optional[dict[str, str]] = None) -> dict[str, Any]:
+        """Ray actor options of one start: its CPUs, GPUs (one with `use_gpu`, unless
+        `resources_per_worker` names another amount), custom resources and node labels: the user's
+        `label_selector` and, with `spread_by`, this start's `spread` entry (say `{"provider": "in(aws,gcp)"}`)."""
         resources = dict(self.scaling.resources_per_worker)
         gpus = resources.pop("GPU", 1.0 if self.scaling.use_gpu else 0.0)
         options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 0), "num_gpus": gpus}
         if resources:
             options["resources"] = resources
-        if self.scaling.label_selector:
-            options["label_selector"] = dict(self.scaling.label_selector)
+        selector = {**(self.scaling.label_selector or {}), **(spread or {})}
+        if selector:
+            options["label_selector"] = selector
         return options
+
+    def resources(self) -> dict[str, float]:
+        """What one worker reserves, by Ray resource name (how many fit on a node)."""
+        options = self.actor_options()
+        return {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options.get("resources", {})}
 
     def _refill(self) -> Decision:
         if self.ended:

@@ -31,6 +31,7 @@ class RayWorkers:
         self.hub = Hub.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
         self.actors: dict[str, Any] = {}
         self.refs: dict[Any, str] = {}
+        self.identities: dict[str, Any] = {}  # workers not yet seen placed: their identity() calls
 
     def start(self, member_id: str, options: dict[str, Any]) -> None:
         from elastictrain.runtime.worker import WorkerActor
@@ -38,8 +39,11 @@ class RayWorkers:
         actor = WorkerActor.options(**options).remote(member_id, self.spec, self.hub)
         self.actors[member_id] = actor
         self.refs[actor.run.remote(self.train_fn)] = member_id
+        if self.spec.scaling.spread_by:
+            self.identities[member_id] = actor.identity.remote()  # answers once the actor runs on a node
 
     def kill(self, member_id: str) -> None:
+        self.identities.pop(member_id, None)
         actor = self.actors.get(member_id)
         if actor is not None:
             try:
@@ -70,6 +74,37 @@ class RayWorkers:
             self.kill(member_id)
             return WorkerExit(member_id, lost=f"malformed run result ({malformed})")
         return WorkerExit(member_id, status=out["status"], step=out.get("step"))
+
+    def placements(self) -> dict[str, dict[str, str]]:
+        """Node labels of the workers placed since the last call (spread placement); a worker that died
+        before it was placed is listed with no labels."""
+        if not self.identities:
+            return {}
+        members = {ref: m for m, ref in self.identities.items()}
+        ready, _ = self.ray.wait(list(members), num_returns=len(members), timeout=0)
+        out: dict[str, dict[str, str]] = {}
+        for ref in ready:
+            member = members[ref]
+            del self.identities[member]
+            try:
+                labels = self.ray.get(ref).get("labels")
+            except Exception:  # noqa: BLE001 - it died before or while placed
+                labels = None
+            out[member] = {k: v for k, v in labels.items() if isinstance(k, str) and isinstance(v, str)
+                           and len(k) <= 253 and len(v) <= 63} if isinstance(labels, dict) else {}
+        return out
+
+    def capacity(self) -> list[tuple[dict[str, str], dict[str, float]]]:
+        """Each live node's labels and free resources (where spread placement has room)."""
+        try:
+            from ray._private.state import available_resources_per_node
+
+            free = available_resources_per_node()
+            nodes = self.ray.nodes()
+        except Exception:  # noqa: BLE001 - no capacity known: starts go relaxed where Ray finds room
+            return []
+        return [(dict(n.get("Labels") or {}), dict(free.get(n["NodeID"], {})))
+                for n in nodes if n.get("Alive") and n.get("NodeID") in free]
 
     def running(self) -> list[str]:
         return list(self.refs.values())
