@@ -76,9 +76,11 @@ class LineageBook:
         self._terms = [t for t in self._terms if t is current or (t.hi or 0) > (t.lo or 0)]
 
     def saved(self, step: int) -> None:
-        """A checkpoint of the steps before `step` committed (or was restored): terms wholly before it go."""
+        """A checkpoint of the steps before `step` committed (or was restored): terms wholly before it go,
+        but for the newest one, which may still be committing."""
         self.last_saved = step if self.last_saved is None else max(self.last_saved, step)
-        self._terms = [t for t in self._terms if t.hi is None or t.hi > step]
+        newest = self._terms[-1] if self._terms else None
+        self._terms = [t for t in self._terms if t is newest or t.hi is None or t.hi > step]
 
     def _trim(self) -> None:
         while len(self._terms) > self.max_terms:
