@@ -19,6 +19,7 @@ from elastictrain.checkpoint.provenance import attestation_digest, expand_positi
 from elastictrain.cli import main
 from elastictrain.fleet.notice_watch import ENDPOINT_ENV
 from elastictrain.fleet.notices import make_watcher
+from elastictrain.fleet.report_log import read_events
 from elastictrain.testing.faults import hold_for_whole_world
 from elastictrain.testing.metadata import FakeAwsMetadata
 from elastictrain.testing.toy import ToyTask, make_train_fn
@@ -85,7 +86,7 @@ def test_manifests_name_every_member_its_steps_and_samples_and_the_aws_attestati
     assert aws.count("/latest/dynamic/instance-identity/document") == 1  # fetched once, at the worker's start
     digest = attestation_digest(make_watcher("aws", aws.url).fetch_identity())  # what the node was given
     node_ids = {"aws": aws_node.node_id, "lambda": nodes["lambda"].node_id}
-    joined = [e for e in result.events if e["kind"] == "joined"]
+    joined = [e for e in read_events(f"{uri}/events").events if e["kind"] == "joined"]  # the run's event log
     ranks = {t: [e["node_id"] for e in sorted((e for e in joined if e["term"] == t), key=lambda e: e["rank"])]
              for t in {e["term"] for e in joined}}
     members_of = {t: [e["member"] for e in sorted((e for e in joined if e["term"] == t), key=lambda e: e["rank"])]
