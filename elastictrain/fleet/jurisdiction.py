@@ -36,13 +36,29 @@ def check_regions(regions: Optional[Sequence[str]], what: str) -> Optional[list[
     return sorted(set(regions))
 
 
+def _named(value: str) -> Optional[list[str]]:
+    """The region values a selector value names positively ('a' or 'in(a,b)'); None for a negation."""
+    value = value.strip()
+    if value.startswith("!"):
+        return None
+    m = re.fullmatch(r"in\((.*)\)", value)
+    return [v.strip() for v in m.group(1).split(",")] if m else [value]
+
+
 def region_selector(allowed: Optional[Sequence[str]], label_selector: Optional[Mapping[str, str]] = None) -> dict:
     """The Ray label selector entry that keeps workers in `allowed` regions: {"region": "in(a,b)"}; empty
-    without a policy, or when the user's own `label_selector` already names the region (the config
-    checked that it lies inside the policy)."""
-    if not allowed or (label_selector and REGION_LABEL in label_selector):
+    without a policy. A selector that already names the region (the user's, or another placement's such
+    as a spread over regions) is narrowed to the allowed regions it names (all of them if it names none)."""
+    if not allowed:
         return {}
-    return {REGION_LABEL: f"in({','.join(sorted(allowed))})"}
+    regions = sorted(allowed)
+    if label_selector and REGION_LABEL in label_selector:
+        named = _named(str(label_selector[REGION_LABEL]))
+        inside = sorted(set(named or ()) & set(allowed))
+        if inside and named is not None and set(named) <= set(allowed):
+            return {}  # already inside: left as it is
+        regions = inside or regions
+    return {REGION_LABEL: f"in({','.join(regions)})"}
 
 
 def selector_refusal(allowed: Optional[Sequence[str]], label_selector: Optional[Mapping[str, str]]) -> Optional[str]:
@@ -50,10 +66,8 @@ def selector_refusal(allowed: Optional[Sequence[str]], label_selector: Optional[
     if not allowed or not label_selector or REGION_LABEL not in label_selector:
         return None
     value = str(label_selector[REGION_LABEL]).strip()
-    m = re.fullmatch(r"in\((.*)\)", value)
-    named = [v.strip() for v in m.group(1).split(",")] if m else [value]
-    outside = [v for v in named if v not in allowed]
-    if value.startswith("!") or outside:
+    named = _named(value)
+    if named is None or any(v not in allowed for v in named):
         return (f"label_selector region={value!r} reaches outside allowed_regions {sorted(allowed)}: drop the "
                 "region from label_selector (allowed_regions adds its own), or name only allowed regions")
     return None

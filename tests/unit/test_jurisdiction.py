@@ -49,6 +49,11 @@ def test_workers_get_a_region_selector_ray_accepts_composed_with_other_placement
     other = with_region_policy({"num_cpus": 1, "label_selector": {"zone": "a"}}, scaling)
     assert other["label_selector"] == {"zone": "a", "region": "in(eu-west-1,europe-west4)"}
     assert "label_selector" not in PlacementPolicy(et.ScalingConfig(max_workers=2)).actor_options()
+    # another placement's region entry (a spread over regions) is narrowed to the allowed ones it names
+    spread = with_region_policy({"label_selector": {"region": "in(us-east-1,eu-west-1)"}}, scaling)
+    assert spread["label_selector"] == {"region": "in(eu-west-1)"}
+    outside = with_region_policy({"label_selector": {"region": "us-east-1"}}, scaling)
+    assert outside["label_selector"] == {"region": "in(eu-west-1,europe-west4)"}
 
 
 def test_a_world_with_a_member_outside_is_refused_with_who_and_where():
