@@ -10,7 +10,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     from elastictrain.election.topology import TopologyPolicy
@@ -48,6 +48,18 @@ class ScalingConfig(_Config):
         "(['region'] gives 'region:<value>') and one of each group's lowest rank ('leaders:region'); "
         "`ctx.group(name)` returns it."
     )
+    allowed_regions: Optional[list[str]] = Field(
+        None, description="Jurisdiction policy: the `region` node-label values workers may run in, e.g. "
+        "['eu-west-1', 'europe-west4']. Workers are placed only there (a Ray label selector) and a world with a "
+        "member elsewhere is refused at its start. None: anywhere.",
+    )
+
+    @field_validator("allowed_regions")
+    @classmethod
+    def _regions(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        from elastictrain.fleet.jurisdiction import check_regions
+
+        return check_regions(value, "ScalingConfig.allowed_regions")
 
     spread_by: Optional[str] = Field(
         None, description="Node label to spread workers over (e.g. 'provider' or 'region'): no value of it holds "
@@ -69,6 +81,11 @@ class ScalingConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> "ScalingConfig":
+        from elastictrain.fleet.jurisdiction import selector_refusal
+
+        refusal = selector_refusal(self.allowed_regions, self.label_selector)
+        if refusal is not None:
+            raise ValueError(refusal)
         if self.min_workers > self.max_workers:
             raise ValueError(
                 f"min_workers={self.min_workers} exceeds max_workers={self.max_workers}: "
@@ -302,6 +319,28 @@ class CheckpointConfig(_Config):
         "committed and before retention removes older checkpoints, so a machine that crashes keeps a checkpoint "
         "that loads. False saves into the page cache only (faster). Object stores are durable either way.",
     )
+    allowed_regions: Optional[list[str]] = Field(
+        None, description="Jurisdiction policy for the checkpoint storage: the regions it may be in. `fit()` "
+        "refuses, before any training, a bucket elsewhere or one whose region it cannot tell. None: anywhere.",
+    )
+    bucket_region: Optional[str] = Field(
+        None, description="The region the checkpoint storage is in; unset: for S3, the bucket's location as S3 "
+        "reports it (GetBucketLocation), else unknown. Checked against `allowed_regions`.",
+    )
+
+    @field_validator("allowed_regions")
+    @classmethod
+    def _regions(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        from elastictrain.fleet.jurisdiction import check_regions
+
+        return check_regions(value, "CheckpointConfig.allowed_regions")
+
+    @field_validator("bucket_region")
+    @classmethod
+    def _bucket_region(cls, value: Optional[str]) -> Optional[str]:
+        from elastictrain.fleet.jurisdiction import check_regions
+
+        return None if value is None else check_regions([value], "CheckpointConfig.bucket_region")[0]
 
     @model_validator(mode="after")
     def _uri_scheme(self) -> "CheckpointConfig":

@@ -185,6 +185,11 @@ class NotExportable(CheckpointError):
     """An export was asked of something that is not what it needs (a model's weights, a transformers config)."""
 
 
+class OutsideJurisdiction(ElasticTrainError, ValueError):
+    """The checkpoint storage (or a world member) lies outside the run's `allowed_regions`; the message
+    says where it is and what to change."""
+
+
 # --- reports ---------------------------------------------------------------
 
 

@@ -84,11 +84,16 @@ class ElasticTrainer:
 
         Raises:
             TrainingFailed: train_fn raised, too many workers were lost, or too few
-                were alive for longer than `failure.below_min_timeout_s`.
+                were alive for longer than `failure.below_min_timeout_s`; or a world member ran
+                outside `ScalingConfig.allowed_regions`.
+            OutsideJurisdiction: the checkpoint storage lies outside `CheckpointConfig.allowed_regions`.
         """
         import ray
 
+        from elastictrain.fleet.jurisdiction import check_bucket
         from elastictrain.runtime.cluster import ensure_ray
+
+        check_bucket(self.checkpoint)  # a bucket outside the jurisdiction policy: refused before any training
 
         # Room for every worker, spares included, plus the driver's helpers, even on a small machine.
         pool = self.scaling.max_workers + self.scaling.spares

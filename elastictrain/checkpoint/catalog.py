@@ -6,7 +6,7 @@ run's identity and `elastictrain ckpt ls` look at before anything is opened.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from elastictrain.checkpoint.manifest import MANIFEST_DIR, Body, decode_manifest, parse_manifest_name
@@ -28,6 +28,9 @@ class CheckpointInfo:
     key_id: Optional[str]
     run: Optional[str]
     error: Optional[str] = None  # set when the manifest does not even parse
+    provenance: dict = field(default_factory=dict)  # the saving node's labels, node id and host
+    lineage: dict = field(default_factory=dict)  # who produced the steps since the previous checkpoint
+    attestation: dict = field(default_factory=dict)  # the saving node's signed identity from its cloud
 
     @property
     def time(self) -> float:
@@ -69,6 +72,7 @@ def describe_checkpoints(storage: Storage) -> list[CheckpointInfo]:
             continue
         out.append(CheckpointInfo(
             name, body.step, body.term, body.time_ns, body.content_bytes, sum(s for _, s in body.chunks),
-            body.encrypted, body.key_id, body.run,
+            body.encrypted, body.key_id, body.run, provenance=dict(body.provenance), lineage=body.lineage,
+            attestation=dict(body.attestation),
         ))
     return out

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from elastictrain.checkpoint.export import export_checkpoint, export_model, open_manager
 from elastictrain.checkpoint.keys import generate_key
 from elastictrain.checkpoint.manager import CheckpointInfo
+from elastictrain.checkpoint.provenance import summary as provenance_summary
 from elastictrain.errors import CheckpointError
 
 
@@ -94,7 +95,8 @@ def add_ckpt_parser(subparsers) -> None:
     sub = ckpt.add_subparsers(dest="ckpt_command", required=True)
     ls = sub.add_parser("ls", help="list the checkpoints under a URI")
     ls.add_argument("uri")
-    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.add_argument("--json", action="store_true",
+                    help="one JSON object per line, with provenance, lineage and attestation in full")
     verify = sub.add_parser("verify", help="read and check every checkpoint under a URI")
     verify.add_argument("uri")
     verify.add_argument("--key", action="append", help="key spec (env:VAR, file:PATH, kms:KEY_ID); repeat for old keys")
@@ -136,7 +138,7 @@ def run_ckpt(args: argparse.Namespace) -> int:
         if not infos:
             print(f"no checkpoints under {args.uri}")
             return 0
-        print(f"{'step':>10} {'term':>6} {'time (UTC)':<20} {'size':>12} {'encrypted':<9} key id")
+        print(f"{'step':>10} {'term':>6} {'time (UTC)':<20} {'size':>12} {'encrypted':<9} {'key id':<16} provenance")
         for i in infos:
             if i.error:
                 print(f"{i.step:>10} {i.term:>6} {'-':<20} {'-':>12} {'-':<9} DAMAGED: {i.error}")
@@ -145,7 +147,9 @@ def run_ckpt(args: argparse.Namespace) -> int:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(i.time_ns / 1e9))
             except (OverflowError, OSError, ValueError):  # a forged or damaged time: shown, not fatal
                 when = "?"
-            print(f"{i.step:>10} {i.term:>6} {when:<20} {i.size:>12} {str(i.encrypted).lower():<9} {i.key_id or '-'}")
+            print(f"{i.step:>10} {i.term:>6} {when:<20} {i.size:>12} {str(i.encrypted).lower():<9} "
+                  f"{i.key_id or '-':<16} {provenance_summary(i.lineage, i.provenance)}"
+                  f"{' attested' if i.attestation else ''}")
         return 0
     if cmd == "verify":
         return _print_verify(verify_report(args.uri, args.key, signing_key=args.signing_key,

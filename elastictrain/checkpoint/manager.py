@@ -31,6 +31,7 @@ from elastictrain.checkpoint.keys import Keyring, keyring_from_specs, resolve_se
 from elastictrain.checkpoint.manifest import manifest_name
 from elastictrain.checkpoint.newest import KVNewestStep, NewestStep, RecordedStep
 from elastictrain.checkpoint.policy import SavePolicy
+from elastictrain.checkpoint.provenance import check_attestation, check_lineage
 from elastictrain.checkpoint.reader import Loaded
 from elastictrain.checkpoint.restore import Restorer
 from elastictrain.checkpoint.retention_runner import STALE_TEMP_S, RetentionRunner
@@ -66,6 +67,8 @@ class CheckpointManager:
         config: where, how often, how many to keep, encryption.
         fence: called with a save's term right before its manifest is written; False abandons the save.
         provenance: labels stored in each manifest (node, host, provider, region).
+        attestation: the saving node's signed identity from its cloud, stored in each manifest
+            (`elastictrain.checkpoint.provenance`); None: none.
         listener: called with each event as it happens (on the saving thread): the runtime reports a
             commit the moment its manifest is written, not when the training thread next looks.
         newest_store: a key-value store outside the checkpoint storage (`elastictrain.election.store.KVStore`;
@@ -84,6 +87,7 @@ class CheckpointManager:
         *,
         fence: Optional[Callable[[int], bool]] = None,
         provenance: Optional[dict] = None,
+        attestation: Optional[dict] = None,
         listener: Optional[Callable[[dict], None]] = None,
         newest_store: Optional[KVStore] = None,
         run_secret: Optional["RunSecret"] = None,
@@ -108,6 +112,7 @@ class CheckpointManager:
         self.fence = fence
         self.listener = listener
         self.provenance = {"host": socket.gethostname(), **{str(k): str(v) for k, v in (provenance or {}).items()}}
+        self.attestation = check_attestation(dict(attestation or {}))  # a bad one fails here, not at a save
         self.events: list[dict[str, Any]] = []
         self.reports: list[SaveReport] = []
         self._clock, self._random = clock, random_bytes
@@ -142,8 +147,10 @@ class CheckpointManager:
 
     # --- saving ------------------------------------------------------------
 
-    def save(self, tensors: dict[str, torch.Tensor], skeleton: Any, *, step: int, term: int) -> None:
-        """Save a flattened state (see `elastictrain.statetree.flatten_state`).
+    def save(self, tensors: dict[str, torch.Tensor], skeleton: Any, *, step: int, term: int,
+             lineage: Optional[dict] = None) -> None:
+        """Save a flattened state (see `elastictrain.statetree.flatten_state`); `lineage`: who produced the
+        steps since the previous checkpoint (`elastictrain.checkpoint.provenance`), stored in its manifest.
 
         With async_save, returns once the tensors are copied aside; otherwise once committed.
         A save waits for the one in flight first.
@@ -155,16 +162,17 @@ class CheckpointManager:
         if self._closed:
             raise RuntimeError("CheckpointManager is closed")
         manifest_name(step, term)  # a step or term its name cannot hold is refused here, not lost later
+        lineage = check_lineage(dict(lineage or {}))  # so is a lineage no reader would accept
         layout = plan_layout(tensors, skeleton)  # every entry storable, the skeleton JSON, the header not too large
         self._saver.join()
         self._policy.started(step, self._clock())
         if not self.config.async_save:
             cpu = {n: t.detach().to("cpu").resolve_neg() for n, t in tensors.items()}
-            self._save_now(cpu, layout, step, term, {}, from_snapshot=False)
+            self._save_now(cpu, layout, step, term, {}, from_snapshot=False, lineage=lineage)
             return
         snap = self._snapshotter.take(tensors)
         self._saver.start(
-            lambda: self._save_now(snap.tensors, layout, step, term, snap.reuse, from_snapshot=True),
+            lambda: self._save_now(snap.tensors, layout, step, term, snap.reuse, from_snapshot=True, lineage=lineage),
             name=f"et-ckpt-save-{step}",
         )
 
@@ -185,7 +193,8 @@ class CheckpointManager:
         self._saver.join()
         self._closed = True
 
-    def _save_now(self, tensors, layout: Layout, step: int, term: int, reuse, *, from_snapshot: bool) -> None:
+    def _save_now(self, tensors, layout: Layout, step: int, term: int, reuse, *, from_snapshot: bool,
+                  lineage: Optional[dict] = None) -> None:
         """Open the run, write the checkpoint, then apply retention (a failure there is only an event)."""
         try:
             run_keys = self._open_run()
@@ -194,6 +203,7 @@ class CheckpointManager:
             report, piece_ids = self._writer.write(
                 tensors, layout, step=step, term=term, run_keys=run_keys, chunk_size=self._chunk_size,
                 reuse=reuse, fence=self.fence, provenance=self.provenance, clock=self._clock, nonce=self._random,
+                lineage=lineage, attestation=self.attestation,
             )
         except BaseException as exc:
             self._event("checkpoint_failed", step=step, term=term, reason=f"{type(exc).__name__}: {exc}")
@@ -237,6 +247,12 @@ class CheckpointManager:
             log.warning("the newest committed step recorded outside %s is not used: %s: %s",
                         self.config.uri or "the storage", type(exc).__name__, exc)
             return None
+
+    def recorded_step(self) -> Optional[int]:
+        """The newest committed step recorded outside the storage (None: no record, or none that verifies):
+        where the lineage of the next checkpoint starts when this process saved none yet."""
+        recorded = self._recorded_newest()
+        return None if recorded is None else recorded.step
 
     def _maybe_report_rollback(self, recorded: Optional[RecordedStep], found: Optional[int]) -> None:
         """A `checkpoint_rollback` event and a warning when the newest that verifies is older than the record."""

@@ -14,7 +14,9 @@ The body holds the run id, step, term, time, content size, the encryption
 header (key id and wrapped data key, never the key), the tensor table (sealed
 when encrypted: names, dtypes, shapes and the skeleton live only inside it),
 the chunk list (ids and stored sizes, so retention and `verify` work without a
-key) and provenance. The signature is Ed25519 over the canonical body when
+key), provenance (the saving node's labels), and, when recorded, the lineage of the steps since
+the previous checkpoint and the saving node's attestation (`checkpoint.provenance`; absent in
+manifests written before them, read as empty). The signature is Ed25519 over the canonical body when
 encrypted, a SHA-256 digest of it otherwise. Pure: no storage, no torch.
 """
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from elastictrain.checkpoint import crypto
+from elastictrain.checkpoint.provenance import check_attestation, check_lineage
 from elastictrain.errors import CheckpointCorrupt, CheckpointError, UnsupportedFormat
 
 FORMAT = "elastictrain-checkpoint"
@@ -132,6 +135,8 @@ class Body:
     key_id: Optional[str] = None
     wrapped_key: Optional[bytes] = None
     provenance: dict[str, str] = field(default_factory=dict)
+    lineage: dict = field(default_factory=dict)  # who produced the steps since the previous checkpoint
+    attestation: dict = field(default_factory=dict)  # the saving node's signed identity from its cloud
 
     @property
     def encrypted(self) -> bool:
@@ -158,6 +163,11 @@ class Body:
             "provenance": dict(self.provenance),
             "encryption": None,
         }
+        # written only when recorded: a body without them reads (and signs) as before they existed
+        if self.lineage:
+            doc["lineage"] = self.lineage
+        if self.attestation:
+            doc["attestation"] = dict(self.attestation)
         if self.encrypted:
             doc["encryption"] = {"scheme": "aes-256-gcm", "key_id": self.key_id, "wrapped_key": _b64(self.wrapped_key)}
             doc["table"] = {"sealed": _b64(self.sealed_table)}
@@ -170,8 +180,9 @@ class Body:
         if not isinstance(doc, dict):
             raise CheckpointCorrupt("manifest body is not an object")
         expected = {"run", "step", "term", "time_ns", "content_bytes", "chunks", "provenance", "encryption", "table"}
-        if set(doc) != expected:
-            raise CheckpointCorrupt(f"manifest body fields {sorted(doc)} are not {sorted(expected)}")
+        if not expected <= set(doc) <= expected | {"lineage", "attestation"}:
+            raise CheckpointCorrupt(f"manifest body fields {sorted(doc)[:20]} are not {sorted(expected)} "
+                                    "(and optionally lineage, attestation)")
         for key in ("step", "term", "time_ns", "content_bytes"):
             if type(doc[key]) is not int or doc[key] < 0:
                 raise CheckpointCorrupt(f"manifest field {key} is not a non-negative integer")
@@ -190,6 +201,7 @@ class Body:
         base = dict(
             run=doc["run"], step=doc["step"], term=doc["term"], time_ns=doc["time_ns"],
             content_bytes=doc["content_bytes"], chunks=tuple(chunks), provenance=prov,
+            lineage=check_lineage(doc.get("lineage", {})), attestation=check_attestation(doc.get("attestation", {})),
         )
         enc, table = doc["encryption"], doc["table"]
         if enc is None:

@@ -116,6 +116,7 @@ def chunk_table(
 def build_body(
     layout: Layout, header: bytes, pieces: list[Piece], ids: list[str], run_keys: RunKeys, *,
     step: int, term: int, time_ns: int, provenance: dict[str, str], nonce: Callable[[int], bytes],
+    lineage: Optional[dict] = None, attestation: Optional[dict] = None,
 ) -> Body:
     """The manifest body listing these chunks; with encryption its tensor table is sealed, not in the clear."""
     keys = run_keys.keys
@@ -125,7 +126,7 @@ def build_body(
         run=run_keys.run, step=step, term=term, time_ns=time_ns,
         content_bytes=len(header) + sum(e.nbytes for e in layout.entries), chunks=chunks,
         table=None if keys else table, key_id=run_keys.key_id, wrapped_key=run_keys.wrapped_key,
-        provenance=provenance,
+        provenance=provenance, lineage=lineage or {}, attestation=attestation or {},
     )
     if keys is not None:
         body = replace(body, sealed_table=seal_table(body, table, keys, nonce(12)))
@@ -197,6 +198,8 @@ class ChunkWriter:
         provenance: dict[str, str],
         clock: Callable[[], float],
         nonce: Callable[[int], bytes],
+        lineage: Optional[dict] = None,
+        attestation: Optional[dict] = None,
     ) -> tuple[SaveReport, dict[PieceKey, str]]:
         """Write one checkpoint and return its report and each piece's chunk id.
 
@@ -212,7 +215,7 @@ class ChunkWriter:
         ids = self._store_all(puts, pieces)
         body = build_body(
             layout, header, pieces, ids, run_keys, step=step, term=term, time_ns=int(clock() * 1e9),
-            provenance=provenance, nonce=nonce,
+            provenance=provenance, nonce=nonce, lineage=lineage, attestation=attestation,
         )
         raw = encode_manifest(body, run_keys.signer)
         self._commit(body.name, raw, fence, step=step, term=term)

@@ -27,6 +27,8 @@ class Member:
     labels: dict = field(default_factory=dict)
     detected_at: Optional[float] = None
     """When this member saw the previous world fail (wall time), for recovery reports."""
+    attestation: str = ""
+    """'sha256:<hex>' of the signed identity its cloud gave this member's node; '' when none."""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -43,7 +45,8 @@ class Member:
         if not (_name(data["id"]) and _number(data["joined_at"]) and _int(data.get("committed_step", NO_STATE))
                 and data.get("committed_step", NO_STATE) >= NO_STATE and isinstance(data.get("node_id", ""), str)
                 and isinstance(data.get("host", ""), str) and _labels(data.get("labels", {}))
-                and (data.get("detected_at") is None or _number(data["detected_at"]))):
+                and (data.get("detected_at") is None or _number(data["detected_at"]))
+                and isinstance(data.get("attestation", ""), str) and len(data.get("attestation", "")) <= 80):
             raise ValueError("a member record with a field of the wrong type")
         return cls(**data)
 

@@ -24,7 +24,11 @@ makes `report.md`, `report.json` and PNG plots. The numbers, as `report.json` na
   by their label; `largest_provider_share`: the largest provider's part of all commits.
 - `bytes_across_boundaries`: checkpoint bytes (`checkpoint` events' `bytes_written`) written by a world
   whose leader's provider or region differs from the bucket's (`[bucket]` in the prices file); 0 with a
-  note when the bucket's place is unknown.
+  note when the bucket's place is unknown. `bytes_across_boundaries_by`: the same bytes by boundary,
+  'provider/region->provider/region' (writer -> bucket).
+- `policy_violations` (with `allowed_regions`, the jurisdiction policy): each world member whose region
+  is outside it (`kind` "worker") and each checkpoint upload from or to a region outside it (`kind`
+  "checkpoint_upload", with its bytes); `policy_violated`: whether there is any (None without a policy).
 - With prices: `cost_by_provider_instance` (worker-hours held x the hourly price of the worker's
   `instance_type`), `setup_cost` (workers started x `setup_per_worker`), `egress_cost` (checkpoint GB,
   1e9 bytes, from a provider to another provider's bucket x its `egress_per_gb`, to another region of
@@ -89,13 +93,15 @@ def _gpus(facts: dict) -> float:
     return gpus if gpus is not None and gpus > 0 else 1.0
 
 
-def compute(events: list[dict], manifests: Optional[list[dict]] = None, prices: Optional[Prices] = None) -> dict:
+def compute(events: list[dict], manifests: Optional[list[dict]] = None, prices: Optional[Prices] = None,
+            allowed_regions: Optional[Iterable[str]] = None) -> dict:
     """The report of the run(s) whose event log is `events` (see the module docstring for each number).
 
     Args:
         events: checked log events in log order (`report_log.read_events(...).events`).
         manifests: stored checkpoints, `{"step", "term", "time", "provenance", ...}` each (listed as is).
         prices: parsed prices (`report_prices.load_prices`); None: no dollars.
+        allowed_regions: the run's jurisdiction policy (region label values); None: no policy.
     """
     worlds: dict[tuple[int, int], _World] = {}
     workers: dict[tuple[int, str], _Worker] = {}
@@ -228,6 +234,15 @@ def compute(events: list[dict], manifests: Optional[list[dict]] = None, prices: 
     bucket_provider = prices.bucket_provider if prices else None
     bucket_region = prices.bucket_region if prices else None
     across = 0
+    across_by: dict[str, int] = {}
+    allowed = None if allowed_regions is None else set(allowed_regions)
+    violations: list[dict] = []
+    if allowed is not None:
+        for w in sorted(worlds.values(), key=lambda w: (w.run, w.term)):
+            for member, facts in sorted(w.members.items()):
+                if facts.get("region") not in allowed:
+                    violations.append({"kind": "worker", "run": w.run, "term": w.term, "member": member,
+                                       "region": facts.get("region", UNKNOWN)})
     egress_bytes: dict[tuple[str, str], int] = {}  # (provider, "provider" | "region") -> bytes
     for run, e in checkpoints:
         size = e.get("bytes_written")
@@ -236,6 +251,12 @@ def compute(events: list[dict], manifests: Optional[list[dict]] = None, prices: 
         world = worlds.get((run, e.get("term")))
         writer = world.members.get(world.leader, {}) if world and world.leader else {}
         provider, region = writer.get("provider"), writer.get("region")
+        outside = [r for r in (region, bucket_region) if r is not None and allowed is not None and r not in allowed]
+        if outside:
+            violations.append({"kind": "checkpoint_upload", "run": run, "term": e.get("term"), "step": e.get("step"),
+                               "from": f"{provider or UNKNOWN}/{region or UNKNOWN}",
+                               "to": f"{bucket_provider or UNKNOWN}/{bucket_region or UNKNOWN}", "bytes": size,
+                               "outside": sorted(set(outside))})
         if bucket_provider is None or provider is None:
             continue
         if provider != bucket_provider:
@@ -245,6 +266,8 @@ def compute(events: list[dict], manifests: Optional[list[dict]] = None, prices: 
         else:
             continue
         across += size
+        name = f"{provider}/{region or UNKNOWN}->{bucket_provider}/{bucket_region or UNKNOWN}"
+        across_by[name] = across_by.get(name, 0) + size
         egress_bytes[(provider, crossed)] = egress_bytes.get((provider, crossed), 0) + size
     if bucket_provider is None:
         notes.append("bytes_across_boundaries is 0: the bucket's provider is unknown (set [bucket] in the prices file)")
@@ -270,6 +293,9 @@ def compute(events: list[dict], manifests: Optional[list[dict]] = None, prices: 
         "steps_by_region": steps_by["region"],
         "largest_provider_share": largest / commits if largest is not None and commits else None,
         "bytes_across_boundaries": across,
+        "bytes_across_boundaries_by": across_by,
+        "policy_violations": violations,
+        "policy_violated": bool(violations) if allowed is not None else None,
         "checkpoints_logged": len(checkpoints),
         "checkpoint_bytes": sum(e.get("bytes_written") or 0 for _, e in checkpoints
                                 if isinstance(e.get("bytes_written"), int)),

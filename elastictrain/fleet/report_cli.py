@@ -30,6 +30,7 @@ def list_manifests(uri: str, key: Optional[str] = None, signing_key: Optional[st
                 "name": info.name, "step": info.step, "term": info.term, "time": info.time,
                 "stored_bytes": info.stored_bytes, "encrypted": info.encrypted, "error": info.error,
                 "provenance": dict(body.provenance) if body is not None else {},
+                "lineage": body.lineage if body is not None else {},
                 "verified": (checked.get(info.name, "not checked") is None) if checked else None,
             })
         return out
@@ -40,8 +41,10 @@ def list_manifests(uri: str, key: Optional[str] = None, signing_key: Optional[st
 def build_report(
     uri: Optional[str], events: Optional[str] = None, prices: Union[str, Prices, None] = None,
     storage_options: Optional[dict] = None, key: Optional[str] = None, signing_key: Optional[str] = None,
+    allowed_regions: Optional[list[str]] = None,
 ) -> dict:
-    """Read a run's event log (`events`, default `<uri>/events`) and manifests, and compute its report.
+    """Read a run's event log (`events`, default `<uri>/events`) and manifests, and compute its report
+    (`allowed_regions`: the jurisdiction policy whose crossings it flags).
 
     Raises:
         ValueError: neither a URI nor an event log is given.
@@ -54,7 +57,7 @@ def build_report(
     parsed = load_prices(prices) if isinstance(prices, str) else prices
     read = read_events(folder, storage_options)
     manifests = list_manifests(uri, key, signing_key, storage_options) if uri else []
-    report = compute(read.events, manifests, parsed)
+    report = compute(read.events, manifests, parsed, allowed_regions)
     report["log"] = {"where": folder, "files": len(read.files), "events": len(read.events),
                      "skipped_lines": read.skipped_lines, "skipped_files": read.skipped_files,
                      "skip_reasons": read.reasons}
@@ -70,12 +73,16 @@ def add_report_parser(subparsers) -> None:
     rep.add_argument("--out", default=None, metavar="DIR", help="write report.md, report.json and PNG plots here")
     rep.add_argument("--key", default=None, metavar="SPEC", help="key spec: verify the manifests' signatures")
     rep.add_argument("--signing-key", default=None, metavar="SPEC", help="a plaintext run's signing key spec")
+    rep.add_argument("--allowed-regions", default=None, metavar="A,B",
+                     help="the jurisdiction policy: flag workers and checkpoint uploads outside these regions")
 
 
 def run_report(args: argparse.Namespace) -> int:
     """Run `report`: print the headline numbers; errors propagate (the caller prints one line)."""
     logging.getLogger("elastictrain.checkpoint").setLevel(logging.ERROR)
-    report = build_report(args.uri, args.events, args.prices, key=args.key, signing_key=args.signing_key)
+    allowed = [r for r in args.allowed_regions.split(",") if r] if args.allowed_regions else None
+    report = build_report(args.uri, args.events, args.prices, key=args.key, signing_key=args.signing_key,
+                          allowed_regions=allowed)
     if report["log"]["events"] == 0:
         raise ValueError(f"no readable events in {report['log']['where']}")
     if args.out:
@@ -83,6 +90,8 @@ def run_report(args: argparse.Namespace) -> int:
     for name in ("steps_committed", "steps_redone", "goodput", "faults", "resume_rate", "gpu_hours_total",
                  "effective_gpu_hours", "cost_total", "cost_per_effective_gpu_hour"):
         print(f"{name}: {report[name]}")
+    if report["policy_violated"]:
+        print(f"policy_violations: {len(report['policy_violations'])} (see report.json)")
     log = report["log"]
     if log["skipped_lines"] or log["skipped_files"]:
         print(f"skipped {log['skipped_lines']} bad lines and {log['skipped_files']} files of the event log")

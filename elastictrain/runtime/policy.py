@@ -93,7 +93,7 @@ class PlacementPolicy:
         selector = {**(self.scaling.label_selector or {}), **(spread or {})}
         if selector:
             options["label_selector"] = selector
-        return options
+        return with_region_policy(options, self.scaling)
 
     def resources(self) -> dict[str, float]:
         """What one worker reserves, by Ray resource name (how many fit on a node)."""
@@ -109,3 +109,14 @@ class PlacementPolicy:
     def pool_size(self) -> int:
         """Workers kept started: the world's `max_workers` and the warm `spares` that wait outside it."""
         return self.scaling.max_workers + self.scaling.spares
+
+
+def with_region_policy(options: dict[str, Any], scaling: ScalingConfig) -> dict[str, Any]:
+    """`options` with the jurisdiction policy's region selector (`ScalingConfig.allowed_regions`) added to
+    its label selector, whatever else built it (composable with other placement)."""
+    from elastictrain.fleet.jurisdiction import region_selector
+
+    extra = region_selector(scaling.allowed_regions, options.get("label_selector"))
+    if extra:
+        options = {**options, "label_selector": {**(options.get("label_selector") or {}), **extra}}
+    return options

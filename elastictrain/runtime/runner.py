@@ -24,6 +24,7 @@ from elastictrain.events import QUIET_KINDS, Event, event
 from elastictrain.runtime.context import Context, _set_current
 from elastictrain.election.topology import plan_topology
 from elastictrain.runtime.keep import KeptObjects
+from elastictrain.runtime.lineage import LineageBook, world_facts
 from elastictrain.runtime.process_group import (
     GroupSockets,
     build_groups,
@@ -112,6 +113,7 @@ class Runner:
         send: delivers a batch of report/event records to the driver.
         node: {"node_id", "host", "labels"} of this worker's machine.
         device: where the model lives.
+        attestation: the signed identity this node's cloud gave (`fleet.attestation`), for manifests.
     """
 
     def __init__(
@@ -123,8 +125,11 @@ class Runner:
         send: Callable[[list[dict]], None],
         node: dict,
         device: torch.device,
+        attestation: Optional[dict] = None,
     ) -> None:
         self.member_id = member_id
+        self.attestation = attestation or {}
+        self._lineage = LineageBook()  # the terms this member was in, for checkpoint lineage
         self.train_fn = train_fn
         self.spec = spec
         self.election = election
@@ -240,6 +245,7 @@ class Runner:
             node_id=self.node.get("node_id", ""),
             host=self.node.get("host", ""),
             labels=self.node.get("labels", {}),
+            attestation=self.attestation.get("digest", ""),
         )
         self.election.register(me)
         beat = threading.Thread(target=self._heartbeat_loop, name=f"et-heartbeat-{self.member_id}", daemon=True)
@@ -268,6 +274,7 @@ class Runner:
             bid = Member(**{**me.__dict__, "committed_step": self.committed, "detected_at": self.detected_at})
             plan = self.rendezvous.next_world(bid, last_term=last_term, was_member=was_member, last_rank=last_rank)
             self._refuse_plaintext_span(plan)
+            self._refuse_outside_jurisdiction(plan)
             world = self._enter(plan)
             last_term, was_member, last_rank = plan.term, True, world.rank
             committed_before = self.committed
@@ -305,6 +312,7 @@ class Runner:
         world = WorldInfo.from_plan(plan, self.member_id)
         self.world, self._first_commit_of_term = world, True
         self._grow.clear()
+        self._note_term(plan)
         self.emit(event("joined", term=plan.term, rank=world.rank, world_size=world.world_size,
                         leader=world.is_leader, pid=self.node.get("pid"), node_id=self.node.get("node_id"),
                         gpus=self.spec.scaling.worker_gpus(), **node_facts(self.node)))
@@ -362,6 +370,27 @@ class Runner:
         self.election.set_outcome(f"failed:{reason}", detail=where)
         self.emit(event("error", term=term, reason=reason))
         raise TrainingFailed(reason, cause=where) from exc
+
+    def _note_term(self, plan) -> None:
+        """Remember this term's members and their node facts, for the lineage of later checkpoints."""
+        if self.spec.checkpoint.uri is None:
+            return
+        try:
+            records = self.election.joined(plan.term)
+        except Exception:  # noqa: BLE001 - the members' labels still come from the plan
+            records = []
+        batch = self.spec.batch
+        self._lineage.joined(plan.term, world_facts(plan, records), batch.global_batch_size, batch.micro_batch_size)
+
+    def _refuse_outside_jurisdiction(self, plan) -> None:
+        """A world with a member whose node's region the policy does not allow ends the run at its start."""
+        from elastictrain.fleet.jurisdiction import world_refusal
+
+        refusal = world_refusal(plan.members, plan.labels, self.spec.scaling.allowed_regions)
+        if refusal is not None:
+            self.election.set_outcome(f"failed:{refusal}")
+            self.emit(event("error", term=plan.term, reason=refusal))
+            raise TrainingFailed(refusal)
 
     def _refuse_plaintext_span(self, plan) -> None:
         """A world across providers or regions on a network not declared private ends the run before
@@ -483,6 +512,7 @@ class Runner:
         for uri, reason in getattr(loaded, "skipped", []) or []:
             self.emit(event("checkpoint_skipped", checkpoint=str(uri), reason=str(reason)))
         state.load_tree(unflatten_state(loaded.tensors, loaded.skeleton))
+        self._lineage.saved(state.step)
         self.emit(event("restored_from_checkpoint", step=state.step,
                         checkpoint=str(getattr(loaded, "manifest_uri", ""))))
 
@@ -555,6 +585,7 @@ class Runner:
 
     def on_commit(self, state: ElasticState, world: WorldInfo, step: int) -> None:
         self._mark_committed(state)
+        self._lineage.committed(world.term, step)
         now = time.time()
         self.emit(event("commit", time=now, term=world.term, step=step, rank=world.rank))
         if self._first_commit_of_term:
@@ -610,6 +641,7 @@ class Runner:
 
             self._checkpoints = CheckpointManager(
                 self.spec.checkpoint, fence=self.election.is_current, provenance=provenance(self.node),
+                attestation=self.attestation or None,
                 listener=self._on_checkpoint_event, newest_store=self._newest_store(),
                 run_secret=self.spec.secret,
             )
@@ -628,6 +660,8 @@ class Runner:
     def _on_checkpoint_event(self, record: Event) -> None:
         """A manifest was written: tell the driver now (from the saving thread), before this process can die."""
         if record.get("kind") == "checkpoint":
+            if isinstance(record.get("step"), int):
+                self._lineage.saved(record["step"])
             self.emit(event("checkpoint", time=record["time"], term=record.get("term"), step=record.get("step"),
                             bytes_written=record.get("bytes_written")))
         elif record.get("kind") == "checkpoint_rollback":  # a restore found only older checkpoints
@@ -654,7 +688,10 @@ class Runner:
         error = self._settle_save(manager)
         try:
             tensors, skeleton = state.flatten()
-            manager.save(tensors, skeleton, step=state.step, term=world.term)
+            since = self._lineage.last_saved
+            since = manager.recorded_step() if since is None else since
+            manager.save(tensors, skeleton, step=state.step, term=world.term,
+                         lineage=self._lineage.lineage(state.step, since))
         except Exception as exc:  # noqa: BLE001 - storage trouble must not stop training
             self.emit(event("checkpoint_failed", term=world.term, step=state.step,
                             reason=f"{type(exc).__name__}: {exc}"))

@@ -19,6 +19,7 @@ import torch
 from elastictrain.election.election import Election
 from elastictrain.election.ray_store import RayKVStore
 from elastictrain.errors import TrainingFailed
+from elastictrain.fleet.attestation import fetch_attestation
 from elastictrain.fleet.notice_watch import start_notice_watch
 from elastictrain.runtime.network import apply_network
 from elastictrain.runtime.runner import Runner
@@ -117,6 +118,9 @@ class WorkerActor:
         store = RayKVStore(self.spec.namespace)
         hub = self.hub
         election = Election(store, self.spec.secret, scope=self.spec.namespace)
+        attestation = None
+        if self.spec.checkpoint.uri is not None:  # only manifests carry it
+            attestation = fetch_attestation(self.spec.failure.notices, self.node["labels"])
         self.runner = Runner(
             self.member_id,
             train_fn,
@@ -125,6 +129,7 @@ class WorkerActor:
             send=lambda records: ray.get(hub.push.remote(records)),
             node=self.node,
             device=device,
+            attestation=attestation,
         )
         election.on_reject = self.runner.emit
         if self._notice is not None:
