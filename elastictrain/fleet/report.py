@@ -27,7 +27,7 @@ makes `report.md`, `report.json` and PNG plots. The numbers, as `report.json` na
   note when the bucket's place is unknown. `bytes_across_boundaries_by`: the same bytes by boundary,
   'provider/region->provider/region' (writer -> bucket).
 - `policy_violations` (with `allowed_regions`, the jurisdiction policy): each world member whose region
-  is outside it (`kind` "worker") and each checkpoint upload from or to a region outside it (`kind`
+  is outside it (`violation` "worker") and each checkpoint upload from or to a region outside it (`violation`
   "checkpoint_upload", with its bytes); `policy_violated`: whether there is any (None without a policy).
 - With prices: `cost_by_provider_instance` (worker-hours held x the hourly price of the worker's
   `instance_type`), `setup_cost` (workers started x `setup_per_worker`), `egress_cost` (checkpoint GB,
@@ -241,7 +241,7 @@ def compute(events: list[dict], manifests: Optional[list[dict]] = None, prices: 
         for w in sorted(worlds.values(), key=lambda w: (w.run, w.term)):
             for member, facts in sorted(w.members.items()):
                 if facts.get("region") not in allowed:
-                    violations.append({"kind": "worker", "run": w.run, "term": w.term, "member": member,
+                    violations.append({"violation": "worker", "run": w.run, "term": w.term, "member": member,
                                        "region": facts.get("region", UNKNOWN)})
     egress_bytes: dict[tuple[str, str], int] = {}  # (provider, "provider" | "region") -> bytes
     for run, e in checkpoints:
@@ -253,7 +253,7 @@ def compute(events: list[dict], manifests: Optional[list[dict]] = None, prices: 
         provider, region = writer.get("provider"), writer.get("region")
         outside = [r for r in (region, bucket_region) if r is not None and allowed is not None and r not in allowed]
         if outside:
-            violations.append({"kind": "checkpoint_upload", "run": run, "term": e.get("term"), "step": e.get("step"),
+            violations.append({"violation": "checkpoint_upload", "run": run, "term": e.get("term"), "step": e.get("step"),
                                "from": f"{provider or UNKNOWN}/{region or UNKNOWN}",
                                "to": f"{bucket_provider or UNKNOWN}/{bucket_region or UNKNOWN}", "bytes": size,
                                "outside": sorted(set(outside))})

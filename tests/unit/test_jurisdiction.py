@@ -86,10 +86,10 @@ def test_the_report_breaks_bytes_down_by_boundary_and_flags_what_the_policy_name
     report = compute(two_runs(), [], parse_prices(PRICES), allowed_regions=["us-east-1", "europe-west4"])
     assert report["policy_violated"] is True
     workers = [(v["run"], v["term"], v["member"], v["region"]) for v in report["policy_violations"]
-               if v["kind"] == "worker"]
+               if v["violation"] == "worker"]
     assert workers == [(0, 1, "c", "us-west-2"), (1, 1, "d", "us-west-2")]
     uploads = [(v["step"], v["from"], v["bytes"], v["outside"]) for v in report["policy_violations"]
-               if v["kind"] == "checkpoint_upload"]
+               if v["violation"] == "checkpoint_upload"]
     assert uploads == [(21, "aws/us-west-2", 500_000_000, ["us-west-2"])]
     inside = compute(two_runs(), [], parse_prices(PRICES),
                      allowed_regions=["us-east-1", "europe-west4", "us-west-2"])
