@@ -692,6 +692,7 @@ class _RayTrainInjector(threading.Thread):
                             break
                         self.nodes.remove(node_id)
                         entry["time"] = time.time()
+                        entry["step"] = newest = self._current()[1]  # the next fault counts its steps from here
                         readd_at.append((entry["time"] + self.a.readd_after, None))
                     readd_at.sort(key=lambda item: item[0])
             except ProcessLookupError:
