@@ -57,6 +57,7 @@ service: there a notice changes nothing until the warning runs out and the node 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -210,21 +211,20 @@ class ClusterNodes:
             self.servers.clear()
 
 
-class _sigterm_handler_on_main_thread_only:
+@contextlib.contextmanager
+def _sigterm_handler_on_main_thread_only():
     """Ray installs a SIGTERM handler for each node it starts, which Python allows on the main thread
     only; the Ray Train arm adds nodes from its injector thread, where the handler is skipped (the
     cluster's shutdown still ends every node)."""
+    import ray._private.utils as ray_utils
 
-    def __enter__(self):
-        import ray._private.utils as ray_utils
-
-        self._utils, self._saved = ray_utils, ray_utils.set_sigterm_handler
-        if threading.current_thread() is not threading.main_thread():
-            ray_utils.set_sigterm_handler = lambda handler: None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._utils.set_sigterm_handler = self._saved
+    saved = ray_utils.set_sigterm_handler
+    if threading.current_thread() is not threading.main_thread():
+        ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = saved
 
 
 # ---------------------------------------------------------------------------

@@ -302,3 +302,26 @@ def test_resume_rate_reports_each_kind_with_p95_goodput_and_cost():
               "arms": {"elastictrain": {"summary": {**s, "targets": t}, "faults": rows}}}
     text = R.markdown(report)
     assert "| notice | 2/2 | 2.00 s | 3.00 s | 0 | 50% | $2.40 |" in text and "silent-node recovery median 1.90 s" in text
+
+
+def test_resume_rate_adds_nodes_off_the_main_thread_without_rays_sigterm_handler():
+    """Ray's per-node SIGTERM handler raises off the main thread; the Ray Train arm's injector thread skips
+    it while adding a node, and only there (the main thread keeps Ray's own, and it is put back after)."""
+    import ray._private.utils as ray_utils
+
+    from benchmarks import resume_rate as R
+
+    original = ray_utils.set_sigterm_handler
+    seen = {}
+
+    def in_thread():
+        with R._sigterm_handler_on_main_thread_only():
+            seen["inside"] = ray_utils.set_sigterm_handler
+            ray_utils.set_sigterm_handler(lambda *a: None)  # raises ValueError off the main thread unless skipped
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join(10)
+    assert seen["inside"] is not original and ray_utils.set_sigterm_handler is original
+    with R._sigterm_handler_on_main_thread_only():
+        assert ray_utils.set_sigterm_handler is original
