@@ -12,7 +12,19 @@ from the previous one, in a seeded order that cycles through every kind:
 - hang: SIGSTOP a follower (its heartbeat lapses; the driver kills it);
 - kill_in_checkpoint: SIGKILL the leader right after a step whose commit starts
   a checkpoint save (`every_steps`);
-- kill_in_rebuild: SIGKILL a follower, then another member ~30 ms later.
+- kill_in_rebuild: SIGKILL a follower, then another member ~30 ms later;
+- silent_node: every process of a follower's node SIGSTOPped (`silence_node`): no connection
+  closes, the node just stops answering, as a reclaimed VM does; it is removed `--silent-for`
+  seconds later and a node with the same labels is added;
+- notice: the cloud's preemption notice for a follower's node, switched on at that node's fake
+  metadata server (AWS spot instance action, GCP `preempted`, Azure Scheduled Events `Preempt`);
+  the node is reclaimed once the member has left, or when the warning (`--notice-warning`) runs out.
+
+The nodes are labelled across three providers (aws, gcp, azure) and two regions of each (one in
+the US, one in Europe); every node gets its own fake metadata server of its provider on 127.0.0.1
+(`ELASTICTRAIN_METADATA_ENDPOINT` in the node's environment), and the elastictrain arm watches it
+with the default `NoticeConfig` and runs with `NetworkConfig(private=True)` (the "providers" share
+one machine's loopback).
 
 Figures:
 
@@ -23,12 +35,19 @@ Figures:
 - steps redone: per fault and in total (`Result.steps_redone`);
 - goodput: distinct steps x the undisturbed median step time, over the run's
   wall time;
-- final model vs an uninterrupted one-process run (`reference_params`).
+- final model vs an uninterrupted one-process run (`reference_params`);
+- by kind, also goodput over the windows after that kind's faults (new steps x the undisturbed
+  step time / the window) and cost per effective GPU-hour: dollars per GPU-hour held over that
+  goodput, with the dollars per GPU-hour held from `elastictrain.fleet.report.compute` over the
+  elastictrain arm's event log and `examples/prices.toml` (the whole arm's figure is the
+  report's own `cost_per_effective_gpu_hour`).
 
 The Ray Train arm (optional; skipped with the reason when `ray[train]` is missing)
 runs the same task and the same kinds of faults, where they apply, against
 `TorchTrainer` with `FailureConfig(max_failures=-1)` and a checkpoint every
-`--ckpt-every` steps, in a child process with a hard deadline.
+`--ckpt-every` steps, in a child process with a hard deadline. Ray Train reads no metadata
+service: there a notice changes nothing until the warning runs out and the node is removed
+(recovery is timed from that moment); a silent node is the same SIGSTOP of the node's processes.
 
     python -m benchmarks resume_rate                      # 50 faults, both arms
     python -m benchmarks resume_rate --quick              # ~6 faults, < 2 minutes
@@ -38,6 +57,7 @@ runs the same task and the same kinds of faults, where they apply, against
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -55,14 +75,31 @@ from benchmarks import _common as C
 ARMS = ["elastictrain", "raytrain"]
 QUICK = {"faults": 6, "arms": "elastictrain"}
 QUICK_DEADLINE_S = 240
+# Three providers, two regions each (the US and Europe); nodes take them in turn.
 LABELS = [
     {"provider": "aws", "region": "us-east-1"},
-    {"provider": "aws", "region": "us-west-2"},
+    {"provider": "gcp", "region": "us-east1"},
+    {"provider": "azure", "region": "eastus"},
+    {"provider": "aws", "region": "eu-west-1"},
     {"provider": "gcp", "region": "europe-west4"},
+    {"provider": "azure", "region": "westeurope"},
 ]
+PRICES = Path(__file__).resolve().parent.parent / "examples" / "prices.toml"
+GCP_WARNING_S = 30.0  # GCP's preemption warning is fixed; its metadata answer carries no time
 # Faults per kind that apply to Ray Train's TorchTrainer and how they are injected there.
 RAYTRAIN_KINDS = ["kill_follower", "kill_leader", "node_loss", "preempt", "hang", "kill_in_checkpoint",
-                  "kill_in_rebuild"]
+                  "kill_in_rebuild", "silent_node", "notice"]
+
+
+def fault_kinds(a: argparse.Namespace) -> tuple[str, ...]:
+    """The kinds of `--kinds` (default: every kind of `FAULT_KINDS`)."""
+    from elastictrain.testing.faults import FAULT_KINDS
+
+    kinds = tuple(k for k in (a.kinds or "").split(",") if k) or FAULT_KINDS
+    unknown = sorted(set(kinds) - set(FAULT_KINDS))
+    if unknown:
+        raise SystemExit(f"resume_rate: unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}")
+    return kinds
 
 
 def p95(values: list[float]) -> Optional[float]:
@@ -78,9 +115,10 @@ def p95(values: list[float]) -> Optional[float]:
 
 
 class ClusterNodes:
-    """A local multi-node Ray cluster whose nodes can be removed and given back (same labels)."""
+    """A local multi-node Ray cluster whose nodes can be removed, silenced, sent a cloud notice, and given
+    back (same labels). Each node has its own fake metadata server of its provider on 127.0.0.1."""
 
-    def __init__(self, nodes: int) -> None:
+    def __init__(self, nodes: int, notice_warning_s: float = 30.0) -> None:
         from ray.cluster_utils import Cluster
 
         self.cluster = Cluster(
@@ -90,21 +128,62 @@ class ClusterNodes:
                 "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4},
             },
         )
+        self.notice_warning_s = notice_warning_s
         self.labels: dict[str, dict] = {}
-        for i in range(nodes):
-            self._add(LABELS[i % len(LABELS)], wait=True)
+        self.servers: dict[str, Any] = {}
         self.removed: list[dict] = []
+        try:
+            for i in range(nodes):
+                self._add(LABELS[i % len(LABELS)], wait=True)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _add(self, labels: dict, wait: bool) -> None:
-        node = self.cluster.add_node(wait=wait, num_cpus=1, labels=dict(labels))
+        from elastictrain.fleet.notice_watch import ENDPOINT_ENV
+        from elastictrain.testing.metadata import FakeAwsMetadata, FakeAzureMetadata, FakeGcpMetadata
+
+        fake = {"aws": FakeAwsMetadata, "gcp": FakeGcpMetadata, "azure": FakeAzureMetadata}[labels["provider"]]()
+        try:
+            with _sigterm_handler_on_main_thread_only():
+                node = self.cluster.add_node(wait=wait, num_cpus=1, labels=dict(labels),
+                                             env_vars={ENDPOINT_ENV: fake.url})
+        except BaseException:
+            fake.close()
+            raise
         self.labels[node.node_id] = dict(labels)
+        self.servers[node.node_id] = fake
+
+    def _node(self, node_id: str):
+        return next(n for n in self.cluster.list_all_nodes() if n.node_id == node_id)
 
     def remove(self, node_id: str) -> None:
-        node = next(n for n in self.cluster.list_all_nodes() if n.node_id == node_id)
+        node = self._node(node_id)
         if node is self.cluster.head_node:
             raise ValueError("will not remove the head node")
         self.removed.append(self.labels.get(node_id, LABELS[0]))
         self.cluster.remove_node(node, allow_graceful=False)
+        fake = self.servers.pop(node_id, None)
+        if fake is not None:
+            fake.close()
+
+    def silence(self, node_id: str) -> list[int]:
+        """Every process of the node SIGSTOPped; `remove` ends them later."""
+        from elastictrain.testing.faults import silence_node
+
+        return silence_node(self._node(node_id))
+
+    def notice(self, node_id: str) -> float:
+        """The node's cloud says it reclaims the machine; returns the warning's length (seconds)."""
+        fake, provider = self.servers[node_id], self.labels[node_id]["provider"]
+        if provider == "aws":
+            fake.interrupt("terminate", in_s=self.notice_warning_s)
+            return self.notice_warning_s
+        if provider == "gcp":
+            fake.preempt()
+            return GCP_WARNING_S
+        fake.schedule("Preempt", in_s=self.notice_warning_s)
+        return self.notice_warning_s
 
     def protected(self) -> set[str]:
         """Nodes not to remove: the one holding the run's Hub actor.
@@ -124,7 +203,28 @@ class ClusterNodes:
         self._add(self.removed.pop(0) if self.removed else LABELS[0], wait=False)
 
     def shutdown(self) -> None:
-        self.cluster.shutdown()
+        try:
+            self.cluster.shutdown()
+        finally:
+            for fake in self.servers.values():
+                fake.close()
+            self.servers.clear()
+
+
+@contextlib.contextmanager
+def _sigterm_handler_on_main_thread_only():
+    """Ray installs a SIGTERM handler for each node it starts, which Python allows on the main thread
+    only; the Ray Train arm adds nodes from its injector thread, where the handler is skipped (the
+    cluster's shutdown still ends every node)."""
+    import ray._private.utils as ray_utils
+
+    saved = ray_utils.set_sigterm_handler
+    if threading.current_thread() is not threading.main_thread():
+        ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = saved
 
 
 # ---------------------------------------------------------------------------
@@ -144,8 +244,31 @@ def undisturbed_step_s(times_by_step: list[tuple[int, float]], fault_times: list
     return C.median(gaps)
 
 
+def goodput_by_kind(rows: list[dict], first_commits: dict[int, float], end: float,
+                    step_s: Optional[float]) -> dict[str, Optional[float]]:
+    """Per kind: steps first committed in the windows that follow its faults (each fault to the next, the
+    last to `end`) x the undisturbed step time, over those windows' length."""
+    if not step_s:
+        return {}
+    times = sorted(r["time"] for r in rows if r["time"] is not None)
+    spans: dict[str, list[float]] = {}
+    for r in rows:
+        if r["time"] is None:
+            continue
+        nxt = next((t for t in times if t > r["time"]), end)
+        new = sum(1 for t in first_commits.values() if r["time"] <= t < nxt)
+        acc = spans.setdefault(r["kind"], [0.0, 0.0])
+        acc[0] += new * step_s
+        acc[1] += max(nxt - r["time"], 0.0)
+    return {k: (useful / span if span > 0 else None) for k, (useful, span) in spans.items()}
+
+
 def summarise(rows: list[dict], *, scheduled: int, total_steps: int, steps_done: int, finished: bool,
-              wall_s: float, step_s: Optional[float], param_diff: Optional[float], steps_redone_total: int) -> dict:
+              wall_s: float, step_s: Optional[float], param_diff: Optional[float], steps_redone_total: int,
+              first_commits: Optional[dict[int, float]] = None, end: Optional[float] = None,
+              held_rate: Optional[float] = None) -> dict:
+    """The arm's figures, whole and by kind. `held_rate`: dollars per GPU-hour held; a kind's cost per
+    effective GPU-hour is that rate over the kind's goodput (`goodput_by_kind`)."""
     fired = len(rows)
     resumed = sum(1 for r in rows if r["resumed"]) if finished else 0
     times = [r["recovery_s"] for r in rows if r["recovery_s"] is not None]
@@ -157,10 +280,16 @@ def summarise(rows: list[dict], *, scheduled: int, total_steps: int, steps_done:
         if r["recovery_s"] is not None:
             k["recovery_s"].append(r["recovery_s"])
         k["steps_redone"] += r["steps_redone"] or 0
-    for k in by_kind.values():
+    kind_goodput = goodput_by_kind(rows, first_commits or {}, end if end is not None else math.inf, step_s) \
+        if first_commits and end is not None else {}
+    for name, k in by_kind.items():
         vals = k.pop("recovery_s")
+        k["resume_rate"] = k["resumed"] / k["fired"] if k["fired"] else None
         k["recovery_median_s"] = C.median(vals)
+        k["recovery_p95_s"] = p95(vals)
         k["recovery_max_s"] = max(vals) if vals else None
+        k["goodput"] = kind_goodput.get(name)
+        k["cost_per_effective_gpu_hour"] = (held_rate / k["goodput"]) if (held_rate and k["goodput"]) else None
     redone = [r["steps_redone"] for r in rows if r["steps_redone"] is not None]
     return {
         "faults_scheduled": scheduled,
@@ -179,6 +308,9 @@ def summarise(rows: list[dict], *, scheduled: int, total_steps: int, steps_done:
         "undisturbed_step_s": step_s,
         "wall_s": wall_s,
         "goodput": (total_steps * step_s / wall_s) if (step_s and wall_s and finished) else None,
+        "usd_per_gpu_hour_held": held_rate,
+        "cost_per_effective_gpu_hour": (held_rate * wall_s / (total_steps * step_s))
+        if (held_rate and step_s and wall_s and finished) else None,
         "max_param_diff_vs_reference": param_diff,
         "by_kind": by_kind,
     }
@@ -199,14 +331,16 @@ def run_elastictrain(a: argparse.Namespace, work: Path) -> dict:
 
     task = ToyTask(total_steps=a.steps, step_sleep_s=a.step_sleep, seed=a.seed)
     batch = et.BatchConfig(global_batch_size=a.global_batch, micro_batch_size=a.micro_batch, seed=a.seed)
-    nodes = ClusterNodes(a.workers + 1)
+    nodes = ClusterNodes(a.workers + 1, notice_warning_s=a.notice_warning)
     schedule = ChaosSchedule.mixed(
         count=a.faults, seed=a.seed, full_world=a.workers, gap_steps=a.gap_steps, checkpoint_every=a.ckpt_every,
         node_ops=nodes, readd_after_s=a.readd_after, full_world_wait_s=a.full_world_wait,
+        silent_for_s=a.silent_for, kinds=fault_kinds(a),
     )
     print(f"[elastictrain] {a.workers} workers, {a.steps} steps, {a.faults} faults: "
           f"{', '.join(f.kind for f in schedule.faults)}", flush=True)
     uri = (work / "ckpt").as_uri()
+    events_dir = work / "events"
     began = time.time()
     result, error = None, None
     try:
@@ -218,7 +352,7 @@ def run_elastictrain(a: argparse.Namespace, work: Path) -> dict:
             checkpoint=et.CheckpointConfig(uri=uri, every_steps=a.ckpt_every, keep_last=2),
             failure=et.FailureConfig(max_failures=-1, collective_timeout_s=4, heartbeat_interval_s=0.2,
                                      heartbeat_timeout_s=1.5, startup_wait_s=2.0),
-            run=et.RunConfig(progress=True, seed=a.seed),
+            run=et.RunConfig(progress=True, seed=a.seed, events_path=str(events_dir)),
             # the "providers" are nodes of one machine, talking over its loopback
             network=et.NetworkConfig(private=True),
             callbacks=[schedule],
@@ -246,9 +380,14 @@ def run_elastictrain(a: argparse.Namespace, work: Path) -> dict:
     if "params" in result.metrics:
         ref = reference_params(task, batch)
         diff = (torch.tensor(result.metrics["params"]) - ref).abs().max().item()
+    fleet = fleet_report(events_dir)
     summary = summarise(rows, scheduled=a.faults, total_steps=a.steps, steps_done=result.steps,
                         finished=result.steps == a.steps, wall_s=wall, step_s=step_s, param_diff=diff,
-                        steps_redone_total=result.steps_redone)
+                        steps_redone_total=result.steps_redone, first_commits=firsts, end=began + wall,
+                        held_rate=fleet.get("usd_per_gpu_hour_held"))
+    summary["report"] = fleet
+    summary["notices"] = notice_facts(result.events)
+    summary["targets"] = targets(summary, heartbeat_timeout_s=1.5)
     summary["workers_lost"] = result.failures
     summary["checkpoint_fallbacks"] = sum(1 for e in result.events if e["kind"] == "restored_from_checkpoint")
     summary["nodes_readded"] = len(schedule.readds)
@@ -259,6 +398,56 @@ def run_elastictrain(a: argparse.Namespace, work: Path) -> dict:
         "faults": [[r["time"] - began, r["kind"]] for r in rows],
     }
     return {"summary": summary, "faults": rows, "error": error, "timeline": timeline}
+
+
+def fleet_report(events_dir: Path) -> dict:
+    """`elastictrain.fleet.report.compute` over the arm's event log with `examples/prices.toml`: the
+    figures of `elastictrain report`, and the dollars per GPU-hour held that price each kind."""
+    from elastictrain.fleet.report import compute
+    from elastictrain.fleet.report_log import read_events
+    from elastictrain.fleet.report_prices import load_prices
+
+    try:
+        rep = compute(read_events(str(events_dir)).events, prices=load_prices(str(PRICES)))
+    except Exception as exc:  # noqa: BLE001 - reported: the run's other figures stand without it
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    keep = ("resume_rate", "faults", "faults_resumed", "recovery_s_median", "goodput", "steps_redone",
+            "gpu_hours", "gpu_hours_total", "effective_gpu_hours", "cost_total", "cost_per_effective_gpu_hour",
+            "largest_provider_share", "steps_by_provider", "currency")
+    out = {k: rep.get(k) for k in keep}
+    held = rep.get("gpu_hours_total")
+    out["usd_per_gpu_hour_held"] = (rep["cost_total"] / held) if (rep.get("cost_total") and held) else None
+    return out
+
+
+def notice_facts(events: list[dict]) -> dict:
+    """What the workers made of the notices: `cloud_notice` events by provider, and each clean leave on
+    one (`left` with a cloud `source`): the warning's length and how much of it was used."""
+    seen: dict[str, int] = {}
+    for e in events:
+        if e["kind"] == "cloud_notice":
+            seen[e.get("provider", "?")] = seen.get(e.get("provider", "?"), 0) + 1
+    left = [e for e in events if e["kind"] == "left" and e.get("source") in ("aws", "gcp", "azure")]
+    return {"cloud_notices": seen, "left_on_notice": len(left),
+            "used_s": [round(e["used_s"], 2) for e in left if isinstance(e.get("used_s"), (int, float))],
+            "notice_s": [round(e["notice_s"], 1) for e in left if isinstance(e.get("notice_s"), (int, float))]}
+
+
+def targets(summary: dict, heartbeat_timeout_s: float) -> dict:
+    """The issue's targets, reported (not asserted): every fault resumed, no step redone after a notice,
+    silent-node recovery (median) at most the heartbeat timeout + 0.5 s."""
+    kinds = summary["by_kind"]
+    notice, silent = kinds.get("notice"), kinds.get("silent_node")
+    bound = heartbeat_timeout_s + 0.5
+    silent_median = silent["recovery_median_s"] if silent else None
+    return {
+        "all_resumed": summary["resume_rate"] == 1.0,
+        "notice_steps_redone": notice["steps_redone"] if notice else None,
+        "notice_lost_no_step": (notice["steps_redone"] == 0) if notice else None,
+        "silent_node_median_s": silent_median,
+        "silent_node_bound_s": bound,
+        "silent_node_within_bound": (silent_median <= bound) if silent_median is not None else None,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -279,9 +468,9 @@ def trial_raytrain(a: argparse.Namespace, d: Path) -> None:
 
     task = ToyTask(total_steps=a.steps, step_sleep_s=a.step_sleep, seed=a.seed)
     batch = BatchConfig(global_batch_size=a.global_batch, micro_batch_size=a.micro_batch, seed=a.seed)
-    kinds = [f.kind for f in ChaosSchedule.mixed(count=a.faults, seed=a.seed, full_world=a.workers,
+    kinds = [f.kind for f in ChaosSchedule.mixed(count=a.faults, seed=a.seed, full_world=a.workers, kinds=fault_kinds(a),
                                                   checkpoint_every=a.ckpt_every, node_ops=_NoNodes()).faults]
-    nodes = ClusterNodes(a.workers + 1)
+    nodes = ClusterNodes(a.workers + 1, notice_warning_s=a.notice_warning)
     log_dir = d / "steps"
     cfg = {"log_dir": str(log_dir), "ckpt_tmp": str(d / "ckpt-tmp"), "task": task.__dict__, "batch": batch.model_dump(),
            "ckpt_every": a.ckpt_every}
@@ -379,9 +568,17 @@ def trial_raytrain(a: argparse.Namespace, d: Path) -> None:
 
 
 class _NoNodes:
+    """Node operations that do nothing: enough to build the schedule whose kinds the Ray Train arm replays."""
+
     def remove(self, node_id: str) -> None: ...
 
     def add(self) -> None: ...
+
+    def silence(self, node_id: str) -> list[int]:
+        return []
+
+    def notice(self, node_id: str) -> Optional[float]:
+        return None
 
 
 class _RayTrainInjector(threading.Thread):
@@ -430,16 +627,22 @@ class _RayTrainInjector(threading.Thread):
                 continue
         return None
 
+    def _node_back(self, due: list[tuple[float, Optional[str]]]) -> None:
+        """Due node changes: a silenced node removed (if any), then a node with its labels added."""
+        while due and time.time() >= due[0][0]:
+            _, silenced = due.pop(0)
+            try:
+                if silenced is not None:
+                    self.nodes.remove(silenced)
+                self.nodes.add()
+            except Exception as exc:  # noqa: BLE001 - reported with the arm
+                self.skipped["node re-add"] = f"{type(exc).__name__}: {exc}"
+
     def run(self) -> None:
         steps_at_fire = 0
-        readd_at: list[float] = []
+        readd_at: list[tuple[float, Optional[str]]] = []
         while not self._halt.wait(0.05):
-            while readd_at and time.time() >= readd_at[0]:
-                readd_at.pop(0)
-                try:
-                    self.nodes.add()
-                except Exception as exc:  # noqa: BLE001 - Ray may refuse off the main thread
-                    self.skipped["node_loss (re-add)"] = f"{type(exc).__name__}: {exc}"
+            self._node_back(readd_at)
             if not self.kinds:
                 continue
             live, newest = self._current()
@@ -468,15 +671,30 @@ class _RayTrainInjector(threading.Thread):
                     os.kill(follower, signal.SIGKILL)
                     time.sleep(self.a.rebuild_delay)
                     os.kill(leader, signal.SIGKILL)
-                elif kind == "node_loss":
+                elif kind in ("node_loss", "silent_node", "notice"):
                     node_id = self._node_of(follower)
                     entry["node_id"] = node_id
                     if node_id is None:
                         os.kill(follower, signal.SIGKILL)
                         entry["note"] = "node not found; worker killed instead"
-                    else:
+                    elif kind == "node_loss":
                         self.nodes.remove(node_id)
-                        readd_at.append(t + self.a.readd_after)
+                        readd_at.append((t + self.a.readd_after, None))
+                    elif kind == "silent_node":
+                        entry["stopped"] = len(self.nodes.silence(node_id))
+                        readd_at.append((t + max(self.a.readd_after, self.a.silent_for), node_id))
+                    else:
+                        # Ray Train reads no metadata service: the notice changes nothing until the warning
+                        # runs out and the machine goes. The fault is timed from then.
+                        entry["notice_at"] = t
+                        entry["warning_s"] = self.nodes.notice(node_id)
+                        if self._halt.wait(entry["warning_s"]):
+                            break
+                        self.nodes.remove(node_id)
+                        entry["time"] = time.time()
+                        entry["step"] = newest = self._current()[1]  # the next fault counts its steps from here
+                        readd_at.append((entry["time"] + self.a.readd_after, None))
+                    readd_at.sort(key=lambda item: item[0])
             except ProcessLookupError:
                 entry["note"] = "target already gone"
             self.fired.append(entry)
@@ -513,7 +731,7 @@ def run_raytrain(a: argparse.Namespace, work: Path) -> dict:
         redone = {r["step"] for r in fresh if r["step"] in before}
         rows.append({"kind": f["kind"], "step": f["step"], "time": f["time"], "resumed": first is not None,
                      "recovery_s": (first["t"] - f["time"]) if first else None, "steps_redone": len(redone),
-                     **({"note": f["note"]} if "note" in f else {})})
+                     **{k: f[k] for k in ("note", "notice_at", "warning_s", "stopped") if k in f}})
     done = {r["step"] for r in recs}
     finished = bool(status.get("ok")) and all(s in done for s in range(a.raytrain_steps))
     firsts: dict[int, float] = {}
@@ -521,11 +739,13 @@ def run_raytrain(a: argparse.Namespace, work: Path) -> dict:
         if r["rank"] == 0:
             firsts.setdefault(r["step"], r["t"])
     step_s = undisturbed_step_s(sorted(firsts.items()), [f["time"] for f in faults])
-    summary = summarise(rows, scheduled=a.raytrain_faults, total_steps=a.raytrain_steps,
-                        steps_done=max(done) + 1 if done else -1, finished=finished, wall_s=status.get("wall_s") or run["wall_s"], step_s=step_s,
-                        param_diff=status.get("max_param_diff_vs_reference"),
-                        steps_redone_total=sum(r["steps_redone"] for r in rows))
+    wall = status.get("wall_s") or run["wall_s"]
     t0 = status.get("t0", recs[0]["t"] if recs else 0.0)
+    summary = summarise(rows, scheduled=a.raytrain_faults, total_steps=a.raytrain_steps,
+                        steps_done=max(done) + 1 if done else -1, finished=finished, wall_s=wall, step_s=step_s,
+                        param_diff=status.get("max_param_diff_vs_reference"),
+                        steps_redone_total=sum(r["steps_redone"] for r in rows), first_commits=firsts,
+                        end=t0 + wall, held_rate=listed_rate(a.workers))
     worlds = []
     for r in recs:
         if r["rank"] == 0 and (not worlds or worlds[-1][1] != r.get("world")):
@@ -539,11 +759,29 @@ def run_raytrain(a: argparse.Namespace, work: Path) -> dict:
     return out
 
 
+def listed_rate(workers: int) -> Optional[float]:
+    """Dollars per worker-hour of the first `workers` nodes' providers (their default hourly price in
+    `examples/prices.toml`: the nodes carry no instance type), averaged; each worker counts as one GPU,
+    as `elastictrain report` counts a CPU worker. The Ray Train arm, which writes no event log, is
+    priced with it."""
+    from elastictrain.fleet.report_prices import load_prices
+
+    try:
+        prices = load_prices(str(PRICES))
+    except Exception:  # noqa: BLE001 - no prices: no dollars
+        return None
+    rates = [prices.providers[LABELS[i % len(LABELS)]["provider"]].default_hourly
+             for i in range(workers) if LABELS[i % len(LABELS)]["provider"] in prices.providers]
+    rates = [r for r in rates if r is not None]
+    return sum(rates) / len(rates) if len(rates) == workers and rates else None
+
+
 def _forward_args(a: argparse.Namespace) -> list[str]:
     return ["--faults", str(a.faults), "--steps", str(a.steps), "--workers", str(a.workers), "--seed", str(a.seed),
             "--step-sleep", str(a.step_sleep), "--ckpt-every", str(a.ckpt_every), "--gap-steps", str(a.gap_steps),
             "--readd-after", str(a.readd_after), "--global-batch", str(a.global_batch),
-            "--micro-batch", str(a.micro_batch)]
+            "--micro-batch", str(a.micro_batch), "--silent-for", str(a.silent_for),
+            "--notice-warning", str(a.notice_warning), "--kinds", a.kinds]
 
 
 # ---------------------------------------------------------------------------
@@ -555,31 +793,58 @@ def markdown(report: dict) -> str:
     a = report["config"]
     lines = [f"# Resume rate under mixed faults\n",
              f"`{report['command']}`\n",
-             f"{a['workers']} workers (one CPU node each, one spare node), {a['steps']} steps, {a['faults']} faults "
-             f"scheduled (seed {a['seed']}), checkpoint every {a['ckpt_every']} steps to file://. "
-             f"Machine: {report['machine']['cpus']} CPUs, load {report['machine']['loadavg_1_5_15']}.\n"]
+             f"{a['workers']} workers (one CPU node each, one spare node; nodes across aws, gcp and azure, two regions "
+             f"each), {a['steps']} steps, {a['faults']} faults scheduled (seed {a['seed']}), checkpoint every "
+             f"{a['ckpt_every']} steps to file://. Machine: {report['machine']['cpus']} CPUs, load "
+             f"{report['machine']['loadavg_1_5_15']}.\n"]
     rows = []
     for arm, res in report["arms"].items():
         if "skipped" in res:
-            rows.append([arm, f"skipped: {res['skipped']}"] + [""] * 7)
+            rows.append([arm, f"skipped: {res['skipped']}"] + [""] * 8)
             continue
         s = res["summary"]
         rate = f"{s['faults_resumed']}/{s['faults_fired']}" + (f" ({100 * s['resume_rate']:.0f}%)" if s["resume_rate"] is not None else "")
         rate += f"; {s['faults_fired']} of {s['faults_scheduled']} fired"
+        diff = s["max_param_diff_vs_reference"]
         rows.append([arm, rate, C.fmt(s["recovery_median_s"], 2, " s"), C.fmt(s["recovery_p95_s"], 2, " s"),
                      f"{s['steps_redone_total']} (max {s['steps_redone_max_per_fault']}/fault)",
                      C.fmt(s["goodput"] * 100 if s["goodput"] is not None else None, 0, "%"),
-                     f"{s['steps']}/{s['total_steps']}", C.fmt(s["max_param_diff_vs_reference"], 1) if s["max_param_diff_vs_reference"] is None else f"{s['max_param_diff_vs_reference']:.1e}",
+                     _dollars(s.get("cost_per_effective_gpu_hour")),
+                     f"{s['steps']}/{s['total_steps']}", C.fmt(diff, 1) if diff is None else f"{diff:.1e}",
                      C.fmt(s["wall_s"], 0, " s")])
     lines.append(C.md_table(["arm", "resumed", "recovery median", "recovery p95", "steps redone", "goodput",
-                             "steps", "max |param diff| vs reference", "wall"], rows))
+                             "$/effective GPU-h", "steps", "max |param diff| vs reference", "wall"], rows))
     for arm, res in report["arms"].items():
         if "skipped" in res:
             continue
+        s = res["summary"]
         lines.append(f"\n## {arm}: by fault kind\n")
         krows = [[k, f"{v['resumed']}/{v['fired']}", C.fmt(v["recovery_median_s"], 2, " s"),
-                  C.fmt(v["recovery_max_s"], 2, " s"), v["steps_redone"]] for k, v in sorted(res["summary"]["by_kind"].items())]
-        lines.append(C.md_table(["kind", "resumed", "recovery median", "recovery max", "steps redone"], krows))
+                  C.fmt(v.get("recovery_p95_s"), 2, " s"), v["steps_redone"],
+                  C.fmt(v["goodput"] * 100 if v.get("goodput") is not None else None, 0, "%"),
+                  _dollars(v.get("cost_per_effective_gpu_hour"))]
+                 for k, v in sorted(s["by_kind"].items())]
+        lines.append(C.md_table(["kind", "resumed", "recovery median", "recovery p95", "steps redone",
+                                 "goodput after", "$/effective GPU-h"], krows))
+        fleet = s.get("report")
+        if fleet and "error" not in fleet:
+            lines.append(f"\n`elastictrain report` over the arm's event log with examples/prices.toml: resume rate "
+                         f"{C.fmt(fleet['resume_rate'], 3)}, goodput {C.fmt(fleet['goodput'], 3)}, "
+                         f"{C.fmt(fleet['gpu_hours_total'], 4)} GPU-hours held, {C.fmt(fleet['effective_gpu_hours'], 4)} "
+                         f"effective, cost {_dollars(fleet['cost_total'])}, {_dollars(fleet['cost_per_effective_gpu_hour'])}"
+                         f" per effective GPU-hour, largest provider share {C.fmt(fleet['largest_provider_share'], 2)}.\n")
+        elif fleet:
+            lines.append(f"\nNo report from the event log: `{fleet['error']}`\n")
+        if s.get("notices"):
+            n = s["notices"]
+            lines.append(f"\nNotices seen by the workers: {n['cloud_notices']}; clean leaves on a notice: "
+                         f"{n['left_on_notice']} (warning used, s: {n['used_s']} of {n['notice_s']}).\n")
+        if s.get("targets"):
+            t = s["targets"]
+            lines.append(f"\nTargets (reported): all resumed: {t['all_resumed']}; a notice loses no step: "
+                         f"{t['notice_lost_no_step']} ({t['notice_steps_redone']} redone); silent-node recovery median "
+                         f"{C.fmt(t['silent_node_median_s'], 2, ' s')} <= {t['silent_node_bound_s']} s: "
+                         f"{t['silent_node_within_bound']}.\n")
         if res.get("error"):
             lines.append(f"\nError: `{res['error']}`\n")
         if res.get("skipped_kinds"):
@@ -588,8 +853,15 @@ def markdown(report: dict) -> str:
         lines.append(f"\n![steps and world size over time]({Path(report['plot']).name})\n")
     lines.append("\nResumed: a later world committed a step after the fault, with no human action, and the run "
                  "finished. Recovery: fault to the first step committed after it by the rebuilt world (Ray Train: "
-                 "by a restarted worker). Goodput: steps x undisturbed median step time / wall time.\n")
+                 "by a restarted worker; a notice there is timed from the node's removal when the warning ran out). "
+                 "Goodput: steps x undisturbed median step time / wall time; by kind, over the windows after that "
+                 "kind's faults. $/effective GPU-h: dollars per GPU-hour held (elastictrain: from its report; Ray "
+                 "Train: the workers' providers' listed hourly price) / goodput.\n")
     return "\n".join(lines)
+
+
+def _dollars(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"${value:.2f}"
 
 
 def plot(report: dict, path: Path) -> Optional[str]:
@@ -607,7 +879,7 @@ def plot(report: dict, path: Path) -> Optional[str]:
     fig, axes = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     colors = {"elastictrain": "tab:blue", "raytrain": "tab:orange"}
     markers = {"kill_follower": "x", "kill_leader": "X", "node_loss": "s", "preempt": "v", "hang": "P",
-               "kill_in_checkpoint": "D", "kill_in_rebuild": "*"}
+               "kill_in_checkpoint": "D", "kill_in_rebuild": "*", "silent_node": "p", "notice": "^"}
     for arm, res in arms:
         tl = res["timeline"]
         color = colors.get(arm, None)
@@ -658,10 +930,16 @@ def build_parser() -> C.BenchmarkParser:
     p.add_argument("--full-world-wait", type=float, default=6.0,
                    help="seconds a fault waits for the full world before firing on fewer members")
     p.add_argument("--rebuild-delay", type=float, default=0.03, help="seconds between the two kills of kill_in_rebuild")
+    p.add_argument("--kinds", default="", help="comma-separated fault kinds to cycle through (default: all of "
+                   "elastictrain.testing.faults.FAULT_KINDS)")
+    p.add_argument("--silent-for", type=float, default=20.0,
+                   help="seconds a silenced node stays stopped before it is removed and its capacity comes back")
+    p.add_argument("--notice-warning", type=float, default=30.0,
+                   help="warning of an AWS or Azure notice in seconds (GCP's is 30 s; AWS gives 120 s in reality)")
     p.add_argument("--global-batch", type=int, default=24)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--raytrain-faults", type=int, default=None,
-                   help="faults for the Ray Train arm (default: min(--faults, 7), one of each kind: "
+                   help="faults for the Ray Train arm (default: min(--faults, 9), one of each kind: "
                         "its recoveries take tens of seconds each)")
     p.add_argument("--raytrain-health-timeout", type=float, default=10.0,
                    help="RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S of the Ray Train arm (Ray's default: 600)")
@@ -677,7 +955,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.steps is None:
         a.steps = 100 * a.faults + 50
     if a.raytrain_faults is None:
-        a.raytrain_faults = min(a.faults, 7)
+        a.raytrain_faults = min(a.faults, 9)
     a.raytrain_steps = a.steps if (a.trial or a.raytrain_faults == a.faults) else 100 * a.raytrain_faults + 50
     if a.raytrain_timeout is None:
         a.raytrain_timeout = 120 + 60 * a.raytrain_faults + a.raytrain_steps * 0.2
@@ -689,6 +967,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown:
         print(f"resume_rate: unknown arms {sorted(unknown)}; known: {ARMS}", file=sys.stderr)
         return 2
+    fault_kinds(a)
     C.set_threads(1)
     report: dict[str, Any] = {
         "benchmark": "resume_rate",

@@ -121,8 +121,10 @@ FAULT_KINDS = (
     "kill_in_rebuild",     # SIGKILL a follower, then another member ~30 ms later, during the rebuild
     "silent_node",         # a follower's whole node stops answering (every process SIGSTOPped, no connection
                            # closed), as a reclaimed VM does; it is removed and capacity comes back later
+    "notice",              # the cloud's preemption notice for a follower's node (its fake metadata server);
+                           # the node is reclaimed once the member has left, or when the warning runs out
 )
-_NODE_KINDS = ("node_loss", "silent_node")
+_NODE_KINDS = ("node_loss", "silent_node", "notice")
 _MIN_MEMBERS = {"kill_in_rebuild": 3}
 
 
@@ -143,8 +145,11 @@ class ChaosFault:
 class NodeOps(Protocol):
     """What a schedule needs to take a node away and give capacity back (a local multi-node cluster).
 
-    It may also have `protected() -> set[str]`: node ids never to remove, and `silence(node_id)`: stop
-    the node's processes without closing a connection (`silent_node` faults need it; see `silence_node`).
+    It may also have `protected() -> set[str]`: node ids never to remove; `silence(node_id)`: stop
+    the node's processes without closing a connection (`silent_node` faults need it; see `silence_node`);
+    and `notice(node_id) -> Optional[float]`: switch on a preemption notice at the node's metadata service
+    (a fake server, `elastictrain.testing.metadata`) and return the warning's length in seconds (None:
+    unknown; `notice` faults need it).
     """
 
     def remove(self, node_id: str) -> None: ...
@@ -193,7 +198,10 @@ class ChaosSchedule:
     `max(readd_after_s, silent_for_s)`: until then the run must find out by itself. Checkpoint-time
     kills fire on the first step seen whose commit triggers a save (`checkpoint_every`).
     A preempted member's process is SIGKILLed once the world has moved on without it
-    (the machine goes away after its notice), which frees its slot.
+    (the machine goes away after its notice), which frees its slot. A cloud notice (`notice`) is
+    switched on at the node's metadata service; the node is removed once the world has moved on
+    without the member, or when the warning (`node_ops.notice`'s answer, else `preempt_grace_s`)
+    runs out, and its capacity comes back `readd_after_s` later.
     Runs on the driver's thread (Ray's add_node must).
 
     Public as `elastictrain.ChaosSchedule`: a benchmark suite measures its own loop by passing one as a
@@ -209,11 +217,13 @@ class ChaosSchedule:
         full_world: members the world must have before a fault fires.
         gap_steps: steps after the previous fault (and at the start) before the next fires.
         checkpoint_every: the run's `CheckpointConfig.every_steps` (needed by `kill_in_checkpoint`).
-        node_ops: removes and adds nodes (needed by `node_loss`); a multi-node local cluster.
+        node_ops: removes and adds nodes (needed by `node_loss`, `silent_node`, `notice`); a multi-node local cluster.
         readd_after_s: when capacity comes back after a node loss.
         full_world_wait_s: after this long with a smaller world, fire with enough members for the kind.
         rebuild_delay_s: the gap between the two kills of `kill_in_rebuild`.
-        preempt_grace_s: a preempted member still running after this long is killed.
+        preempt_grace_s: a preempted member still running after this long is killed (and a noticed
+            node whose warning length is unknown is removed).
+        silent_for_s: how long a silenced node stays stopped before it is removed.
     """
 
     def __init__(
@@ -239,6 +249,9 @@ class ChaosSchedule:
                 raise ValueError(f"{f.kind} faults need node_ops (a multi-node cluster to remove nodes from)")
             if f.kind == "silent_node" and not callable(getattr(node_ops, "silence", None)):
                 raise ValueError("silent_node faults need node_ops with silence(node_id) (see silence_node)")
+            if f.kind == "notice" and not callable(getattr(node_ops, "notice", None)):
+                raise ValueError("notice faults need node_ops with notice(node_id) (a fake metadata server per "
+                                 "node; see elastictrain.testing.metadata)")
             if f.kind == "kill_in_checkpoint" and not checkpoint_every:
                 raise ValueError("kill_in_checkpoint faults need checkpoint_every (the run's every_steps)")
         self.faults = faults
@@ -255,6 +268,7 @@ class ChaosSchedule:
         self.kill = kill
         self.fired: list[ChaosFault] = []
         self._terminate: list[tuple[ChaosFault, str, int]] = []
+        self._reclaim: list[tuple[ChaosFault, str, str, float]] = []  # (fault, member, node, warning's end)
         self.readds: list[float] = []
         self._readd_due: list[tuple[float, Optional[str]]] = []  # (when, a silenced node to remove first)
         self._ready_since: Optional[float] = None
@@ -292,6 +306,7 @@ class ChaosSchedule:
             self.node_ops.add()
             self.readds.append(self.clock())
         self._end_preempted(view, now)
+        self._reclaim_noticed(view, now)
         new_step = view.step != self._seen_step
         self._seen_step = view.step
         pending = self.pending
@@ -329,6 +344,24 @@ class ChaosSchedule:
             except ProcessLookupError:
                 fault.detail["terminated_after_s"] = None
 
+    def _reclaim_noticed(self, view: RunView, now: float) -> None:
+        """A noticed node goes away once its member has left the world (the warning was used), or when
+        the warning runs out; its capacity comes back `readd_after_s` later."""
+        members = view.members()
+        for entry in list(self._reclaim):
+            fault, member, node_id, due = entry
+            if member in members and now < due:
+                continue
+            self._reclaim.remove(entry)
+            self.node_ops.remove(node_id)
+            fault.detail["reclaimed_after_s"] = now - fault.fired_at
+            fault.detail["left_before_reclaim"] = member not in members
+            self._due_readd(now + self.readd_after_s, None)
+
+    def _due_readd(self, when: float, silenced: Optional[str]) -> None:
+        self._readd_due.append((when, silenced))
+        self._readd_due.sort(key=lambda item: item[0])
+
     def _recovered(self, view: RunView) -> bool:
         if not self.fired:
             return view.step >= self.gap_steps
@@ -358,16 +391,24 @@ class ChaosSchedule:
             fault.members = [target]
             node_id = members[target]["node_id"]
             fault.fired_at = self.clock()
+            fault.detail["node_id"] = node_id
+            if kind == "notice":
+                warning = self.node_ops.notice(node_id)
+                grace = float(warning) if isinstance(warning, (int, float)) else self.preempt_grace_s
+                fault.detail["warning_s"] = grace
+                view.note_fault(target, time=fault.fired_at, node=node_id, warning_s=grace, **tag)
+                self._reclaim.append((fault, target, node_id, fault.fired_at + grace))
+                self.fired.append(fault)
+                return
             if kind == "silent_node":
                 fault.detail["stopped"] = len(self.node_ops.silence(node_id) or [])
                 view.note_fault(target, time=fault.fired_at, node=node_id, silenced=True, **tag)
             else:
                 self.node_ops.remove(node_id)
                 view.note_fault(target, time=fault.fired_at, node=node_id, **tag)
-            fault.detail["node_id"] = node_id
             # A silent node stays stopped (its peers must find out by themselves) until its capacity comes back.
             delay = self.readd_after_s if kind == "node_loss" else max(self.readd_after_s, self.silent_for_s)
-            self._readd_due.append((fault.fired_at + delay, node_id if kind == "silent_node" else None))
+            self._due_readd(fault.fired_at + delay, node_id if kind == "silent_node" else None)
         elif kind == "preempt":
             fault.fired_at = view.signal(target, signal.SIGTERM, **tag)
             self._terminate.append((fault, target, members[target]["pid"]))

@@ -228,3 +228,100 @@ def test_overhead_ray_idle_arm_runs_the_ddp_loop_inside_an_idle_ray_cluster(monk
     seen.clear()
     assert overhead.run_one("ddp_ray_idle", a)["ok"]
     assert seen == ["up", ("run", "torchrun", True), "down"]  # the same torchrun loop, while the cluster is up
+
+
+def test_resume_rate_node_ops_serve_every_fault_kind_and_the_ray_train_arm_replays_them():
+    from benchmarks import resume_rate as R
+    from elastictrain.testing.faults import FAULT_KINDS, ChaosSchedule
+
+    assert set(R.RAYTRAIN_KINDS) == set(FAULT_KINDS)
+    assert {label["provider"] for label in R.LABELS} == {"aws", "gcp", "azure"}
+    assert all(len({l["region"] for l in R.LABELS if l["provider"] == p}) == 2 for p in ("aws", "gcp", "azure"))
+    for ops in (R.ClusterNodes.__new__(R.ClusterNodes), R._NoNodes()):  # the default mix needs silence and notice
+        schedule = ChaosSchedule.mixed(count=len(FAULT_KINDS), seed=0, full_world=3, checkpoint_every=5, node_ops=ops)
+        assert sorted(f.kind for f in schedule.faults) == sorted(FAULT_KINDS)
+    args = R.build_parser().parse_args(["--silent-for", "7", "--notice-warning", "12"])
+    args.raytrain_faults, args.steps = 9, 100
+    forwarded = R._forward_args(args)
+    assert forwarded[forwarded.index("--silent-for") + 1] == "7.0"
+    assert forwarded[forwarded.index("--notice-warning") + 1] == "12.0"
+
+
+@pytest.mark.parametrize("provider", ["aws", "gcp", "azure"])
+def test_resume_rate_notice_reaches_the_watcher_of_the_nodes_provider(provider):
+    """`ClusterNodes.notice` switches the notice on at that node's own fake server, where the provider's
+    watcher (the one a worker there runs) reads it as a notice to leave; the other nodes' servers stay quiet."""
+    from benchmarks import resume_rate as R
+    from elastictrain.fleet.notices import make_watcher
+    from elastictrain.testing.metadata import FakeAwsMetadata, FakeAzureMetadata, FakeGcpMetadata
+
+    nodes = R.ClusterNodes.__new__(R.ClusterNodes)
+    nodes.notice_warning_s = 40.0
+    fakes = {"aws": FakeAwsMetadata(), "gcp": FakeGcpMetadata(), "azure": FakeAzureMetadata()}
+    try:
+        nodes.servers = {f"n-{p}": fake for p, fake in fakes.items()}
+        nodes.labels = {f"n-{p}": {"provider": p} for p in fakes}
+        watchers = {p: make_watcher(p, fake.url) for p, fake in fakes.items()}
+        assert all(w.poll() is None for w in watchers.values())
+        warning = nodes.notice(f"n-{provider}")
+        assert warning == (R.GCP_WARNING_S if provider == "gcp" else 40.0)
+        notice = watchers[provider].poll()
+        assert notice is not None and notice.leave and notice.provider == provider
+        assert warning - 2 <= notice.warning_s <= warning + 1
+        assert all(w.poll() is None for p, w in watchers.items() if p != provider)
+    finally:
+        for fake in fakes.values():
+            fake.close()
+
+
+def test_resume_rate_reports_each_kind_with_p95_goodput_and_cost():
+    from benchmarks import resume_rate as R
+
+    rows = [  # two notices (no step redone), one silent node (two redone), faults at t=10, 20, 30; end at 40
+        {"kind": "notice", "time": 10.0, "resumed": True, "recovery_s": 1.0, "steps_redone": 0},
+        {"kind": "silent_node", "time": 20.0, "resumed": True, "recovery_s": 1.9, "steps_redone": 2},
+        {"kind": "notice", "time": 30.0, "resumed": True, "recovery_s": 3.0, "steps_redone": 0},
+    ]
+    firsts = {s: float(s) for s in range(40)}  # one new step a second: 10 per window
+    good = R.goodput_by_kind(rows, firsts, end=40.0, step_s=0.5)
+    assert good == {"notice": pytest.approx(0.5), "silent_node": pytest.approx(0.5)}
+    s = R.summarise(rows, scheduled=3, total_steps=40, steps_done=40, finished=True, wall_s=40.0, step_s=0.5,
+                    param_diff=None, steps_redone_total=2, first_commits=firsts, end=40.0, held_rate=1.2)
+    notice = s["by_kind"]["notice"]
+    assert notice["resume_rate"] == 1.0 and notice["steps_redone"] == 0
+    assert notice["recovery_median_s"] == pytest.approx(2.0) and notice["recovery_p95_s"] == 3.0
+    assert notice["cost_per_effective_gpu_hour"] == pytest.approx(1.2 / 0.5)
+    assert s["cost_per_effective_gpu_hour"] == pytest.approx(1.2 / 0.5)  # 40 steps x 0.5 s over 40 s
+    t = R.targets(s, heartbeat_timeout_s=1.5)
+    assert t["all_resumed"] and t["notice_lost_no_step"] and t["silent_node_within_bound"]
+    assert not R.targets({**s, "by_kind": {**s["by_kind"], "silent_node": {**s["by_kind"]["silent_node"],
+                                                                             "recovery_median_s": 2.1}}},
+                         heartbeat_timeout_s=1.5)["silent_node_within_bound"]
+    report = {"command": "x", "config": {"workers": 3, "steps": 40, "faults": 3, "seed": 0, "ckpt_every": 10},
+              "machine": {"cpus": 2, "loadavg_1_5_15": [1, 1, 1]},
+              "arms": {"elastictrain": {"summary": {**s, "targets": t}, "faults": rows}}}
+    text = R.markdown(report)
+    assert "| notice | 2/2 | 2.00 s | 3.00 s | 0 | 50% | $2.40 |" in text and "silent-node recovery median 1.90 s" in text
+
+
+def test_resume_rate_adds_nodes_off_the_main_thread_without_rays_sigterm_handler():
+    """Ray's per-node SIGTERM handler raises off the main thread; the Ray Train arm's injector thread skips
+    it while adding a node, and only there (the main thread keeps Ray's own, and it is put back after)."""
+    import ray._private.utils as ray_utils
+
+    from benchmarks import resume_rate as R
+
+    original = ray_utils.set_sigterm_handler
+    seen = {}
+
+    def in_thread():
+        with R._sigterm_handler_on_main_thread_only():
+            seen["inside"] = ray_utils.set_sigterm_handler
+            ray_utils.set_sigterm_handler(lambda *a: None)  # raises ValueError off the main thread unless skipped
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join(10)
+    assert seen["inside"] is not original and ray_utils.set_sigterm_handler is original
+    with R._sigterm_handler_on_main_thread_only():
+        assert ray_utils.set_sigterm_handler is original

@@ -41,7 +41,8 @@ class FakeView:
 
 class FakeNodes:
     def __init__(self) -> None:
-        self.removed, self.added, self.silenced = [], 0, []
+        self.removed, self.added, self.silenced, self.noticed = [], 0, [], []
+        self.warning_s = 30.0
 
     def remove(self, node_id):
         self.removed.append(node_id)
@@ -52,6 +53,10 @@ class FakeNodes:
     def silence(self, node_id):
         self.silenced.append(node_id)
         return [4242]
+
+    def notice(self, node_id):
+        self.noticed.append(node_id)
+        return self.warning_s
 
 
 def test_mixed_schedule_cycles_every_kind_in_a_seeded_order():
@@ -141,6 +146,46 @@ def test_a_silent_node_is_stopped_not_removed_until_its_capacity_comes_back():
     clock[0] = 5.5
     s.on_progress(view)
     assert nodes.removed == ["n1"] and nodes.added == 1
+
+
+def test_a_cloud_notice_reclaims_the_node_once_the_member_left_and_capacity_returns():
+    clock = [0.0]
+    view, nodes = FakeView(), FakeNodes()
+    with pytest.raises(ValueError, match="notice"):
+        ChaosSchedule([ChaosFault("notice", 0)], full_world=3, node_ops=SimpleNamespace(remove=None, add=None))
+    s = ChaosSchedule([ChaosFault("notice", 0)], full_world=3, gap_steps=1, node_ops=nodes, readd_after_s=2.0,
+                      clock=lambda: clock[0])
+    view.step = 1
+    s.on_progress(view)
+    assert nodes.noticed == ["n1"] and not view.sent  # the warning goes through the node's metadata server only
+    assert view.noted == [("w1", {"time": 0.0, "node": "n1", "warning_s": 30.0, "fault": "notice", "index": 0})]
+    clock[0] = 5.0
+    s.on_progress(view)
+    assert not nodes.removed  # the member is still saving and leaving
+    view._members.pop("w1")
+    view.term = 2
+    s.on_progress(view)
+    assert nodes.removed == ["n1"] and nodes.added == 0  # the member left: the machine goes
+    assert s.fired[0].detail["left_before_reclaim"] and s.fired[0].detail["reclaimed_after_s"] == 5.0
+    clock[0] = 7.5
+    s.on_progress(view)
+    assert nodes.added == 1  # capacity back readd_after_s after the reclaim
+
+
+def test_a_noticed_member_that_never_leaves_loses_its_node_when_the_warning_runs_out():
+    clock = [0.0]
+    view, nodes = FakeView(), FakeNodes()
+    nodes.warning_s = 10.0
+    s = ChaosSchedule([ChaosFault("notice", 0)], full_world=3, gap_steps=1, node_ops=nodes, readd_after_s=1.0,
+                      clock=lambda: clock[0])
+    view.step = 1
+    s.on_progress(view)
+    clock[0] = 9.9
+    s.on_progress(view)
+    assert not nodes.removed
+    clock[0] = 10.0
+    s.on_progress(view)
+    assert nodes.removed == ["n1"] and not s.fired[0].detail["left_before_reclaim"]
 
 
 def test_a_preempted_member_is_terminated_once_the_world_moved_on():
