@@ -214,9 +214,10 @@ class Driver:
             self.record(event("stragglers_killed", members=sorted(self.workers.running())))
             return False
         running = self.workers.running()
-        if self._ended_at is not None and self._entered and not set(running) & self._entered:
-            # Whoever was ever in a world has returned or been seen lost; the rest (warm spares, capacity
-            # still starting) never held state: close() stops them rather than the run waiting for them.
+        if self._ended_at is not None and self._entered and not (set(running) - self._killed) & self._entered:
+            # Whoever was ever in a world has returned, been seen lost or been killed (a silent node's worker
+            # exits only when the cluster gives up on the node); the rest (warm spares, capacity still
+            # starting) never held state: close() stops them rather than the run waiting for them.
             return False
         return bool(running)
 
@@ -298,6 +299,8 @@ class Driver:
             # collective until then. Survivors who read the death leave their group and rebuild without it.
             self.election.mark_dead(kill.member)
             self.workers.kill(kill.member)  # its death reaches the loop as a lost worker
+            # Its slot is refilled now too: on a silent node the exit comes only when the cluster gives up on it.
+            self._act(self.placement.gone(kill.member))
         draining = self.workers.draining_nodes()
         if draining:
             for member in active:

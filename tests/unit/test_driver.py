@@ -179,10 +179,42 @@ def test_a_lapsed_heartbeat_gets_its_worker_killed_once():
     driver.election.heartbeat(b, Beat(seq=2, progress=2, in_loop=False))
     clock.now += 2.0
     assert _tick(driver, clock, 2.0)  # 4 s since a's beat changed, b beat again
-    assert workers.killed == [a] and _kinds(driver)[-1] == "heartbeat_lapsed"
-    # Dead for its peers at once, before any exit confirms the kill: a silent machine confirms nothing.
+    assert workers.killed == [a] and "heartbeat_lapsed" in _kinds(driver)
+    # Dead for its peers at once, and its slot refilled, before any exit confirms the kill: a silent machine
+    # confirms nothing until the cluster gives up on its node.
     assert driver.election.deaths() == {a} and not workers.pending_exits
+    assert len(workers.started) == 3 and _kinds(driver)[-1] == "worker_started"
     assert _tick(driver, clock, 1.0) and workers.killed == [a]  # not killed twice
+
+
+class SilentKills(FakeWorkers):
+    """A killed worker on a silent node: it runs on, as far as the cluster knows, until its node is given up."""
+
+    def running(self):
+        return [m for m in self.started if m not in self.gone]
+
+
+def test_a_lapsed_worker_whose_exit_never_comes_neither_holds_the_end_nor_is_replaced_twice():
+    spec = _driver()[0].spec
+    workers, clock = SilentKills(), Clock()
+    driver = Driver(spec, workers, Election(MemoryStore()), clock=clock)
+    driver.start()
+    a, b = workers.started
+    workers.records += [event("joined", term=1, rank=r, world_size=2, leader=r == 0, member=m)
+                        for r, m in enumerate((a, b))]
+    for m in (a, b):
+        driver.election.register(Member(m, joined_at=0.0))
+        driver.election.heartbeat(m, Beat(seq=1, progress=1, in_loop=False))
+    assert _tick(driver, clock)
+    driver.election.heartbeat(a, Beat(seq=2, progress=2, in_loop=False))
+    assert _tick(driver, clock, 4.0)  # b's beat is 4 s old: killed, never confirmed
+    replacement = workers.started[2]
+    assert workers.killed == [b] and len(workers.started) == 3
+    workers.records.append(event("joined", term=2, rank=0, world_size=2, leader=True, member=a))
+    workers.records.append(event("joined", term=2, rank=1, world_size=2, leader=False, member=replacement))
+    workers.pending_exits += [WorkerExit(a, status="finished", step=3), WorkerExit(replacement, status="ended", step=3)]
+    assert not _tick(driver, clock)  # over, though b never exited
+    assert len(workers.started) == 3 and driver.failure is None
 
 
 def test_a_training_thread_without_progress_is_a_hang_while_its_heartbeat_lives():
@@ -194,8 +226,9 @@ def test_a_training_thread_without_progress_is_a_hang_while_its_heartbeat_lives(
         driver.election.heartbeat(a, Beat(seq=seq, progress=7, in_loop=True))
         assert _tick(driver, clock, 1.0)
     assert workers.killed == [a]
-    hang = driver.log.events[-1]
-    assert hang["kind"] == "hang_detected" and hang["no_progress_s"] > 5.0
+    hang = next(e for e in driver.log.events if e["kind"] == "hang_detected")
+    assert hang["member"] == a and hang["no_progress_s"] > 5.0
+    assert driver.log.events[-1]["kind"] == "worker_started"  # its replacement, at once
 
 
 def test_workers_on_a_draining_node_are_asked_to_leave_once():
