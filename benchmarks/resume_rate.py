@@ -162,7 +162,9 @@ class ClusterNodes:
         if node is self.cluster.head_node:
             raise ValueError("will not remove the head node")
         self.removed.append(self.labels.get(node_id, LABELS[0]))
-        self.cluster.remove_node(node, allow_graceful=False)
+        from elastictrain.testing.faults import kill_node
+
+        kill_node(self.cluster, node)  # a silenced node's stopped processes too
         fake = self.servers.pop(node_id, None)
         if fake is not None:
             fake.close()

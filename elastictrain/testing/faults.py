@@ -11,7 +11,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 from elastictrain.trainer import RunView
 
-__all__ = ["Fault", "FaultSchedule", "hold_for_whole_world", "hold_until_faults", "recovery_report", "FAULT_KINDS", "ChaosFault", "NodeOps", "ChaosSchedule", "chaos_report", "node_processes", "silence_node"]
+__all__ = ["Fault", "FaultSchedule", "hold_for_whole_world", "hold_until_faults", "recovery_report", "FAULT_KINDS", "ChaosFault", "NodeOps", "ChaosSchedule", "chaos_report", "node_processes", "silence_node", "kill_node"]
 
 
 @dataclass
@@ -176,7 +176,8 @@ def node_processes(node) -> list[int]:
 def silence_node(node) -> list[int]:
     """Make a local cluster node stop answering the way a reclaimed VM does: SIGSTOP every one of its
     processes (`node_processes`), so its peers see no connection close, only silence. Returns the pids
-    stopped. Removing the node afterwards (`Cluster.remove_node(node, allow_graceful=False)`) kills them."""
+    stopped. End them with `kill_node` (`Cluster.remove_node` kills the raylet only: its stopped children
+    would stay behind, stopped, for ever)."""
     stopped = []
     for pid in node_processes(node):
         try:
@@ -185,6 +186,17 @@ def silence_node(node) -> list[int]:
         except ProcessLookupError:
             pass
     return stopped
+
+
+def kill_node(cluster, node) -> None:
+    """Remove a local cluster node for good: SIGKILL every one of its processes (`node_processes`, stopped
+    ones included), then `Cluster.remove_node`."""
+    for pid in node_processes(node):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    cluster.remove_node(node, allow_graceful=False)
 
 
 class ChaosSchedule:

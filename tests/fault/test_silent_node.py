@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from elastictrain.testing.faults import silence_node
+from elastictrain.testing.faults import kill_node, silence_node
 from elastictrain.testing.toy import ToyTask
 from tests.fault.faults import At, a_follower
 from tests.toy_runs import FAILURE as BASE_FAILURE
@@ -38,7 +38,9 @@ def silent_cluster():
         yield c
     finally:
         ray.shutdown()
-        c.shutdown()  # kills the stopped processes too
+        for node in list(c.worker_nodes):
+            kill_node(c, node)  # the silenced node's stopped processes too
+        c.shutdown()
 
 
 def test_a_silent_node_is_taken_for_lost_by_its_heartbeat_and_the_run_goes_on(silent_cluster):
