@@ -124,14 +124,14 @@ def _slow_final_save_fn(save_s: float, stall_first: str = ""):
 
         real = manager_module.CheckpointManager._save_now
 
-        def slow(self, tensors, skeleton, step, term, reuse, *, from_snapshot):
+        def slow(self, tensors, skeleton, step, term, reuse, **kwargs):
             if step == FINAL:
                 if stall_first and not _os.path.exists(stall_first):
                     open(stall_first, "w").close()
                     _time.sleep(60)  # stalled in storage: the test kills this leader on final_save_started
                 else:
                     _time.sleep(save_s)  # a large model on remote storage
-            return real(self, tensors, skeleton, step, term, reuse, from_snapshot=from_snapshot)
+            return real(self, tensors, skeleton, step, term, reuse, **kwargs)
 
         manager_module.CheckpointManager._save_now = slow
         model = ctx.prepare_model(torch.nn.Linear(2, 1))
